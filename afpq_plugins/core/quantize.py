@@ -1,0 +1,287 @@
+"""Quantization maths: group parameters, encode, decode, fake-quant.
+
+Everything here is torch only, works on any device, takes fp32/fp16/bf16 input and
+computes in float32. The element-wise primitives (:func:`find_params`,
+:func:`encode`, :func:`decode`) broadcast over any leading dimensions, so the
+adapters can call them on GPTQ's column slices or AWQ's 4-D clip-search tensors;
+:func:`quantize_weight` / :func:`dequantize_weight` work on whole ``[out, in]``
+weights split into groups of ``group_size`` input columns.
+
+Parameters per group, as a pair ``(p1, p2)``:
+
+=========  ==============================  ===============================
+mode       p1                              p2
+=========  ==============================  ===============================
+``afpq``   s_pos = max(w, 0) / top_pos     s_neg = -min(w, 0) / top_neg
+``sym``    s = max(s_pos, s_neg)           (same tensor as p1)
+``zp``     s = (xmax - xmin) / range       z = round(-xmin / s)
+=========  ==============================  ===============================
+
+Decoding: ``afpq``: ``v * (s_pos if v > 0 else s_neg)``; ``sym``: ``v * s``;
+``zp``: ``(v - z) * s`` with ``v`` from the grid shifted to start at 0.
+
+Encoding rounds to the nearest grid value by bucketizing against the midpoints
+between grid values (no distance matrix). Ties go to the grid value nearer zero in
+``afpq``/``sym`` modes and to the lower value in ``zp`` mode; uniform INT grids use
+``clamp(round(w / s) + z)`` exactly as AutoGPTQ does. A zero scale (a group with no
+weight on that side) never divides: the weights it covers are all zero and encode to
+the code of 0, so no NaN or Inf can come out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .formats import Format, get_format, resolve_mode
+
+__all__ = [
+    "QuantizedWeight",
+    "check_finite",
+    "find_params",
+    "round_params",
+    "encode",
+    "decode",
+    "fake_quantize",
+    "quantize_weight",
+    "dequantize_weight",
+    "group_count",
+    "default_g_idx",
+]
+
+
+def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
+    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or Inf."""
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ValueError(f"{name}: {bad} non-finite value(s) (NaN or Inf) in the input; cannot quantize")
+
+
+def _safe(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def find_params(
+    x: torch.Tensor, fmt, mode: Optional[str] = None, dim: int = -1
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-group parameters of ``x``, reducing over ``dim`` (kept, size 1)."""
+    f = get_format(fmt)
+    mode = resolve_mode(f, mode)
+    x = x.float()
+    xmax = x.amax(dim=dim, keepdim=True).clamp(min=0)
+    xmin = x.amin(dim=dim, keepdim=True).clamp(max=0)
+    if mode == "afpq":
+        return xmax / f.top_pos, (0.0 - xmin) / f.top_neg  # 0.0 - x: never -0.0
+    if mode == "sym":
+        s = torch.maximum(xmax / f.top_pos, -xmin / f.top_neg)
+        return s, s
+    # zp: AutoGPTQ's convention, including its all-zero-group fallback to [-1, 1].
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    s = (xmax - xmin) / f.range
+    z = torch.round(-xmin / s)
+    return s, z
+
+
+def round_params(
+    p1: torch.Tensor, p2: torch.Tensor, mode: str, dtype: torch.dtype = torch.float16, name: str = "tensor"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Round parameters to their storage dtype (and back to float32).
+
+    Quantizing with the stored values makes the fake-quantized weight equal to what
+    a saved checkpoint decodes to. An overflow of the storage dtype is an error.
+    """
+    out = []
+    for p in (p1, p2):
+        q = p.to(dtype)
+        if not torch.isfinite(q).all():
+            raise ValueError(
+                f"{name}: a quantization scale overflows {dtype} (max |scale| {p.abs().max().item():.3g}); "
+                "store scales in float32 or bfloat16"
+            )
+        out.append(q.float())
+    if mode == "sym":
+        out[1] = out[0]
+    return out[0], out[1]
+
+
+def _bucketize_toward_zero(y: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
+    idx = torch.bucketize(y, mids)  # y == mid -> lower index
+    # For negative y exactly on a midpoint, move up (toward zero).
+    padded = torch.cat([mids, mids.new_tensor([float("inf")])])
+    on_mid = (y < 0) & (padded[idx] == y)
+    return idx + on_mid
+
+
+def _scaled(x: torch.Tensor, mode: str, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """``x`` divided by its scale (and shifted by the zero-point in zp mode), float32."""
+    x = x.float()
+    if mode == "afpq":
+        # Two scales: w >= 0 uses s_pos, w < 0 uses s_neg (arithmetic, no torch.where).
+        y = x.clamp(min=0) * (1.0 / _safe(p1))
+        return y.addcmul_(x.clamp(max=0), 1.0 / _safe(p2))
+    y = x / _safe(p1)
+    return y.add_(p2) if mode == "zp" else y
+
+
+def encode(x: torch.Tensor, fmt, mode: Optional[str], p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """Codes (``uint8``) of ``x`` given broadcastable group parameters."""
+    f = get_format(fmt)
+    mode = resolve_mode(f, mode)
+    if mode == "zp" and f.uniform_int:
+        q = torch.round(x.float() / _safe(p1)) + p2  # AutoGPTQ's order of operations
+        return q.clamp_(0, (1 << f.bits) - 1).to(torch.uint8)
+    y = _scaled(x, mode, p1, p2)
+    enc = f.encoder(mode, y.device)
+    if enc is not None:
+        return enc(y).to(torch.uint8)
+    mids = f.midpoints(mode, y.device)
+    idx = torch.bucketize(y, mids) if mode == "zp" else _bucketize_toward_zero(y, mids)
+    return f.code_of_sorted(y.device)[idx]
+
+
+def decode(
+    codes: torch.Tensor, fmt, mode: Optional[str], p1: torch.Tensor, p2: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Values of ``codes`` given broadcastable group parameters."""
+    f = get_format(fmt)
+    mode = resolve_mode(f, mode)
+    lut = f.lut(mode, codes.device)
+    v = torch.index_select(lut, 0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+    p1 = p1.float()
+    # Out-of-place first ops: the parameters may broadcast to a larger shape.
+    if mode == "sym":
+        out = v * p1
+    elif mode == "afpq":
+        # v > 0 -> v * s_pos, v < 0 -> v * s_neg, v == 0 -> 0.
+        out = (v.clamp(min=0) * p1).addcmul_(v.clamp_(max=0), p2.float())
+    else:
+        out = (v - p2.float()).mul_(p1)
+    return out.to(dtype)
+
+
+def group_count(in_features: int, group_size: int, name: str = "weight") -> int:
+    if group_size == -1:
+        return 1
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(
+            f"{name}: group_size {group_size} must be -1 or a positive divisor of in_features {in_features}"
+        )
+    return in_features // group_size
+
+
+def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
+    gs = in_features if group_size == -1 else group_size
+    return torch.arange(in_features, device=device, dtype=torch.int32) // gs
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized ``[out, in]`` weight: codes plus per-group parameters.
+
+    ``scales`` and ``scales2`` are ``[groups, out]`` in the storage dtype;
+    ``scales2`` holds s_neg (``afpq``), the zero-points (``zp``) or is ``None``
+    (``sym``). ``g_idx[i]`` is the group of input column ``i``.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    scales2: Optional[torch.Tensor]
+    g_idx: torch.Tensor
+    fmt: Format
+    mode: str
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.codes, self.scales, self.scales2, self.g_idx, self.fmt, self.mode, dtype)
+
+
+_CHUNK = 1 << 20
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    return w.reshape(out_f, in_f // gs, gs)
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    fmt,
+    group_size: int = -1,
+    mode: Optional[str] = None,
+    scale_dtype: torch.dtype = torch.float16,
+    name: str = "weight",
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of a 2-D ``[out, in]`` weight, group by group."""
+    f = get_format(fmt)
+    mode = resolve_mode(f, mode)
+    if w.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point weight, got {w.dtype}")
+    check_finite(w, name)
+    group_count(w.shape[1], group_size, name)
+    out_f, in_f = w.shape
+    groups = 1 if group_size == -1 else in_f // group_size
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
+    p1s = torch.empty(out_f, groups, dtype=torch.float32, device=w.device)
+    p2s = torch.empty_like(p1s)
+    # Row chunks of about a million weights keep every pass in cache.
+    step = max(1, _CHUNK // in_f)
+    for r in range(0, out_f, step):
+        wg = _grouped(w[r:r + step].float(), group_size)
+        p1, p2 = round_params(*find_params(wg, f, mode), mode=mode, dtype=scale_dtype, name=name)
+        codes[r:r + step] = encode(wg, f, mode, p1, p2).reshape(-1, in_f)
+        p1s[r:r + step] = p1.squeeze(-1)
+        p2s[r:r + step] = p2.squeeze(-1)
+    scales = p1s.t().contiguous().to(scale_dtype)
+    scales2 = None if mode == "sym" else p2s.t().contiguous().to(scale_dtype)
+    g_idx = default_g_idx(in_f, group_size, w.device)
+    return QuantizedWeight(codes, scales, scales2, g_idx, f, mode, group_size)
+
+
+def _is_default_g_idx(g_idx: torch.Tensor, groups: int) -> bool:
+    in_f = g_idx.numel()
+    if in_f % groups:
+        return False
+    return bool(torch.equal(g_idx.to(torch.int64), torch.arange(in_f, device=g_idx.device) // (in_f // groups)))
+
+
+def dequantize_weight(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    scales2: Optional[torch.Tensor],
+    g_idx: Optional[torch.Tensor],
+    fmt,
+    mode: str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode ``[out, in]`` codes with ``[groups, out]`` parameters and ``g_idx``."""
+    f = get_format(fmt)
+    out_f, in_f = codes.shape
+    groups = scales.shape[0]
+    p2 = scales if scales2 is None else scales2
+    if g_idx is None or _is_default_g_idx(g_idx, groups):
+        gs = in_f // groups
+        c = codes.reshape(out_f, groups, gs)
+        w = decode(c, f, mode, scales.t().unsqueeze(-1), p2.t().unsqueeze(-1), dtype)
+        return w.reshape(out_f, in_f)
+    gi = g_idx.long()
+    return decode(codes, f, mode, scales[gi].t(), p2[gi].t(), dtype)
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    fmt,
+    group_size: int = -1,
+    mode: Optional[str] = None,
+    scale_dtype: torch.dtype = torch.float16,
+    name: str = "weight",
+) -> torch.Tensor:
+    """Quantize-dequantize ``w`` (same shape and dtype as the input)."""
+    return quantize_weight(w, fmt, group_size, mode, scale_dtype, name).dequantize(w.dtype)
