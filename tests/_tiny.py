@@ -1,0 +1,52 @@
+"""Tiny offline models and tokenizers for tests (no hub, no network)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be "
+    "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
+    "surrounding families, that he is considered the rightful property of some one or other of "
+    "their daughters. "
+) * 8
+
+
+def tiny_tokenizer(vocab_size: int = 256):
+    """A byte-level BPE tokenizer trained on a paragraph, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_llama(vocab_size: int = 320, seed: int = 0, tie: bool = True, hidden: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size, tie_word_embeddings=tie, max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_llama_folder(path: str, seed: int = 0) -> str:
+    """Save a tiny random Llama and a matching tokenizer as a local model folder."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), seed=seed)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
