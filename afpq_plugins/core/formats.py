@@ -180,7 +180,7 @@ class BinnedEncoder:
     midpoint ``m`` between grid values lands in a known bin ``k_m``: values in bins
     below ``k_m`` are below ``m``, values in bins above are above it, and only bin
     ``k_m`` needs one comparison. ``nb`` grows until no bin holds two midpoints. The
-    code is ``base[k] + delta[k] * (y > thresh[k])``. Negative midpoints store the
+    code is ``codes2[2 * k + (y > thresh[k])]``. Negative midpoints store the
     float just below ``m`` so that ``y == m`` rounds toward zero (``y > m'`` is
     ``y >= m``), matching :func:`_bucketize_toward_zero`; in ``zp`` mode all
     midpoints are positive and ties round down, as with ``torch.bucketize``.
@@ -189,8 +189,7 @@ class BinnedEncoder:
     lo: float
     rate: float
     nb: int
-    base: torch.Tensor  # int32 [nb]: code below the bin's midpoint
-    delta: torch.Tensor  # int32 [nb]: code above minus code below (0 if no midpoint)
+    codes2: torch.Tensor  # uint8 [2 * nb]: (code below, code above) the bin's midpoint
     thresh: torch.Tensor  # float32 [nb]: the bin's midpoint threshold (+inf if none)
 
     MAX_BINS = 1 << 16
@@ -214,19 +213,18 @@ class BinnedEncoder:
             nb *= 2
         else:
             return None
-        base = [0] * nb
-        delta = [0] * nb
+        codes2 = [0] * (2 * nb)
         thresh = [float("inf")] * nb
         below = 0  # number of midpoints in earlier bins = sorted index of the bin's lower value
         j = 0
         for k in range(nb):
-            base[k] = codes[below]
+            codes2[2 * k] = codes2[2 * k + 1] = codes[below]
             if j < len(k_m) and k_m[j] == k:
                 m = mids[j]
                 if m < 0:
                     m = torch.nextafter(m, torch.tensor(float("-inf")))
                 thresh[k] = float(m)
-                delta[k] = codes[below + 1] - codes[below]
+                codes2[2 * k + 1] = codes[below + 1]
                 below += 1
                 j += 1
         dev = torch.device(device) if device is not None else None
@@ -234,18 +232,16 @@ class BinnedEncoder:
             lo=lo,
             rate=rate,
             nb=nb,
-            base=torch.tensor(base, dtype=torch.int32, device=dev),
-            delta=torch.tensor(delta, dtype=torch.int32, device=dev),
+            codes2=torch.tensor(codes2, dtype=torch.uint8, device=dev),
             thresh=torch.tensor(thresh, dtype=torch.float32, device=dev),
         )
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        """Codes (int32, same shape) of float32 ``y``, already divided by its scale."""
+        """Codes (uint8, same shape) of float32 ``y``, already divided by its scale."""
         k = self.bin_of(y, self.lo, self.rate, self.nb).reshape(-1)
-        code = torch.index_select(self.base, 0, k)
-        step = torch.index_select(self.delta, 0, k)
         above = y.reshape(-1) > torch.index_select(self.thresh, 0, k)
-        return code.add_(step.mul_(above)).reshape(y.shape)
+        # codes2[2k] is the code below bin k's midpoint, codes2[2k + 1] the code above.
+        return torch.index_select(self.codes2, 0, k.mul_(2).add_(above)).reshape(y.shape)
 
 
 def _cached_tensor(vals: Tuple, device, dtype) -> torch.Tensor:

@@ -137,7 +137,7 @@ def encode(x: torch.Tensor, fmt, mode: Optional[str], p1: torch.Tensor, p2: torc
     y = _scaled(x, mode, p1, p2)
     enc = f.encoder(mode, y.device)
     if enc is not None:
-        return enc(y).to(torch.uint8)
+        return enc(y)
     mids = f.midpoints(mode, y.device)
     idx = torch.bucketize(y, mids) if mode == "zp" else _bucketize_toward_zero(y, mids)
     return f.code_of_sorted(y.device)[idx]
@@ -200,13 +200,36 @@ class QuantizedWeight:
         return dequantize_weight(self.codes, self.scales, self.scales2, self.g_idx, self.fmt, self.mode, dtype)
 
 
-_CHUNK = 1 << 20
+_CHUNK = 1 << 18
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     out_f, in_f = w.shape
     gs = in_f if group_size == -1 else group_size
     return w.reshape(out_f, in_f // gs, gs)
+
+
+def _check_weight(w: torch.Tensor, group_size: int, name: str) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point weight, got {w.dtype}")
+    check_finite(w, name)
+    group_count(w.shape[1], group_size, name)
+
+
+def _rtn_chunks(w: torch.Tensor, f: Format, group_size: int, mode: str, scale_dtype: torch.dtype, name: str):
+    """Yield ``(row slice, grouped codes, p1, p2)`` over row chunks of ``w``.
+
+    Chunks of about a quarter million weights keep every element-wise pass in cache.
+    """
+    out_f, in_f = w.shape
+    step = max(1, _CHUNK // in_f)
+    for r in range(0, out_f, step):
+        rows = slice(r, min(r + step, out_f))
+        wg = _grouped(w[rows].float(), group_size)
+        p1, p2 = round_params(*find_params(wg, f, mode), mode=mode, dtype=scale_dtype, name=name)
+        yield rows, encode(wg, f, mode, p1, p2), p1, p2
 
 
 def quantize_weight(
@@ -220,29 +243,40 @@ def quantize_weight(
     """Round-to-nearest quantization of a 2-D ``[out, in]`` weight, group by group."""
     f = get_format(fmt)
     mode = resolve_mode(f, mode)
-    if w.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(w.shape)}")
-    if not w.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point weight, got {w.dtype}")
-    check_finite(w, name)
-    group_count(w.shape[1], group_size, name)
+    _check_weight(w, group_size, name)
     out_f, in_f = w.shape
     groups = 1 if group_size == -1 else in_f // group_size
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
     p1s = torch.empty(out_f, groups, dtype=torch.float32, device=w.device)
     p2s = torch.empty_like(p1s)
-    # Row chunks of about a million weights keep every pass in cache.
-    step = max(1, _CHUNK // in_f)
-    for r in range(0, out_f, step):
-        wg = _grouped(w[r:r + step].float(), group_size)
-        p1, p2 = round_params(*find_params(wg, f, mode), mode=mode, dtype=scale_dtype, name=name)
-        codes[r:r + step] = encode(wg, f, mode, p1, p2).reshape(-1, in_f)
-        p1s[r:r + step] = p1.squeeze(-1)
-        p2s[r:r + step] = p2.squeeze(-1)
+    for rows, c, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name):
+        codes[rows] = c.reshape(-1, in_f)
+        p1s[rows] = p1.squeeze(-1)
+        p2s[rows] = p2.squeeze(-1)
     scales = p1s.t().contiguous().to(scale_dtype)
     scales2 = None if mode == "sym" else p2s.t().contiguous().to(scale_dtype)
-    g_idx = default_g_idx(in_f, group_size, w.device)
-    return QuantizedWeight(codes, scales, scales2, g_idx, f, mode, group_size)
+    return QuantizedWeight(codes, scales, scales2, default_g_idx(in_f, group_size, w.device), f, mode, group_size)
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    fmt,
+    group_size: int = -1,
+    mode: Optional[str] = None,
+    scale_dtype: torch.dtype = torch.float16,
+    name: str = "weight",
+) -> torch.Tensor:
+    """Quantize-dequantize ``w`` (same shape and dtype as the input).
+
+    Equal to ``quantize_weight(...).dequantize(w.dtype)``, computed chunk by chunk.
+    """
+    f = get_format(fmt)
+    mode = resolve_mode(f, mode)
+    _check_weight(w, group_size, name)
+    out = torch.empty_like(w)
+    for rows, c, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name):
+        out[rows] = decode(c, f, mode, p1, p2, w.dtype).reshape(-1, w.shape[1])
+    return out
 
 
 def _is_default_g_idx(g_idx: torch.Tensor, groups: int) -> bool:
@@ -273,15 +307,3 @@ def dequantize_weight(
         return w.reshape(out_f, in_f)
     gi = g_idx.long()
     return decode(codes, f, mode, scales[gi].t(), p2[gi].t(), dtype)
-
-
-def fake_quantize(
-    w: torch.Tensor,
-    fmt,
-    group_size: int = -1,
-    mode: Optional[str] = None,
-    scale_dtype: torch.dtype = torch.float16,
-    name: str = "weight",
-) -> torch.Tensor:
-    """Quantize-dequantize ``w`` (same shape and dtype as the input)."""
-    return quantize_weight(w, fmt, group_size, mode, scale_dtype, name).dequantize(w.dtype)
