@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import tiny_llama
 
 from afpq_plugins import data
 
@@ -213,24 +214,8 @@ def test_resolve_model_folder_without_config(tmp_path):
         data.resolve_model(tmp_path)
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
-
-
 def test_load_model_and_tokenizer(tokenizer, tmp_path):
-    tiny_llama().save_pretrained(tmp_path)
+    tiny_llama(vocab_size=256).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model, loaded_tokenizer = data.load_model_and_tokenizer(tmp_path)
     assert not model.training
@@ -243,7 +228,7 @@ def test_load_model_and_tokenizer(tokenizer, tmp_path):
 def test_plain_model_keeps_tied_embeddings(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    source = tiny_llama()
+    source = tiny_llama(vocab_size=256, tie=True)
     plain = data._plain_model(source)
     assert plain is not source
     assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight

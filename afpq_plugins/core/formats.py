@@ -138,11 +138,29 @@ class Format:
             vals = tuple(v - lo for v in vals)
         return _cached_tensor(vals, device, dtype)
 
-    def midpoints(self, mode: str, device=None) -> torch.Tensor:
-        """Rounding boundaries between consecutive distinct grid values (float32)."""
-        s = self._sorted(mode)
-        mids = tuple((a + b) / 2.0 for a, b in zip(s[:-1], s[1:]))
-        return _cached_tensor(mids, device, torch.float32)
+    def thresholds(self, mode: str, device=None) -> torch.Tensor:
+        """Rounding thresholds between consecutive grid values, float32, ascending.
+
+        ``y`` rounds above threshold ``t`` exactly when ``y > t``. Each ``t`` is the
+        exact (float64) midpoint ``m`` moved to the float32 that decides every float32
+        input correctly: the largest float32 <= ``m`` where ties round down (positive
+        midpoints, and all of mode ``zp``), the largest float32 < ``m`` where ties
+        round up (negative midpoints in modes ``afpq``/``sym``: toward zero).
+        """
+        key = (self.values, mode, "thresholds")
+        vals = _THRESHOLDS.get(key)
+        if vals is None:
+            s = self._sorted(mode)
+            vals = []
+            down = torch.tensor(float("-inf"))
+            for a, b in zip(s[:-1], s[1:]):
+                m = (a + b) / 2.0
+                t = torch.tensor(m, dtype=torch.float32)
+                if float(t) > m or (float(t) == m and m < 0 and mode != "zp"):
+                    t = torch.nextafter(t, down)
+                vals.append(float(t))
+            vals = _THRESHOLDS[key] = tuple(vals)
+        return _cached_tensor(vals, device, torch.float32)
 
     def sorted_grid(self, mode: str, device=None) -> torch.Tensor:
         return _cached_tensor(self._sorted(mode), device, torch.float32)
@@ -169,6 +187,7 @@ class Format:
 
 _TENSOR_CACHE: Dict[tuple, torch.Tensor] = {}
 _ENCODER_CACHE: Dict[tuple, Optional["BinnedEncoder"]] = {}
+_THRESHOLDS: Dict[tuple, Tuple[float, ...]] = {}
 
 
 @dataclass(frozen=True)
@@ -176,14 +195,13 @@ class BinnedEncoder:
     """Nearest-grid-value lookup in O(1) per element, exact.
 
     The grid's span is cut into ``nb`` equal bins with the same float32 arithmetic
-    used at run time (``k = int(clamp((y - lo) * rate, 0, nb - 1))``), so each
-    midpoint ``m`` between grid values lands in a known bin ``k_m``: values in bins
-    below ``k_m`` are below ``m``, values in bins above are above it, and only bin
-    ``k_m`` needs one comparison. ``nb`` grows until no bin holds two midpoints. The
-    code is ``codes2[2 * k + (y > thresh[k])]``. Negative midpoints store the
-    float just below ``m`` so that ``y == m`` rounds toward zero (``y > m'`` is
-    ``y >= m``), matching :func:`_bucketize_toward_zero`; in ``zp`` mode all
-    midpoints are positive and ties round down, as with ``torch.bucketize``.
+    used at run time (``k = int(clamp((y - lo) * rate, 0, nb - 1))``), which is
+    monotone in ``y``, so each rounding threshold ``t`` (:meth:`Format.thresholds`)
+    lands in a known bin ``k_t``: values in bins below ``k_t`` are ``<= t``, values in
+    bins above are ``> t``, and only bin ``k_t`` needs the comparison ``y > t``.
+    ``nb`` grows until no bin holds two thresholds. The code is
+    ``codes2[2 * k + (y > thresh[k])]``: the same answer as
+    ``torch.bucketize(y, thresholds)``, in O(1) per element.
     """
 
     lo: float
@@ -202,7 +220,7 @@ class BinnedEncoder:
     def build(cls, fmt: "Format", mode: str, device=None) -> Optional["BinnedEncoder"]:
         grid = fmt._sorted(mode)
         codes = fmt.sorted_codes
-        mids = torch.tensor([(a + b) / 2.0 for a, b in zip(grid[:-1], grid[1:])], dtype=torch.float32)
+        mids = fmt.thresholds(mode).clone()
         lo = float(grid[0])
         nb = 16
         while nb <= cls.MAX_BINS:
@@ -215,15 +233,12 @@ class BinnedEncoder:
             return None
         codes2 = [0] * (2 * nb)
         thresh = [float("inf")] * nb
-        below = 0  # number of midpoints in earlier bins = sorted index of the bin's lower value
+        below = 0  # thresholds in earlier bins = sorted index of the bin's lower value
         j = 0
         for k in range(nb):
             codes2[2 * k] = codes2[2 * k + 1] = codes[below]
             if j < len(k_m) and k_m[j] == k:
-                m = mids[j]
-                if m < 0:
-                    m = torch.nextafter(m, torch.tensor(float("-inf")))
-                thresh[k] = float(m)
+                thresh[k] = float(mids[j])
                 codes2[2 * k + 1] = codes[below + 1]
                 below += 1
                 j += 1
@@ -274,6 +289,7 @@ def register_format(
     """
     if not isinstance(name, str) or not name:
         raise ValueError("format name must be a non-empty string")
+    name = name.lower()  # names are case-insensitive, as in get_format
     vals = tuple(float(v) for v in values)
     if bits is None:
         bits = max(len(vals).bit_length() - 1, 0)

@@ -160,8 +160,19 @@ def pack_gptq(codes: torch.Tensor, bits: int, name: str = "qweight") -> torch.Te
     return qweight
 
 
+def _check_words(qweight: torch.Tensor, bits: int, name: str = "qweight") -> None:
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"{name}: the gptq layout supports 2, 3, 4 or 8 bits, got {bits}")
+    if qweight.dim() != 2 or qweight.dtype != torch.int32:
+        raise ValueError(f"{name}: expected a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+    _, words = _block(bits)
+    if qweight.shape[0] % words:
+        raise ValueError(f"{name}: {qweight.shape[0]} words is not a multiple of {words}, as {bits}-bit codes need")
+
+
 def unpack_gptq(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """AutoGPTQ v1 ``qweight`` -> ``[out, in]`` uint8 codes."""
+    _check_words(qweight, bits)
     words, out_f = qweight.shape
     in_f = words * 32 // bits
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=qweight.device)
@@ -182,6 +193,7 @@ def pack_gptq_zeros(zeros: torch.Tensor, bits: int, name: str = "qzeros") -> tor
 
 
 def unpack_gptq_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    _check_words(qzeros.t(), bits, "qzeros")
     return _unpack_last(qzeros, bits)
 
 
@@ -221,6 +233,7 @@ def unpack_kn(qweight: torch.Tensor, bits: int, layout: str = "gptq") -> torch.T
         return nib.index_select(-1, inverse).reshape(in_f, words * 8)
     if layout != "gptq":
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    _check_words(qweight, bits)
     if 32 % bits:
         return unpack_gptq(qweight, bits).t().to(torch.int32)
     w, cols = qweight.shape

@@ -20,8 +20,9 @@ mode       p1                              p2
 Decoding: ``afpq``: ``v * (s_pos if v > 0 else s_neg)``; ``sym``: ``v * s``;
 ``zp``: ``(v - z) * s`` with ``v`` from the grid shifted to start at 0.
 
-Encoding rounds to the nearest grid value by bucketizing against the midpoints
-between grid values (no distance matrix). Ties go to the grid value nearer zero in
+Encoding rounds to the nearest grid value, exactly, by locating each value among the
+midpoints between grid values (:class:`~afpq_plugins.core.formats.BinnedEncoder`,
+O(1) per element; no distance matrix). Ties go to the grid value nearer zero in
 ``afpq``/``sym`` modes and to the lower value in ``zp`` mode; uniform INT grids use
 ``clamp(round(w / s) + z)`` exactly as AutoGPTQ does. A zero scale (a group with no
 weight on that side) never divides: the weights it covers are all zero and encode to
@@ -108,21 +109,14 @@ def round_params(
     return out[0], out[1]
 
 
-def _bucketize_toward_zero(y: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
-    idx = torch.bucketize(y, mids)  # y == mid -> lower index
-    # For negative y exactly on a midpoint, move up (toward zero).
-    padded = torch.cat([mids, mids.new_tensor([float("inf")])])
-    on_mid = (y < 0) & (padded[idx] == y)
-    return idx + on_mid
-
-
 def _scaled(x: torch.Tensor, mode: str, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
     """``x`` divided by its scale (and shifted by the zero-point in zp mode), float32."""
     x = x.float()
     if mode == "afpq":
-        # Two scales: w >= 0 uses s_pos, w < 0 uses s_neg (arithmetic, no torch.where).
-        y = x.clamp(min=0) * (1.0 / _safe(p1))
-        return y.addcmul_(x.clamp(max=0), 1.0 / _safe(p2))
+        # Two scales: w >= 0 uses s_pos, w < 0 uses s_neg (true divisions, so w / s is
+        # correctly rounded; one of the two terms is always exactly zero).
+        y = x.clamp(min=0) / _safe(p1)
+        return y.addcdiv_(x.clamp(max=0), _safe(p2))
     y = x / _safe(p1)
     return y.add_(p2) if mode == "zp" else y
 
@@ -138,8 +132,7 @@ def encode(x: torch.Tensor, fmt, mode: Optional[str], p1: torch.Tensor, p2: torc
     enc = f.encoder(mode, y.device)
     if enc is not None:
         return enc(y)
-    mids = f.midpoints(mode, y.device)
-    idx = torch.bucketize(y, mids) if mode == "zp" else _bucketize_toward_zero(y, mids)
+    idx = torch.bucketize(y, f.thresholds(mode, y.device))  # number of thresholds t < y
     return f.code_of_sorted(y.device)[idx]
 
 

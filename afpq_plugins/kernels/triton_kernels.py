@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -71,6 +72,10 @@ __all__ = [
     "PATHS",
     "DEQUANT_MIN_M",
     "GEMV_MAX_M",
+    "MatmulPlan",
+    "plan_matmul",
+    "mm_constexprs",
+    "aot_compile",
     "afpq_matmul",
     "dequantize",
     "linear",
@@ -353,20 +358,18 @@ def _geometry(bits: int, layout: str) -> Tuple[int, int]:
     return n // bits, n // 32
 
 
-_SM_COUNT = {}
+_DEVICE_INFO = {}
 
 
-def _num_sms(device: torch.device) -> int:
+def _device_info(device: torch.device) -> Tuple[int, Tuple[int, int]]:
+    """(SM count, compute capability); the interpreter gets a nominal 4-SM sm_90."""
     if device.type != "cuda":
-        return 4  # interpreter: a nominal machine, so that heuristics stay exercised
+        return 4, (9, 0)
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    if idx not in _DEVICE_INFO:
+        props = torch.cuda.get_device_properties(idx)
+        _DEVICE_INFO[idx] = (props.multi_processor_count, (props.major, props.minor))
+    return _DEVICE_INFO[idx]
 
 
 def _group_mode(group_size: int, cpb: int, block_r: int, act_order: bool) -> int:
@@ -375,6 +378,118 @@ def _group_mode(group_size: int, cpb: int, block_r: int, act_order: bool) -> int
     if group_size % (block_r * cpb) == 0:
         return 0
     return 1
+
+
+@dataclass(frozen=True)
+class MatmulPlan:
+    """Everything a launch of :func:`_afpq_mm_kernel` (or the dequant path) depends on."""
+
+    path: str  # "gemv", "gemm" or "dequant"
+    block_m: int
+    block_n: int
+    block_r: int
+    use_dot: bool
+    group_mode: int
+    split_k: int
+    iters_per_split: int
+    num_warps: int
+    num_stages: int
+    grid: Tuple[int, int]
+
+    @property
+    def atomic(self) -> bool:
+        return self.split_k > 1
+
+
+def plan_matmul(
+    M: int, N: int, K: int, *, bits: int, layout: str, group_size: int, act_order: bool = False,
+    path: str = "auto", on_cuda: bool = True, sms: int = 132, capability: Tuple[int, int] = (9, 0),
+    block_m: Optional[int] = None, block_n: Optional[int] = None, block_r: Optional[int] = None,
+    split_k: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+) -> MatmulPlan:
+    """Choose path, tiles and split-K for an ``[M, K] x [K, N]`` product (keywords override).
+
+    Register and shared-memory budgets behind the defaults were read from ``ptxas`` for
+    sm_80 and sm_90 (no spills, shared memory well under 100 KB, except 3-bit tiles,
+    which run unpipelined); timings are for ``benchmarks/bench_kernels.py --sweep``.
+    """
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
+    cpb, _ = _geometry(bits, layout)
+    gs = K if group_size == -1 else group_size
+    awq = layout == "awq"
+    if path == "auto":
+        if M <= GEMV_MAX_M:
+            path = "gemv"
+        elif M >= DEQUANT_MIN_M and on_cuda:
+            path = "dequant"
+        else:
+            path = "gemm"
+    R = K // cpb
+    if path == "dequant":
+        br = block_r or (32 if awq else max(1, 128 // cpb))
+        bn = block_n or 64
+        return MatmulPlan("dequant", 0, bn, br, False, _group_mode(gs, cpb, br, act_order), 1, 0,
+                          num_warps or 4, num_stages or 1, (triton.cdiv(R, br), triton.cdiv(N, bn)))
+    three_bit = bits == 3 and not awq
+    if path == "gemv" and (block_m or (1 if M == 1 else 16)) < 16:
+        # CUDA-core FMAs (M == 1 by default; block_m < 16 forces it for tiny M).
+        bm, bn, use_dot = block_m or 1, 64, False
+        br = 32 if awq else max(1, 128 // cpb)  # 128 input columns per iteration (gptq)
+        warps, stages = 4, 3
+    elif path == "gemv":
+        bm, bn, use_dot = 16, 64, True
+        br = 32 if awq else max(16, 128 // cpb)  # tl.dot needs K >= 16
+        warps, stages = 4, 1 if three_bit else 3
+    else:
+        bm = 32 if M <= 32 else 64 if (M <= 64 or capability[0] < 9) else 128
+        bn = 64 if (N < 128 or three_bit) else 128
+        # Mid-size M: smaller tiles before leaving SMs idle.
+        while triton.cdiv(M, bm) * triton.cdiv(N, bn) < sms and max(bm, bn) > 64 and not (block_m or block_n):
+            if bm >= bn:
+                bm //= 2
+            else:
+                bn //= 2
+        br = 32 if awq else 16
+        warps = 8 if bm * bn >= 64 * 128 else 4
+        stages = 1 if three_bit else 3
+    bm = block_m or bm
+    bn = block_n or bn
+    br = block_r or br
+    use_dot = use_dot if path == "gemv" and not block_m else (bm >= 16)
+    warps = num_warps or warps
+    stages = num_stages or stages
+    if use_dot and (bm < 16 or bn < 16 or br < 16):
+        raise ValueError(f"tl.dot tiles need BLOCK_M, BLOCK_N, BLOCK_R >= 16, got {bm}, {bn}, {br}")
+    for name, v in (("block_m", bm), ("block_n", bn), ("block_r", br)):
+        if v & (v - 1):
+            raise ValueError(f"{name} must be a power of two, got {v}")
+    tiles = max(1, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    n_iters = max(1, triton.cdiv(R, br))
+    if split_k is None:
+        split_k = 1
+        # Too few tiles to keep every SM streaming weights: split K (float32 atomics).
+        if path == "gemv" and tiles < 2 * sms:
+            split_k = min(triton.cdiv(4 * sms, tiles), 16)
+        elif path == "gemm" and tiles < sms:
+            split_k = min(triton.cdiv(2 * sms, tiles), 4)
+    split_k = max(1, min(int(split_k), n_iters))
+    per_split = triton.cdiv(n_iters, split_k)
+    split_k = triton.cdiv(n_iters, per_split)  # no empty splits
+    return MatmulPlan(path, bm, bn, br, use_dot, _group_mode(gs, cpb, br, act_order), split_k, per_split,
+                      warps, stages, (tiles, split_k))
+
+
+def mm_constexprs(plan: MatmulPlan, *, bits: int, layout: str, mode: str, group_size: int, K: int,
+                  has_bias: bool, dtype: torch.dtype) -> dict:
+    """The compile-time arguments of :func:`_afpq_mm_kernel` for ``plan``."""
+    cpb, wpb = _geometry(bits, layout)
+    return dict(
+        AWQ=layout == "awq", BITS=bits, CPB=cpb, WPB=wpb, MODE=_MODE_ID[mode], GROUP_MODE=plan.group_mode,
+        GROUP_SIZE=K if group_size == -1 else group_size, HAS_BIAS=has_bias, USE_DOT=plan.use_dot,
+        IEEE=dtype == torch.float32, ATOMIC=plan.atomic, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        BLOCK_R=plan.block_r, GROUP_M=8,
+    )
 
 
 def _check_tensors(x, qweight, scales, second, lut, bits, layout, mode, group_size, g_idx, bias):
@@ -422,50 +537,6 @@ def _launch(kernel, grid, *args, **kwargs):
         kernel[grid](*args, **kwargs)
 
 
-def dequantize(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    second: Optional[torch.Tensor],
-    lut: torch.Tensor,
-    *,
-    bits: int,
-    layout: str = "gptq",
-    mode: str = "afpq",
-    group_size: int = 128,
-    in_features: int,
-    g_idx: Optional[torch.Tensor] = None,
-    default_order: Optional[bool] = None,
-    dtype: torch.dtype = torch.float16,
-    out: Optional[torch.Tensor] = None,
-    block_n: int = 64,
-    block_r: Optional[int] = None,
-) -> torch.Tensor:
-    """``W.T`` (``[in, out]``, ``dtype``) decoded by a Triton kernel (fp32 maths, one rounding)."""
-    x_probe = torch.empty(0, in_features, device=qweight.device, dtype=dtype if dtype in _DTYPES else torch.float32)
-    K, N, gs = _check_tensors(x_probe, qweight, scales, second, lut, bits, layout, mode, group_size, g_idx, None)
-    cpb, wpb = _geometry(bits, layout)
-    R = K // cpb
-    if block_r is None:
-        block_r = 32 if layout == "awq" else max(1, 128 // cpb)
-    act = _act_order(g_idx, K, gs, default_order)
-    gmode = _group_mode(gs, cpb, block_r, act)
-    gidx = _gidx_arg(g_idx, K, gs, gmode, qweight.device)
-    if out is None:
-        out = torch.empty(K, N, device=qweight.device, dtype=dtype)
-    elif out.shape != (K, N):
-        raise ValueError(f"out shape {tuple(out.shape)} != ({K}, {N})")
-    s2 = second if second is not None else scales
-    grid = (triton.cdiv(R, block_r), triton.cdiv(N, block_n))
-    _launch(
-        _afpq_dequant_kernel, grid,
-        qweight, scales, s2, gidx, lut, out, N, R,
-        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
-        AWQ=layout == "awq", BITS=bits, CPB=cpb, WPB=wpb, MODE=_MODE_ID[mode], GROUP_MODE=gmode,
-        GROUP_SIZE=gs, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
-    )
-    return out
-
-
 def _act_order(g_idx, K: int, gs: int, default_order: Optional[bool]) -> bool:
     if g_idx is None:
         return False
@@ -484,20 +555,45 @@ def _gidx_arg(g_idx, K: int, gs: int, gmode: int, device) -> torch.Tensor:
     return g_idx if g_idx is not None else torch.zeros(1, device=device, dtype=torch.int32)
 
 
-def _config(path: str, M: int, N: int, bits: int, layout: str, cpb: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_R, USE_DOT, num_warps, num_stages) defaults per path."""
-    awq = layout == "awq"
-    if path == "gemv":
-        if M <= 4:
-            block_r = 64 if awq else max(1, 128 // cpb)  # 128 input columns per iteration
-            return _next_pow2(M), 64, block_r, False, 4, 3
-        block_r = 64 if awq else max(16, 128 // cpb)  # tl.dot needs K >= 16
-        return 16, 64, block_r, True, 4, 3
-    block_m = 32 if M <= 32 else 64 if M <= 64 else 128
-    block_n = 128 if N >= 128 else 64
-    block_r = 64 if awq else 16
-    warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return block_m, block_n, block_r, True, warps, 3
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    second: Optional[torch.Tensor],
+    lut: torch.Tensor,
+    *,
+    bits: int,
+    layout: str = "gptq",
+    mode: str = "afpq",
+    group_size: int = 128,
+    in_features: int,
+    g_idx: Optional[torch.Tensor] = None,
+    default_order: Optional[bool] = None,
+    dtype: torch.dtype = torch.float16,
+    out: Optional[torch.Tensor] = None,
+    block_n: Optional[int] = None,
+    block_r: Optional[int] = None,
+) -> torch.Tensor:
+    """``W.T`` (``[in, out]``, ``dtype``) decoded by a Triton kernel (float32 maths as in
+    core's ``decode``, one rounding to ``dtype``)."""
+    probe = torch.empty(0, in_features, device=qweight.device, dtype=dtype)
+    K, N, gs = _check_tensors(probe, qweight, scales, second, lut, bits, layout, mode, group_size, g_idx, None)
+    if out is None:
+        out = torch.empty(K, N, device=qweight.device, dtype=dtype)
+    elif out.shape != (K, N) or out.dtype != dtype or out.device != qweight.device:
+        raise ValueError(f"out must be [{K}, {N}] {dtype} on {qweight.device}")
+    act = _act_order(g_idx, K, gs, default_order)
+    plan = plan_matmul(0, N, K, bits=bits, layout=layout, group_size=group_size, act_order=act, path="dequant",
+                       block_n=block_n, block_r=block_r)
+    cpb, wpb = _geometry(bits, layout)
+    s2 = second if second is not None else scales
+    _launch(
+        _afpq_dequant_kernel, plan.grid,
+        qweight, scales, s2, _gidx_arg(g_idx, K, gs, plan.group_mode, qweight.device), lut, out, N, K // cpb,
+        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
+        AWQ=layout == "awq", BITS=bits, CPB=cpb, WPB=wpb, MODE=_MODE_ID[mode], GROUP_MODE=plan.group_mode,
+        GROUP_SIZE=gs, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r, num_warps=plan.num_warps,
+    )
+    return out
 
 
 def afpq_matmul(
@@ -516,12 +612,7 @@ def afpq_matmul(
     default_order: Optional[bool] = None,
     out: Optional[torch.Tensor] = None,
     path: str = "auto",
-    block_m: Optional[int] = None,
-    block_n: Optional[int] = None,
-    block_r: Optional[int] = None,
-    split_k: Optional[int] = None,
-    num_warps: Optional[int] = None,
-    num_stages: Optional[int] = None,
+    **tuning,
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` from raw buffers; ``x`` is ``[M, in]``, the result ``[M, out]`` in ``x.dtype``.
 
@@ -529,7 +620,8 @@ def afpq_matmul(
     zero-points for ``zp``, ignored for ``sym``); ``lut`` is ``fmt.lut(mode, device)``
     (float32, ``2**bits`` entries). ``default_order`` tells whether ``g_idx`` is the plain
     ``i // group_size`` (None: checked here, one host sync). ``out`` (``[M, out]``,
-    ``x.dtype``) receives the result. The remaining keywords override the heuristics.
+    ``x.dtype``) receives the result. ``path`` and ``tuning`` (``block_m``, ``block_n``,
+    ``block_r``, ``split_k``, ``num_warps``, ``num_stages``) override :func:`plan_matmul`.
     """
     K, N, gs = _check_tensors(x, qweight, scales, second, lut, bits, layout, mode, group_size, g_idx, bias)
     M = x.shape[0]
@@ -539,69 +631,90 @@ def afpq_matmul(
         raise ValueError(f"out must be [{M}, {N}] {x.dtype} on {x.device}")
     if M == 0:
         return out
-    if path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
-    if path == "auto":
-        if M <= GEMV_MAX_M:
-            path = "gemv"
-        elif M >= DEQUANT_MIN_M and x.is_cuda:
-            path = "dequant"
-        else:
-            path = "gemm"
-    cpb, wpb = _geometry(bits, layout)
-    R = K // cpb
     act = _act_order(g_idx, K, gs, default_order)
+    sms, cap = _device_info(x.device)
+    plan = plan_matmul(M, N, K, bits=bits, layout=layout, group_size=group_size, act_order=act, path=path,
+                       on_cuda=x.is_cuda, sms=sms, capability=cap, **tuning)
 
-    if path == "dequant":
+    if plan.path == "dequant":
         w_t = dequantize(qweight, scales, second, lut, bits=bits, layout=layout, mode=mode, group_size=group_size,
-                         in_features=K, g_idx=g_idx, default_order=not act, dtype=x.dtype)
+                         in_features=K, g_idx=g_idx, default_order=not act, dtype=x.dtype,
+                         block_n=plan.block_n, block_r=plan.block_r)
         if bias is not None:
             return torch.addmm(bias.to(x.dtype), x, w_t, out=out)
         return torch.mm(x, w_t, out=out)
 
-    bm, bn, br, use_dot, warps, stages = _config(path, M, N, bits, layout, cpb)
-    bm = block_m or bm
-    bn = block_n or bn
-    br = block_r or br
-    use_dot = bm >= 16 if block_m else use_dot
-    warps = num_warps or warps
-    stages = num_stages or stages
-    if use_dot and (bm < 16 or bn < 16 or br < 16):
-        raise ValueError(f"tl.dot tiles need BLOCK_M, BLOCK_N, BLOCK_R >= 16, got {bm}, {bn}, {br}")
-    gmode = _group_mode(gs, cpb, br, act)
-    gidx = _gidx_arg(g_idx, K, gs, gmode, x.device)
-
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    n_iters = triton.cdiv(R, br)
-    if split_k is None:
-        split_k = 1
-        sms = _num_sms(x.device)
-        if path == "gemv" and tiles < sms:
-            split_k = min(triton.cdiv(2 * sms, tiles), n_iters, 16)
-    split_k = max(1, min(int(split_k), n_iters))
-    per_split = triton.cdiv(n_iters, split_k)
-    split_k = triton.cdiv(n_iters, per_split)  # no empty splits
-    atomic = split_k > 1
-    if atomic:
+    if plan.atomic:  # split-K partial sums meet in float32
         acc = out.zero_() if x.dtype == torch.float32 else torch.zeros(M, N, device=x.device, dtype=torch.float32)
     else:
         acc = out
     s2 = second if second is not None else scales
     b = bias if bias is not None else scales  # a stand-in pointer when HAS_BIAS is False
     _launch(
-        _afpq_mm_kernel, (tiles, split_k),
-        x, qweight, scales, s2, gidx, lut, b, acc,
-        M, N, R, per_split,
+        _afpq_mm_kernel, plan.grid,
+        x, qweight, scales, s2, _gidx_arg(g_idx, K, gs, plan.group_mode, x.device), lut, b, acc,
+        M, N, K // _geometry(bits, layout)[0], plan.iters_per_split,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), acc.stride(0), acc.stride(1),
-        AWQ=layout == "awq", BITS=bits, CPB=cpb, WPB=wpb, MODE=_MODE_ID[mode], GROUP_MODE=gmode,
-        GROUP_SIZE=gs, HAS_BIAS=bias is not None, USE_DOT=use_dot, IEEE=x.dtype == torch.float32,
-        ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, GROUP_M=8,
-        num_warps=warps, num_stages=stages,
+        **mm_constexprs(plan, bits=bits, layout=layout, mode=mode, group_size=group_size, K=K,
+                        has_bias=bias is not None, dtype=x.dtype),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if acc is not out:
         out.copy_(acc)
     return out
+
+
+_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+#: Shared memory per block that a kernel may use, by compute capability major.
+SHARED_LIMIT = {8: 166912, 9: 232448}
+
+
+def aot_compile(
+    plan: MatmulPlan, *, bits: int, layout: str, mode: str, group_size: int, K: int, has_bias: bool = True,
+    dtype: torch.dtype = torch.float16, scale_dtype: torch.dtype = torch.float16,
+    capability: Tuple[int, int] = (9, 0),
+):
+    """Compile the kernel ``plan`` launches for ``sm_{capability}`` without a GPU.
+
+    Runs Triton's whole pipeline down to a cubin with its bundled ``ptxas``, for
+    contiguous operands (unit strides specialised as at run time): a check of the
+    compiled path on CPU-only machines, and a way to read register and shared-memory
+    use (``.metadata.shared``, ``.asm``). Needs the module built without TRITON_INTERPRET.
+    """
+    if INTERPRET:
+        raise RuntimeError("aot_compile needs the kernels built without TRITON_INTERPRET")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cpb, wpb = _geometry(bits, layout)
+    st = _TL_NAME[scale_dtype]
+    gs = K if group_size == -1 else group_size
+    if plan.path == "dequant":
+        kernel = _afpq_dequant_kernel
+        ptrs = dict(qw_ptr="i32", s1_ptr=st, s2_ptr=st, gidx_ptr="i32", lut_ptr="fp32", out_ptr=_TL_NAME[dtype])
+        const = dict(stride_qn=1, stride_sn=1, stride_on=1, AWQ=layout == "awq", BITS=bits, CPB=cpb, WPB=wpb,
+                     MODE=_MODE_ID[mode], GROUP_MODE=plan.group_mode, GROUP_SIZE=gs,
+                     BLOCK_N=plan.block_n, BLOCK_R=plan.block_r)
+    else:
+        kernel = _afpq_mm_kernel
+        ptrs = dict(x_ptr=_TL_NAME[dtype], qw_ptr="i32", s1_ptr=st, s2_ptr=st, gidx_ptr="i32", lut_ptr="fp32",
+                    bias_ptr=st, out_ptr="fp32" if plan.atomic else _TL_NAME[dtype])
+        const = dict(stride_xk=1, stride_qn=1, stride_sn=1, stride_on=1)
+        const.update(mm_constexprs(plan, bits=bits, layout=layout, mode=mode, group_size=group_size, K=K,
+                                   has_bias=has_bias, dtype=dtype))
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in const:
+            signature[name] = "constexpr"
+        elif name in ptrs:
+            signature[name] = "*" + ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    return triton.compile(ASTSource(kernel, signature, const, attrs), target=target,
+                          options={"num_warps": plan.num_warps, "num_stages": plan.num_stages})
 
 
 # --------------------------------------------------------------------------------------
