@@ -92,7 +92,6 @@ def copy_bandwidth(timer: Timer) -> float:
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     t = timer(lambda: b.copy_(a), reps=20)
-    del a, b
     return 2 * (1 << 30) / (t * 1e-6) / 1e9
 
 
@@ -164,8 +163,9 @@ def bench_row(tk, timer, K, N, M, args, int4_fn):
 
     row = {"in": K, "out": N, "M": M, "fmt": args.fmt, "mode": layer.mode, "layout": args.layout,
            "act_order": args.act_order, "group": GROUP, "rel_err_vs_fp32": rel_err}
-    plan = tk.plan_matmul(M, N, K, bits=layer.bits, layout=args.layout, group_size=GROUP,
-                          act_order=args.act_order, sms=tk._device_info(dev)[0], capability=tk._device_info(dev)[1])
+    sms, cap = tk._device_info(dev)
+    plan = tk.plan_matmul(M, N, K, bits=layer.bits, layout=args.layout, group_size=GROUP, act_order=args.act_order,
+                          dtype=torch.float16, on_cuda=dev.type == "cuda", sms=sms, capability=cap)
     row["plan"] = dataclasses.asdict(plan)
     row["afpq_us"] = timer(lambda: tk.linear(x16, layer))
     row["afpq_bf16_us"] = timer(lambda: tk.linear(xbf, layer))

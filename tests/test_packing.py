@@ -311,3 +311,7 @@ def test_unpack_errors_are_value_errors():
         unpack_gptq(torch.zeros(4, 8, dtype=torch.int32), 3)  # 3-bit words come in threes
     with pytest.raises(ValueError, match="3"):
         unpack_kn(torch.zeros(4, 8, dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="3"):
+        unpack_gptq_zeros(torch.zeros(2, 4, dtype=torch.int32), 3)  # [groups, words]: 4 words
+    with pytest.raises(ValueError, match="2, 3, 4 or 8"):
+        unpack_gptq_zeros(torch.zeros(2, 5, dtype=torch.int32), 5)

@@ -9,6 +9,7 @@ torch otherwise).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -18,6 +19,7 @@ from . import torch_ref
 BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_linear():
     try:
         from .triton_kernels import linear as triton_linear  # noqa: WPS433 (optional backend)

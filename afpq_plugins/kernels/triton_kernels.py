@@ -28,13 +28,14 @@ the unpacked codes is ever needed.
 
 Paths (chosen by :func:`afpq_matmul`, overridable):
 
-``gemv``     M <= 16: split-K over a 2-D grid ``(tiles, SPLIT_K)``. M <= 4 uses CUDA-core
+``gemv``     M <= 16: split-K over a 2-D grid ``(tiles, SPLIT_K)``. M = 1 uses CUDA-core
              FMAs into a ``[BLOCK_M, BLOCK_R, BLOCK_N]`` float32 accumulator reduced once
-             at the end (no tensor-core layout shuffles for a GEMV); 5..16 uses ``tl.dot``
-             with ``BLOCK_M = 16``. With ``SPLIT_K > 1`` partial sums are added with
-             float32 atomics into a zeroed float32 buffer (the output itself for fp32
-             activations), then cast.
-``gemm``     tiled ``tl.dot`` with grouped program ordering for L2 reuse.
+             at the end (no tensor-core layout shuffles for a GEMV; ``block_m`` < 16
+             forces this for other tiny M); 2..16 uses ``tl.dot`` with ``BLOCK_M = 16``.
+             With ``SPLIT_K > 1`` partial sums are added with float32 atomics into a
+             zeroed float32 buffer (the output itself for fp32 activations), then cast.
+``gemm``     tiled ``tl.dot`` with grouped program ordering for L2 reuse (split-K too
+             when the tiles would not cover the SMs).
 ``dequant``  very large M (compute bound): a Triton kernel writes ``W.T`` once in the
              activation dtype, then cuBLAS multiplies (``torch.addmm``).
 
@@ -44,9 +45,11 @@ only (a ``[BLOCK_R, BLOCK_N]`` gather per iteration); 2 = per input column, read
 ``g_idx`` (act-order; a gather per code position).
 
 Importing this module raises :class:`ImportError` when Triton is missing or broken (the
-dispatcher in :mod:`afpq_plugins.kernels` relies on that). Kernels are decorated at
-import time, so ``TRITON_INTERPRET=1`` must be set before the import to run them on CPU
-with Triton's interpreter.
+dispatcher in :mod:`afpq_plugins.kernels` relies on that). Triton picks "interpreter or
+compiler" when a function is decorated, so to run on CPU set ``TRITON_INTERPRET=1``
+before ``triton`` itself is first imported (its library functions such as ``tl.cdiv``
+are decorated then) and before this module is. Without a GPU, :func:`aot_compile`
+still runs the compiled path through Triton's pipeline and ``ptxas``.
 """
 
 from __future__ import annotations
@@ -230,6 +233,7 @@ def _afpq_mm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)  # M * in or M * out may pass 2**31 for long prefills
 
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -252,7 +256,7 @@ def _afpq_mm_kernel(
                 w0, w1, w2, p1, p2, lut_ptr, gidx_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
                 stride_sg, stride_sn, j, AWQ, BITS, CPB, MODE, GROUP_MODE,
             )
-            xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+            xk = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             if USE_DOT:
                 if IEEE:
@@ -271,7 +275,7 @@ def _afpq_mm_kernel(
         if ATOMIC:
             b = b * (pid_k == 0).to(tl.float32)  # only the first split adds the bias
         res = res + b[None, :]
-    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
     o_mask = m_mask[:, None] & n_mask[None, :]
     if ATOMIC:
         tl.atomic_add(o_ptrs, res, mask=o_mask, sem="relaxed")
@@ -305,7 +309,7 @@ def _afpq_dequant_kernel(
             w0, w1, w2, p1, p2, lut_ptr, gidx_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
             stride_sg, stride_sn, j, AWQ, BITS, CPB, MODE, GROUP_MODE,
         )
-        tl.store(out_ptr + k[:, None] * stride_ok + offs_n[None, :] * stride_on,
+        tl.store(out_ptr + k.to(tl.int64)[:, None] * stride_ok + offs_n[None, :] * stride_on,
                  w.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
 
 
@@ -403,15 +407,18 @@ class MatmulPlan:
 
 def plan_matmul(
     M: int, N: int, K: int, *, bits: int, layout: str, group_size: int, act_order: bool = False,
-    path: str = "auto", on_cuda: bool = True, sms: int = 132, capability: Tuple[int, int] = (9, 0),
+    path: str = "auto", dtype: torch.dtype = torch.float16, on_cuda: bool = True, sms: int = 132,
+    capability: Tuple[int, int] = (9, 0),
     block_m: Optional[int] = None, block_n: Optional[int] = None, block_r: Optional[int] = None,
     split_k: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
 ) -> MatmulPlan:
     """Choose path, tiles and split-K for an ``[M, K] x [K, N]`` product (keywords override).
 
-    Register and shared-memory budgets behind the defaults were read from ``ptxas`` for
-    sm_80 and sm_90 (no spills, shared memory well under 100 KB, except 3-bit tiles,
-    which run unpipelined); timings are for ``benchmarks/bench_kernels.py --sweep``.
+    The defaults are not tuned on a GPU yet: they were chosen from ``ptxas`` register
+    and shared-memory reports (:func:`aot_compile`; for LLaMA shapes no spills on sm_90,
+    8-24 bytes on sm_80 for act-order 64x64 and 3-bit tiles; 3-bit tiles run
+    unpipelined to stay within shared memory) and from occupancy arithmetic (split K
+    until the grid covers the SMs). Retune with ``benchmarks/bench_kernels.py --sweep``.
     """
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
@@ -441,6 +448,9 @@ def plan_matmul(
         bm, bn, use_dot = 16, 64, True
         br = 32 if awq else max(16, 128 // cpb)  # tl.dot needs K >= 16
         warps, stages = 4, 1 if three_bit else 3
+    elif dtype == torch.float32:  # exact fp32 dot (FMA loops): small tiles or it spills
+        bm, bn, br = 32, 64, 32 if awq else 16
+        warps, stages = 4, 2
     else:
         bm = 32 if M <= 32 else 64 if (M <= 64 or capability[0] < 9) else 128
         bn = 64 if (N < 128 or three_bit) else 128
@@ -451,7 +461,7 @@ def plan_matmul(
             else:
                 bn //= 2
         br = 32 if awq else 16
-        warps = 8 if bm * bn >= 64 * 128 else 4
+        warps = 8 if bm * bn >= 64 * 64 else 4
         stages = 1 if three_bit else 3
     bm = block_m or bm
     bn = block_n or bn
@@ -537,22 +547,30 @@ def _launch(kernel, grid, *args, **kwargs):
         kernel[grid](*args, **kwargs)
 
 
+def _inspect_g_idx(g_idx: torch.Tensor, K: int, gs: int) -> bool:
+    """True when ``g_idx`` is the plain ``i // gs``; ValueError when a group is out of
+    range (the kernels gather scales with it unchecked). One host sync."""
+    groups = K // gs
+    lo, hi = torch.aminmax(g_idx)
+    if int(lo) < 0 or int(hi) >= groups:
+        raise ValueError(f"g_idx values must lie in [0, {groups}), got [{int(lo)}, {int(hi)}]")
+    return bool(torch.equal(g_idx, torch.arange(K, device=g_idx.device, dtype=g_idx.dtype) // gs))
+
+
 def _act_order(g_idx, K: int, gs: int, default_order: Optional[bool]) -> bool:
     if g_idx is None:
         return False
-    if default_order is None:  # one host sync; layer callers pass a cached answer
-        ref = torch.arange(K, device=g_idx.device, dtype=g_idx.dtype) // gs
-        default_order = bool(torch.equal(g_idx, ref))
+    if default_order is None:  # layer callers pass a cached answer
+        default_order = _inspect_g_idx(g_idx, K, gs)
     return not default_order
 
 
-def _gidx_arg(g_idx, K: int, gs: int, gmode: int, device) -> torch.Tensor:
+def _gidx_arg(g_idx, K: int, gs: int, gmode: int, device) -> Optional[torch.Tensor]:
     if gmode == 2:
         if g_idx is None:  # default order with a group size that does not align with code blocks
             return torch.arange(K, device=device, dtype=torch.int32) // gs
         return g_idx
-    # Unused by the kernel: any int32 tensor on the device stands in for the pointer.
-    return g_idx if g_idx is not None else torch.zeros(1, device=device, dtype=torch.int32)
+    return g_idx  # never read by the kernel (None: the caller passes a stand-in)
 
 
 def dequantize(
@@ -586,9 +604,11 @@ def dequantize(
                        block_n=block_n, block_r=block_r)
     cpb, wpb = _geometry(bits, layout)
     s2 = second if second is not None else scales
+    gidx = _gidx_arg(g_idx, K, gs, plan.group_mode, qweight.device)
+    gidx = qweight if gidx is None else gidx
     _launch(
         _afpq_dequant_kernel, plan.grid,
-        qweight, scales, s2, _gidx_arg(g_idx, K, gs, plan.group_mode, qweight.device), lut, out, N, K // cpb,
+        qweight, scales, s2, gidx, lut, out, N, K // cpb,
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
         AWQ=layout == "awq", BITS=bits, CPB=cpb, WPB=wpb, MODE=_MODE_ID[mode], GROUP_MODE=plan.group_mode,
         GROUP_SIZE=gs, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r, num_warps=plan.num_warps,
@@ -634,7 +654,7 @@ def afpq_matmul(
     act = _act_order(g_idx, K, gs, default_order)
     sms, cap = _device_info(x.device)
     plan = plan_matmul(M, N, K, bits=bits, layout=layout, group_size=group_size, act_order=act, path=path,
-                       on_cuda=x.is_cuda, sms=sms, capability=cap, **tuning)
+                       dtype=x.dtype, on_cuda=x.is_cuda, sms=sms, capability=cap, **tuning)
 
     if plan.path == "dequant":
         w_t = dequantize(qweight, scales, second, lut, bits=bits, layout=layout, mode=mode, group_size=group_size,
@@ -648,11 +668,14 @@ def afpq_matmul(
         acc = out.zero_() if x.dtype == torch.float32 else torch.zeros(M, N, device=x.device, dtype=torch.float32)
     else:
         acc = out
+    # Stand-in pointers for arguments the kernel never reads (no allocation, no launch).
     s2 = second if second is not None else scales
-    b = bias if bias is not None else scales  # a stand-in pointer when HAS_BIAS is False
+    b = bias if bias is not None else scales
+    gidx = _gidx_arg(g_idx, K, gs, plan.group_mode, x.device)
+    gidx = qweight if gidx is None else gidx
     _launch(
         _afpq_mm_kernel, plan.grid,
-        x, qweight, scales, s2, _gidx_arg(g_idx, K, gs, plan.group_mode, x.device), lut, b, acc,
+        x, qweight, scales, s2, gidx, lut, b, acc,
         M, N, K // _geometry(bits, layout)[0], plan.iters_per_split,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), acc.stride(0), acc.stride(1),
@@ -726,15 +749,16 @@ _ORDER_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _default_order(layer) -> bool:
-    """``layer.has_default_order()``, cached until ``g_idx`` is replaced or written to
-    (its check is a host sync per call otherwise)."""
+    """``layer.has_default_order()`` (plus a range check of ``g_idx``), cached until
+    ``g_idx`` is replaced or written to: the check is a host sync."""
     g = layer.g_idx
     if g is None:
         return True
     hit = _ORDER_CACHE.get(layer)
     if hit is not None and hit[0]() is g and hit[1] == g._version:
         return hit[2]
-    value = bool(layer.has_default_order())
+    K = layer.in_features
+    value = _inspect_g_idx(g, K, K if layer.group_size == -1 else layer.group_size)
     _ORDER_CACHE[layer] = (weakref.ref(g), g._version, value)
     return value
 
