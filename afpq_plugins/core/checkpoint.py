@@ -50,6 +50,7 @@ __all__ = [
     "read_quant_config",
     "load_checkpoint_tensors",
     "expected_layer_tensors",
+    "second_param_name",
     "validate_layer_tensors",
 ]
 
@@ -162,6 +163,11 @@ class AFPQConfigDict:
 
 
 # -- per-layer tensor contract -------------------------------------------------------------
+def second_param_name(mode: str) -> Optional[str]:
+    """Tensor holding a layer's second group parameter: ``scales_neg`` (afpq), ``zeros`` (zp), none (sym)."""
+    return {"afpq": "scales_neg", "zp": "zeros", "sym": None}[mode]
+
+
 def expected_layer_tensors(
     qc: AFPQConfigDict, in_features: int, out_features: int, bias: bool
 ) -> Dict[str, tuple]:
@@ -172,7 +178,7 @@ def expected_layer_tensors(
         "qweight": (packed_shape(qc.layout, qc.bits, out_features, in_features), torch.int32),
         "scales": ((groups, out_features), sdt),
     }
-    second = {"afpq": "scales_neg", "zp": "zeros"}.get(qc.mode)
+    second = second_param_name(qc.mode)
     if second:
         exp[second] = ((groups, out_features), sdt)
     if qc.layout == "gptq":

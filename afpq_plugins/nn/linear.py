@@ -21,16 +21,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..core.checkpoint import second_param_name
 from ..core.formats import Format, get_format, resolve_mode
 from ..core.packing import pack, packed_shape, unpack
 from ..core.quantize import QuantizedWeight, default_g_idx, group_count, quantize_weight
 
 __all__ = ["AFPQLinear", "second_param_name"]
-
-
-def second_param_name(mode: str) -> Optional[str]:
-    """Buffer that holds the second group parameter for ``mode`` (None for sym)."""
-    return {"afpq": "scales_neg", "zp": "zeros", "sym": None}[mode]
 
 
 class AFPQLinear(nn.Module):
