@@ -24,7 +24,7 @@ from .core.checkpoint import (
     write_checkpoint,
 )
 from .core.formats import get_format, resolve_mode
-from .core.quantize import group_count
+from .core.quantize import group_count, resolve_search
 from .nn import AFPQLinear
 
 __all__ = [
@@ -74,10 +74,16 @@ def quantize_model_rtn(
     skip: Sequence[str] = DEFAULT_SKIP,
     scale_dtype: torch.dtype = torch.float16,
     progress: bool = True,
+    scale_search=None,
 ) -> AFPQConfigDict:
-    """Replace the model's Linears with round-to-nearest :class:`AFPQLinear` (in place)."""
+    """Replace the model's Linears with round-to-nearest :class:`AFPQLinear` (in place).
+
+    ``scale_search`` (``None`` = the paper's min/max scales, ``"mse"`` or a
+    :class:`~afpq_plugins.core.quantize.ScaleSearch`) opts into the scale search.
+    """
     f = get_format(fmt)
     mode = resolve_mode(f, mode)
+    search = resolve_search(scale_search)
     linears = find_linears(model, skip)
     if not linears:
         raise ValueError("no nn.Linear layers to quantize (check the skip list)")
@@ -90,12 +96,14 @@ def quantize_model_rtn(
         it = tqdm(it, total=len(linears), desc=f"RTN {f.name}/{mode} g{group_size}", unit="layer")
     with torch.no_grad():
         for name, lin in it:
-            _set_module(model, name, AFPQLinear.from_linear(lin, f, group_size, mode, layout, scale_dtype, name=name))
+            _set_module(model, name, AFPQLinear.from_linear(
+                lin, f, group_size, mode, layout, scale_dtype, name=name, search=search))
     dtype_name = str(scale_dtype).replace("torch.", "")
     return AFPQConfigDict(
         format=f.name, bits=f.bits, group_size=group_size, mode=mode, layout=layout,
         scale_dtype=dtype_name, method="rtn", modules_to_not_convert=list(skip),
         quantized_modules=list(linears),
+        extra={"scale_search": search.to_dict() if search else {"method": "minmax"}},
     )
 
 

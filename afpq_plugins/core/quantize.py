@@ -40,6 +40,8 @@ from .formats import Format, get_format, resolve_mode
 
 __all__ = [
     "QuantizedWeight",
+    "ScaleSearch",
+    "resolve_search",
     "check_finite",
     "find_params",
     "round_params",
@@ -64,15 +66,55 @@ def _safe(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
-def find_params(
-    x: torch.Tensor, fmt, mode: Optional[str] = None, dim: int = -1
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-group parameters of ``x``, reducing over ``dim`` (kept, size 1)."""
-    f = get_format(fmt)
-    mode = resolve_mode(f, mode)
-    x = x.float()
-    xmax = x.amax(dim=dim, keepdim=True).clamp(min=0)
-    xmin = x.amin(dim=dim, keepdim=True).clamp(max=0)
+@dataclass(frozen=True)
+class ScaleSearch:
+    """Opt-in search of the group scales, beyond the paper's min/max choice.
+
+    Each candidate shrinks the min/max scale by a factor from 1 down to
+    ``min_shrink`` (``grid`` steps); per group, the factor with the smallest
+    ``sum |w - w_hat| ** norm`` wins. In mode ``afpq`` the two sides are searched
+    independently: a positive weight is quantized with s_pos only and a negative one
+    with s_neg only, so the group's error is the sum of two one-scale errors and the
+    best pair costs ``2 * grid`` evaluations, not ``grid ** 2``. Mode ``sym`` shrinks
+    its one scale, mode ``zp`` shrinks both ends of the range (GPTQ's ``mse`` search).
+    """
+
+    grid: int = 20
+    min_shrink: float = 0.5
+    norm: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.grid < 1 or not 0.0 < self.min_shrink <= 1.0 or self.norm <= 0:
+            raise ValueError(f"invalid ScaleSearch({self.grid}, {self.min_shrink}, {self.norm})")
+
+    def factors(self) -> list:
+        if self.grid == 1:
+            return [1.0]
+        step = (1.0 - self.min_shrink) / (self.grid - 1)
+        return [1.0 - i * step for i in range(self.grid)]
+
+    def to_dict(self) -> dict:
+        return {"method": "mse", "grid": self.grid, "min_shrink": self.min_shrink, "norm": self.norm}
+
+
+def resolve_search(search) -> Optional[ScaleSearch]:
+    """``None``/``"minmax"`` -> None (the paper's scales); ``"mse"`` -> the default search."""
+    if search is None or search == "minmax":
+        return None
+    if search == "mse":
+        return ScaleSearch()
+    if isinstance(search, ScaleSearch):
+        return search
+    if isinstance(search, dict):
+        return ScaleSearch(**{k: v for k, v in search.items() if k != "method"})
+    raise ValueError(f"scale search {search!r}: expected None, 'minmax', 'mse' or a ScaleSearch")
+
+
+def _minmax(x: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return x.amax(dim=dim, keepdim=True).clamp(min=0), x.amin(dim=dim, keepdim=True).clamp(max=0)
+
+
+def _params_from_range(f: Format, mode: str, xmax: torch.Tensor, xmin: torch.Tensor):
     if mode == "afpq":
         return xmax / f.top_pos, (0.0 - xmin) / f.top_neg  # 0.0 - x: never -0.0
     if mode == "sym":
@@ -85,6 +127,43 @@ def find_params(
     s = (xmax - xmin) / f.range
     z = torch.round(-xmin / s)
     return s, z
+
+
+def find_params(
+    x: torch.Tensor, fmt, mode: Optional[str] = None, dim: int = -1, search=None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-group parameters of ``x``, reducing over ``dim`` (kept, size 1).
+
+    ``search`` (``None``, ``"mse"`` or a :class:`ScaleSearch`) opts into the scale
+    search; the default is the paper's min/max scales.
+    """
+    f = get_format(fmt)
+    mode = resolve_mode(f, mode)
+    x = x.float()
+    xmax, xmin = _minmax(x, dim)
+    search = resolve_search(search)
+    if search is None:
+        return _params_from_range(f, mode, xmax, xmin)
+    best1 = best2 = err1 = err2 = None
+    pos = (x > 0).float()
+    for a in search.factors():
+        p1, p2 = _params_from_range(f, mode, xmax * a, xmin * a)
+        err = (x - decode(encode(x, f, mode, p1, p2), f, mode, p1, p2)).abs_().pow_(search.norm)
+        if mode == "afpq":  # separable: each side depends on its own scale only
+            e1 = (err * pos).sum(dim=dim, keepdim=True)
+            e2 = (err * (1.0 - pos)).sum(dim=dim, keepdim=True)
+        else:
+            e1 = e2 = err.sum(dim=dim, keepdim=True)
+        if best1 is None:
+            best1, best2, err1, err2 = p1, p2, e1, e2
+            continue
+        take1, take2 = e1 < err1, e2 < err2
+        best1, err1 = torch.where(take1, p1, best1), torch.where(take1, e1, err1)
+        if mode == "afpq":
+            best2, err2 = torch.where(take2, p2, best2), torch.where(take2, e2, err2)
+        else:  # sym / zp: the pair moves together
+            best2 = torch.where(take1, p2, best2)
+    return best1, best2
 
 
 def round_params(
@@ -211,7 +290,8 @@ def _check_weight(w: torch.Tensor, group_size: int, name: str) -> None:
     group_count(w.shape[1], group_size, name)
 
 
-def _rtn_chunks(w: torch.Tensor, f: Format, group_size: int, mode: str, scale_dtype: torch.dtype, name: str):
+def _rtn_chunks(w: torch.Tensor, f: Format, group_size: int, mode: str, scale_dtype: torch.dtype, name: str,
+                search=None):
     """Yield ``(row slice, grouped codes, p1, p2)`` over row chunks of ``w``.
 
     Chunks of about a quarter million weights keep every element-wise pass in cache.
@@ -221,7 +301,7 @@ def _rtn_chunks(w: torch.Tensor, f: Format, group_size: int, mode: str, scale_dt
     for r in range(0, out_f, step):
         rows = slice(r, min(r + step, out_f))
         wg = _grouped(w[rows].float(), group_size)
-        p1, p2 = round_params(*find_params(wg, f, mode), mode=mode, dtype=scale_dtype, name=name)
+        p1, p2 = round_params(*find_params(wg, f, mode, search=search), mode=mode, dtype=scale_dtype, name=name)
         yield rows, encode(wg, f, mode, p1, p2), p1, p2
 
 
@@ -232,8 +312,12 @@ def quantize_weight(
     mode: Optional[str] = None,
     scale_dtype: torch.dtype = torch.float16,
     name: str = "weight",
+    search=None,
 ) -> QuantizedWeight:
-    """Round-to-nearest quantization of a 2-D ``[out, in]`` weight, group by group."""
+    """Round-to-nearest quantization of a 2-D ``[out, in]`` weight, group by group.
+
+    ``search`` opts into the scale search (:class:`ScaleSearch`); default min/max.
+    """
     f = get_format(fmt)
     mode = resolve_mode(f, mode)
     _check_weight(w, group_size, name)
@@ -242,7 +326,7 @@ def quantize_weight(
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
     p1s = torch.empty(out_f, groups, dtype=torch.float32, device=w.device)
     p2s = torch.empty_like(p1s)
-    for rows, c, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name):
+    for rows, c, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name, search):
         codes[rows] = c.reshape(-1, in_f)
         p1s[rows] = p1.squeeze(-1)
         p2s[rows] = p2.squeeze(-1)
@@ -258,6 +342,7 @@ def fake_quantize(
     mode: Optional[str] = None,
     scale_dtype: torch.dtype = torch.float16,
     name: str = "weight",
+    search=None,
 ) -> torch.Tensor:
     """Quantize-dequantize ``w`` (same shape and dtype as the input).
 
@@ -267,7 +352,7 @@ def fake_quantize(
     mode = resolve_mode(f, mode)
     _check_weight(w, group_size, name)
     out = torch.empty_like(w)
-    for rows, c, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name):
+    for rows, c, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name, search):
         out[rows] = decode(c, f, mode, p1, p2, w.dtype).reshape(-1, w.shape[1])
     return out
 

@@ -113,9 +113,12 @@ class AFPQLinear(nn.Module):
         layout: str = "gptq",
         scale_dtype: torch.dtype = torch.float16,
         name: str = "linear",
+        search=None,
     ) -> "AFPQLinear":
-        """Round-to-nearest quantize a float ``nn.Linear``."""
-        qw = quantize_weight(linear.weight.detach(), fmt, group_size, mode, scale_dtype, name=f"{name}.weight")
+        """Round-to-nearest quantize a float ``nn.Linear`` (``search``: opt-in scale search)."""
+        qw = quantize_weight(
+            linear.weight.detach(), fmt, group_size, mode, scale_dtype, name=f"{name}.weight", search=search
+        )
         return cls.from_quantized(qw, linear.bias, layout, name=name)
 
     # -- decoding ------------------------------------------------------------------------
