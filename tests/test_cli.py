@@ -111,7 +111,8 @@ def test_eval_refuses_foreign_quant_method(folder, tmp_path, capsys):
 
 
 def test_demo_table_layout():
-    results = {("int3", "zp", 64): 40.0, ("nf3", "afpq", 64): 30.5, ("fp4", "sym", 64): 25.25}
+    results = {("int3", "zp", None, 64): 40.0, ("nf3", "afpq", None, 64): 30.5, ("fp4", "sym", None, 64): 25.25,
+               ("nf4", "afpq", "mse", 64): 21.0}
     table = cli.format_demo_table(20.0, results, [64])
     lines = table.splitlines()
     assert lines[0] == "| method | 3-bit g64 | 4-bit g64 |"
@@ -119,9 +120,10 @@ def test_demo_table_layout():
     assert "| INT (scale + zero) | 40.00 | - |" in lines
     assert "| NF AFPQ (two scales) | 30.50 | - |" in lines
     assert "| FP sym (one scale) | - | 25.25 |" in lines
+    assert "| NF AFPQ + scale search | - | 21.00 |" in lines
     plan = cli.demo_plan(quick=True)
-    assert len(plan) == 10 and {p[4] for p in plan} == {64}
-    assert len(cli.demo_plan(quick=False)) == 20
+    assert len(plan) == 12 and {p[5] for p in plan} == {64}
+    assert len(cli.demo_plan(quick=False)) == 24
 
 
 def test_demo_runs_end_to_end_on_tiny_model(folder, text_file, monkeypatch, capsys, tmp_path):
@@ -136,4 +138,5 @@ def test_demo_runs_end_to_end_on_tiny_model(folder, text_file, monkeypatch, caps
     out = capsys.readouterr().out
     assert "| NF AFPQ (two scales) |" in out and "| method | 3-bit g32 | 4-bit g32 |" in out
     rows = json.loads(out_json.read_text())["rows"]
-    assert len(rows) == 10 and all(math.isfinite(r["ppl"]) for r in rows)
+    assert len(rows) == 12 and all(math.isfinite(r["ppl"]) for r in rows)
+    assert {r["scale_search"] for r in rows} == {"minmax", "mse"}
