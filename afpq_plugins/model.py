@@ -130,6 +130,7 @@ def save_quantized(
     cfg = model.config.to_dict() if hasattr(model, "config") else {}
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)  # machine-specific; keeps saves deterministic
+    _add_legacy_rope_keys(cfg)
 
     def extra(tmp: str) -> None:
         if tokenizer is not None:
@@ -144,6 +145,23 @@ def save_quantized(
             gen.save_pretrained(tmp)
 
     return write_checkpoint(out_dir, tensors, cfg, qc, extra_writer=extra, overwrite=overwrite)
+
+
+def _add_legacy_rope_keys(cfg: dict) -> None:
+    """Make a transformers-5 config readable by transformers 4.x.
+
+    transformers 5 writes RoPE settings only as ``rope_parameters``; 4.53 ignores that
+    key and silently falls back to ``rope_theta = 10000`` (SmolLM2 uses 100000), which
+    loads a wrong model without any error. Writing ``rope_theta`` (and ``rope_scaling``
+    for non-default RoPE) beside it keeps checkpoints portable across both stacks.
+    """
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return
+    if "rope_theta" in rope:
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        cfg.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
 
 
 def is_afpq_checkpoint(path: str) -> bool:
