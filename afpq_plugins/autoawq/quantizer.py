@@ -1,0 +1,341 @@
+"""``AFPQAwqQuantizer``: AutoAWQ 0.2.9's ``AwqQuantizer`` on AFPQ grids.
+
+Passed through AutoAWQ's ``quantizer_cls`` hook; ``BaseAWQForCausalLM.quantize``
+forwards its extra keyword arguments to the constructor, so::
+
+    model.quantize(tok, quant_config={"w_bit": 3, "q_group_size": 64, "zero_point": True,
+                                      "version": "gemm"},
+                   quantizer_cls=AFPQAwqQuantizer, fmt="nf3", clip="two-sided")
+
+What changes against upstream, and nothing else:
+
+* :meth:`pseudo_quantize_tensor` is the core maths (``find_params`` / ``round_params``
+  / ``encode`` / ``decode``, scales rounded to their storage dtype), so AWQ's scale
+  search (``_compute_best_scale``) and clip search run against the AFPQ grid.
+* :meth:`_apply_quant` builds :class:`~afpq_plugins.nn.AFPQLinear` modules (4-bit: the
+  AutoAWQ GEMM layout ``awq``; 3-bit: the ``gptq`` layout, since the GEMM packer is
+  4-bit only) instead of ``WQLinear_*``.
+* ``clip="symmetric"`` (default) is AutoAWQ's clip search (same candidates
+  ``[-max_val, max_val]``, score and tie rule) computed exactly with matmuls
+  (:meth:`_symmetric_clip`, ~10x faster on CPU); ``clip="autoawq"`` runs AutoAWQ's own
+  ``_compute_best_clip`` verbatim; ``clip="two-sided"`` shrinks the positive and the
+  negative extreme of each group independently (:meth:`_two_sided_clip`).
+* On CPU the scale search runs under :func:`~afpq_plugins.autoawq.compat.snapshot_state_dict`:
+  AutoAWQ 0.2.9 otherwise piles the scales of all candidates into the weights there.
+  The KV cache is off during the run (captured layer inputs would carry a growing cache).
+* ``q_group_size=-1`` (whole rows) works: AutoAWQ 0.2.9's ``_search_best_scale``
+  does ``weight.view(-1, self.group_size)``, which fails for -1, so the scale search
+  runs with ``group_size = in_features`` (the same grouping).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+with warnings.catch_warnings():  # AutoAWQ 0.2.9 warns at import that it is deprecated
+    warnings.simplefilter("ignore")
+    from awq.quantize.quantizer import AwqQuantizer
+    from awq.utils.module import get_op_name, set_op_by_name
+
+from ..core.checkpoint import AFPQConfigDict
+from ..core.formats import get_format, resolve_mode
+from ..core.quantize import check_finite, decode, encode, find_params, quantize_weight, round_params
+from ..nn import AFPQLinear
+from .calib import calibration_token_lists
+from .compat import snapshot_state_dict
+
+__all__ = ["AFPQAwqQuantizer", "CLIP_MODES"]
+
+CLIP_MODES = ("symmetric", "two-sided", "autoawq")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: AutoAWQ's clip search skips these (q/k feed a bmm, hard to clip precisely).
+_AVOID_CLIPPING = ("q_", "k_", "query", "key", "Wqkv")
+
+
+class AFPQAwqQuantizer(AwqQuantizer):
+    """AutoAWQ quantizer whose grid is an AFPQ format (see the module docstring).
+
+    Extra keyword arguments (all optional):
+
+    ``fmt``          format name (default ``nf{w_bit}``); its bits must equal ``w_bit``
+    ``mode``         ``afpq`` (two scales), ``sym`` or ``zp`` (default: the format's)
+    ``clip``         ``symmetric`` (AutoAWQ's search, fast), ``two-sided``, or ``autoawq``
+                     (AutoAWQ's own code, slow)
+    ``layout``       ``awq`` (4-bit only) or ``gptq`` (default: ``awq`` at 4 bits, else ``gptq``)
+    ``scale_dtype``  storage dtype of the scales (default float16)
+
+    ``calib_data`` may also be ``"austen"`` (embedded text) or token-id tensors
+    (:func:`~afpq_plugins.autoawq.calib.calibration_token_lists`).
+    """
+
+    def __init__(
+        self, awq_model, model, tokenizer, w_bit, group_size, zero_point, version, calib_data,
+        split, text_column, duo_scaling, *args, fmt=None, mode: Optional[str] = None,
+        clip: str = "symmetric", layout: Optional[str] = None, scale_dtype=torch.float16, **kwargs,
+    ) -> None:
+        self.fmt = get_format(fmt if fmt is not None else f"nf{w_bit}")
+        if self.fmt.bits != w_bit:
+            raise ValueError(f"fmt {self.fmt.name!r} has {self.fmt.bits} bits but quant_config w_bit is {w_bit}")
+        self.mode = resolve_mode(self.fmt, mode)
+        if self.mode == "zp" and self.fmt.kind == "int" and not zero_point:
+            raise ValueError("INT grids use a zero-point here (mode 'zp'); set quant_config zero_point=True")
+        if clip not in CLIP_MODES:
+            raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {clip!r}")
+        self.clip = clip
+        self.layout = layout or ("awq" if self.fmt.bits == 4 else "gptq")
+        if self.layout == "awq" and self.fmt.bits != 4:
+            raise ValueError(f"layout 'awq' (AutoAWQ GEMM) is 4-bit only; use layout 'gptq' for {self.fmt.bits} bits")
+        if str(version).lower() != "gemm":
+            raise ValueError(f"AFPQ modules replace AutoAWQ's GEMM modules only; quant_config version must be 'gemm', got {version!r}")
+        if isinstance(scale_dtype, str):
+            scale_dtype = _DTYPES[scale_dtype]
+        self.scale_dtype = scale_dtype
+        self.quantized_modules: List[str] = []
+        n = kwargs.get("max_calib_samples", 128)
+        seqlen = kwargs.get("max_calib_seq_len", 512)
+        calib_data = calibration_token_lists(calib_data, tokenizer, n, seqlen)
+        # AutoAWQ 0.2.9 captures layer 0's keyword inputs once and replays them; with
+        # use_cache on (transformers >= 4.36), they hold a DynamicCache that grows on
+        # every replayed forward and corrupts the search. Off for the whole run.
+        cfg = getattr(model, "config", None)
+        self._saved_use_cache = getattr(cfg, "use_cache", None)
+        if cfg is not None:
+            cfg.use_cache = False
+        super().__init__(
+            awq_model, model, tokenizer, w_bit, group_size, zero_point, version, calib_data,
+            split, text_column, duo_scaling, *args, **kwargs,
+        )
+
+    # -- the grid ----------------------------------------------------------------------
+    @property
+    def _row_group(self) -> int:
+        return self.group_size if self.group_size > 0 else -1
+
+    def pseudo_quantize_tensor(self, w: torch.Tensor):
+        """Quantize-dequantize ``w`` (any leading dims; last dim = input columns).
+
+        Returns ``(w_hat, p1, p2)``: ``w_hat`` in ``w``'s shape and dtype; ``p1`` / ``p2``
+        the group parameters, ``[w.shape[0], groups per leading row]``, float32 holding
+        storage-dtype values: s_pos / s_neg (``afpq``), s / s (``sym``), s / zero (``zp``).
+        """
+        shape = w.shape
+        gs = self.group_size if self.group_size > 0 else shape[-1]
+        if shape[-1] % gs:
+            raise ValueError(f"last dim {shape[-1]} is not a multiple of group_size {gs}")
+        wg = w.reshape(-1, gs)
+        check_finite(wg, "AWQ weight")
+        p1, p2 = find_params(wg, self.fmt, self.mode)
+        p1, p2 = round_params(p1, p2, self.mode, dtype=self.scale_dtype, name="AWQ weight")
+        w_hat = decode(encode(wg, self.fmt, self.mode, p1, p2), self.fmt, self.mode, p1, p2, dtype=w.dtype)
+        return w_hat.reshape(shape), p1.view(shape[0], -1), p2.view(shape[0], -1)
+
+    # -- scale search: group -1 ---------------------------------------------------------
+    @contextlib.contextmanager
+    def _group_size_as(self, gs: int):
+        old = self.group_size
+        self.group_size = gs
+        try:
+            yield
+        finally:
+            self.group_size = old
+
+    def _search_best_scale(self, module, prev_op, layers, inp, module2inspect=None, kwargs={}):
+        if self.group_size > 0:
+            return super()._search_best_scale(module, prev_op, layers, inp, module2inspect, kwargs)
+        # AutoAWQ 0.2.9 reshapes to [-1, group_size]; a whole-row group is in_features.
+        with self._group_size_as(layers[0].weight.shape[1]):
+            return super()._search_best_scale(module, prev_op, layers, inp, module2inspect, kwargs)
+
+    def _compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs={}):
+        # AutoAWQ 0.2.9 on CPU corrupts the weights it means to restore (compat.snapshot_state_dict)
+        with snapshot_state_dict(module2inspect):
+            return super()._compute_best_scale(x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs)
+
+    # -- clip search ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _search_best_clip(self, layer, named_linears, input_feat):
+        if self.clip == "autoawq":
+            return super()._search_best_clip(layer, named_linears, input_feat)
+        clip_list = []
+        for name, lin in named_linears.items():
+            if any(k in name for k in _AVOID_CLIPPING):  # as AutoAWQ: q/k feed a bmm
+                continue
+            if self.clip == "symmetric":
+                # same candidates, score and tie rule as AutoAWQ's _compute_best_clip;
+                # AutoAWQ's apply_clip clamps to [-max_val, max_val]
+                clip_list.append((name, self._symmetric_clip(lin.weight.data, input_feat[name])))
+                continue
+            # two-sided: applied here; apply_clip only knows [-max, max]
+            lo, hi = self._two_sided_clip(lin.weight.data, input_feat[name])
+            w = lin.weight.data
+            wg = w.reshape(w.shape[0], lo.shape[1], -1)
+            lin.weight.data = torch.maximum(torch.minimum(wg, hi.to(w.dtype)), lo.to(w.dtype)).reshape(w.shape)
+        return clip_list
+
+    def _clip_setup(self, w, input_feat, n_sample_token):
+        """``(gs, ng, embed, inner)`` for AutoAWQ's clip score.
+
+        The score of ``d = Q(w') - w`` (``[rows, ng, gs]``) is the mean over the
+        subsampled calibration tokens of the squared error of each group's partial
+        output, ``inner(embed(d), embed(d))`` ``[rows, ng]``; ``inner(embed(a), embed(b))``
+        is the matching bilinear form. Exact, with matmuls instead of AutoAWQ's broadcast
+        products: ``a^T H b`` with ``H = X_g^T X_g / n`` when ``gs <= n`` (cheaper), else
+        ``mean((X_g a)(X_g b))``.
+        """
+        out_f, in_f = w.shape
+        gs = self.group_size if self.group_size > 0 else in_f
+        ng = in_f // gs
+        x = input_feat.reshape(-1, in_f)
+        x = x[:: max(1, x.shape[0] // n_sample_token)].to(w.device, torch.float32)
+        n = x.shape[0]
+        xg = x.view(n, ng, gs).transpose(0, 1)  # [ng, n, gs]
+        if gs <= n:
+            H = xg.transpose(1, 2) @ xg / n  # [ng, gs, gs]
+
+            def embed(d):
+                return d, (d.transpose(0, 1) @ H).transpose(0, 1)
+
+            def inner(ea, eb):
+                return (ea[0] * eb[1]).sum(-1)
+        else:
+            def embed(d):
+                return xg @ d.permute(1, 2, 0)  # [ng, n, rows]
+
+            def inner(ea, eb):
+                return (ea * eb).mean(1).t()
+        return gs, ng, embed, inner
+
+    @torch.no_grad()
+    def _symmetric_clip(
+        self, w: torch.Tensor, input_feat: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5,
+        n_sample_token: int = 512, row_batch: int = 512,
+    ) -> torch.Tensor:
+        """AutoAWQ 0.2.9's clip search (``_compute_best_clip``), computed with matmuls.
+
+        Candidates ``max_val = absmax * (1 - i / n_grid)``, ``i < max_shrink * n_grid``;
+        ``w' = clamp(w, -max_val, max_val)``; the first minimum of the score wins. Returns
+        ``max_val`` ``[out, groups, 1]`` for AutoAWQ's ``apply_clip``. Same choice as
+        upstream up to float rounding of near-ties, about 10x faster on CPU (upstream
+        materialises ``[64, tokens, groups, group_size]`` products per candidate).
+        """
+        out_f, in_f = w.shape
+        gs, ng, embed, inner = self._clip_setup(w, input_feat, n_sample_token)
+        res = []
+        for r0 in range(0, out_f, row_batch):
+            wg = w[r0 : r0 + row_batch].reshape(-1, ng, gs)
+            org = wg.abs().amax(-1, keepdim=True)
+            best, best_err = org.clone(), None
+            for i in range(int(max_shrink * n_grid)):
+                mv = org * (1 - i / n_grid)
+                q = self.pseudo_quantize_tensor(torch.clamp(wg, -mv, mv))[0]
+                e = embed((q - wg).float())
+                err = inner(e, e).unsqueeze(-1)
+                if best_err is None:
+                    best_err = err
+                    continue
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better, mv, best)
+            res.append(best)
+        return torch.cat(res)
+
+    @torch.no_grad()
+    def _two_sided_clip(
+        self, w: torch.Tensor, input_feat: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5,
+        n_sample_token: int = 512, row_batch: int = 512, separable: Optional[bool] = None,
+    ):
+        """Per-group clip bounds ``(lo, hi)``, each ``[out, groups, 1]``.
+
+        Candidates: ``hi = max(w, 0) * (1 - i / n_grid)``, ``lo = min(w, 0) * (1 - j / n_grid)``
+        for ``i, j < max_shrink * n_grid`` (AutoAWQ's grid, on each side independently),
+        scored like AutoAWQ's clip search (:meth:`_clip_setup`). In mode ``afpq`` the
+        positive weights depend only on ``hi`` and the negative only on ``lo``, so
+        ``d = d_pos(i) + d_neg(j)`` and ``err(i, j) = P(i) + N(j) + 2 d_pos(i)^T H d_neg(j)``:
+        the whole grid costs 2n quantizations; other modes quantize every pair
+        (``separable=False`` forces that path, for testing). Ties keep the least clipping.
+        """
+        if separable is None:
+            separable = self.mode == "afpq"
+        out_f, in_f = w.shape
+        gs, ng, embed, inner = self._clip_setup(w, input_feat, n_sample_token)
+        shrink = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
+        k = len(shrink)
+        los, his = [], []
+        for r0 in range(0, out_f, row_batch):
+            wg = w[r0 : r0 + row_batch].float().reshape(-1, ng, gs)
+            pos = wg.amax(-1, keepdim=True).clamp(min=0)
+            neg = wg.amin(-1, keepdim=True).clamp(max=0)
+            if separable:
+                e_pos = [embed((self.pseudo_quantize_tensor(torch.minimum(wg, pos * r))[0] - wg) * (wg > 0))
+                         for r in shrink]
+                e_neg = [embed((self.pseudo_quantize_tensor(torch.maximum(wg, neg * r))[0] - wg) * (wg < 0))
+                         for r in shrink]
+                p_err = [inner(e, e) for e in e_pos]
+                n_err = [inner(e, e) for e in e_neg]
+                err = torch.stack([
+                    torch.stack([p_err[i] + n_err[j] + 2 * inner(e_pos[i], e_neg[j]) for j in range(k)])
+                    for i in range(k)
+                ])  # [i, j, rows, ng]
+            else:
+                def err_of(d):
+                    e = embed(d)
+                    return inner(e, e)
+
+                err = torch.stack([
+                    torch.stack([err_of(self.pseudo_quantize_tensor(wg.clamp(neg * rj, pos * ri))[0] - wg)
+                                 for rj in shrink])
+                    for ri in shrink
+                ])
+            best = err.reshape(k * k, *err.shape[2:]).argmin(0)  # first minimum: least clipping
+            sv = torch.tensor(shrink, device=w.device)
+            his.append(pos * sv[best // k].unsqueeze(-1))
+            los.append(neg * sv[best % k].unsqueeze(-1))
+        return torch.cat(los), torch.cat(his)
+
+    # -- AFPQ modules ------------------------------------------------------------------------
+    def _apply_quant(self, module, named_linears: Dict[str, nn.Linear]):
+        prefix = get_op_name(self.model, module)
+        for name, lin in named_linears.items():
+            full = f"{prefix}.{name}"
+            qw = quantize_weight(
+                lin.weight.data, self.fmt, self._row_group, self.mode, self.scale_dtype, name=f"{full}.weight"
+            )
+            q = AFPQLinear.from_quantized(qw, lin.bias, layout=self.layout, name=full)
+            q.to(lin.weight.device)
+            set_op_by_name(module, name, q)
+            self.quantized_modules.append(full)
+
+    def quantize(self):
+        try:
+            super().quantize()
+        finally:
+            if self._saved_use_cache is not None:
+                self.model.config.use_cache = self._saved_use_cache
+        if not self.export_compatible:
+            self._attach_config()
+
+    def pack(self):
+        super().pack()
+        self._attach_config()
+
+    def afpq_config(self) -> AFPQConfigDict:
+        skip = sorted({"lm_head", *self.modules_to_not_convert})
+        return AFPQConfigDict(
+            format=self.fmt.name, bits=self.fmt.bits, group_size=self._row_group, mode=self.mode,
+            layout=self.layout, desc_act=False, scale_dtype=str(self.scale_dtype).replace("torch.", ""),
+            method="awq", modules_to_not_convert=skip, quantized_modules=list(self.quantized_modules),
+            extra={"awq": {"clip": self.clip if self.apply_clip else "none", "duo_scaling": bool(self.duo_scaling),
+                           "version": "gemm", "upstream": "autoawq 0.2.9"}},
+        )
+
+    def _attach_config(self) -> None:
+        from .io import make_awq_model_safe
+
+        qc = self.afpq_config()
+        self.model._afpq_config = qc
+        make_awq_model_safe(self.awq_model, qc, self.tokenizer)
