@@ -17,3 +17,13 @@ from .core import (  # noqa: F401
 from .nn import AFPQLinear  # noqa: F401
 
 __version__ = "0.1.0"
+
+
+def _register_with_transformers() -> None:
+    """Register quant_method "afpq" with transformers, lazily (afpq_plugins.hf.registration)."""
+    from .hf.registration import register_lazily  # stdlib only; never imports transformers
+
+    register_lazily()
+
+
+_register_with_transformers()

@@ -33,6 +33,28 @@ def _err(msg: str) -> int:
 
 
 # -- helpers shared by subcommands --------------------------------------------------------
+_QUANT_SUFFIXES = (".qweight", ".scales_neg", ".qzeros")
+_HF_NOTE = ("note: afpq eval loads AFPQ checkpoints with afpq_plugins' own loader. Elsewhere, `import afpq_plugins` "
+            "before transformers' from_pretrained: without it transformers 4.53/5.x only warns \"Unknown quantization "
+            "type, got afpq ... we will skip the quantization\" and fills every quantized layer with RANDOM weights.")
+
+
+def _refuse_stripped_checkpoint(path) -> None:
+    """Quantized tensors but no quantization_config (e.g. after following transformers' advice to
+    delete it) would load as a float model with random layers: refuse."""
+    from .core.safetensors_io import read_header
+
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        return
+    header, _, _ = read_header(weights)
+    quant = sorted(k for k in header if k.endswith(_QUANT_SUFFIXES))
+    if quant:
+        raise ValueError(f"{os.path.join(path, 'config.json')} has no quantization_config, but {weights} holds "
+                         f"quantized tensors ({quant[0]!r}, ...): loaded as a float model those layers would be "
+                         "random. Restore quantization_config (quant_method \"afpq\").")
+
+
 def _load_float(model_arg: str):
     from .data import load_model_and_tokenizer, resolve_model
 
@@ -55,6 +77,8 @@ def _load_any(path_arg: str):
             f"{cfg_file}: quantization_config.quant_method is {qcfg.get('quant_method')!r}; "
             "afpq eval loads float models and AFPQ checkpoints only"
         )
+    if qcfg is None:
+        _refuse_stripped_checkpoint(path)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -123,6 +147,8 @@ def cmd_eval(args) -> int:
     if not os.path.isfile(text_path):
         return _err(f"--text {text_path!r} does not exist")
     model, tok, kind = _load_any(args.model)
+    if kind == "afpq" and not args.quiet:
+        print(_HF_NOTE, file=sys.stderr)
     res = perplexity(model, tok, load_text(text_path), seqlen=args.seqlen, windows=args.windows, progress=not args.quiet)
     print(f"{args.model} ({kind}) on {os.path.basename(text_path)}: perplexity {res.ppl:.3f} "
           f"over {res.tokens} tokens ({res.windows} windows of {res.seqlen}), {res.seconds:.1f}s")

@@ -1,0 +1,302 @@
+"""``AFPQGPTQQuantizer``: optimum's ``GPTQQuantizer`` running GPTQ on an AFPQ grid.
+
+optimum's calibration loop (block by block, true-sequential, act-order, the caching of
+block outputs) runs unchanged; only the per-layer GPTQ object differs:
+
+* optimum 2.3.0 (gptqmodel 7.6.0): a subclass of ``gptqmodel.quantization.GPTQ`` whose
+  ``create_quantizer`` hook returns an :class:`AFPQGptqModelQuantizer` (a
+  ``gptqmodel.quantization.quantizer.Quantizer``);
+* optimum 2.0.0 (auto-gptq 0.7.1): the AutoGPTQ adapter's ``AFPQGPTQ`` (an auto-gptq
+  ``GPTQ`` with the adapter's ``AFPQQuantizer``).
+
+In both, the quantizer's ``.scale`` holds s_pos and ``.zero`` s_neg (mode ``afpq``; the
+one scale for ``sym``; scale and zero-point for ``zp``), computed by core's
+``find_params`` / ``round_params`` and applied by core's ``encode`` / ``decode``, so GPTQ's
+error feedback sees exactly the weights the checkpoint decodes to. Packing builds
+:class:`~afpq_plugins.nn.AFPQLinear` modules (core's packer) instead of optimum's
+QuantLinear, and :meth:`AFPQGPTQQuantizer.save` writes the project's checkpoint format.
+
+::
+
+    quantizer = AFPQGPTQQuantizer(bits=3, fmt="nf3", group_size=64, dataset=texts)
+    quantizer.quantize_model(model, tokenizer)
+    quantizer.save(model, out)       # AutoModelForCausalLM.from_pretrained(out) after import afpq_plugins
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from optimum.gptq import GPTQQuantizer
+from optimum.gptq import quantizer as _oq
+
+from ..core.checkpoint import AFPQConfigDict
+from ..core.formats import get_format, resolve_mode
+from ..core.quantize import QuantizedWeight, check_finite, decode, encode, find_params, round_params
+from ..nn import AFPQLinear
+from . import compat
+
+__all__ = ["AFPQGPTQQuantizer", "uses_gptqmodel"]
+
+log = logging.getLogger(__name__)
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def uses_gptqmodel() -> bool:
+    """True when optimum runs GPTQ through gptqmodel (optimum >= 2.1), False for auto-gptq."""
+    return bool(_oq.is_gptqmodel_available())
+
+
+# -- the gptqmodel (optimum 2.3.0) side ---------------------------------------------------------
+def _gptqmodel_classes():
+    """(Quantizer subclass, GPTQ subclass) for gptqmodel, built on first use."""
+    global _GPTQMODEL_CLASSES
+    if _GPTQMODEL_CLASSES is not None:
+        return _GPTQMODEL_CLASSES
+    from gptqmodel.quantization.gptq import GPTQ
+    from gptqmodel.quantization.quantizer import Quantizer
+
+    class AFPQGptqModelQuantizer(Quantizer):
+        """gptqmodel's ``Quantizer`` contract on an AFPQ grid (``.scale`` = s_pos, ``.zero`` = s_neg)."""
+
+        fmt = "nf4"
+        mode = None
+        scale_dtype = torch.float16
+
+        def __init__(self, qcfg, shape=1, name=None):
+            super().__init__(qcfg, shape=shape, name=name)
+            self.fmt = get_format(type(self).fmt)
+            self.mode = resolve_mode(self.fmt, type(self).mode)
+            self._ready = False
+            self.perchannel = True
+
+        def configure(self, perchannel=False, grid=100, maxshrink=0.8, trits=False, bits=None, sym=None):
+            bits = self.fmt.bits if bits is None else int(bits)
+            if bits != self.fmt.bits:
+                raise ValueError(f"AFPQ: format {self.fmt.name!r} has {self.fmt.bits} bits, asked for {bits}")
+            if trits:
+                raise NotImplementedError("AFPQ: trits are not supported")
+            self.maxq = torch.tensor(2 ** bits - 1)
+            self.perchannel, self.grid, self.maxshrink = perchannel, grid, maxshrink
+
+        def find_params(self, x, weight=False):
+            if not weight:
+                raise NotImplementedError("AFPQ quantizes weights only (weight=True)")
+            rows = x.shape[0]
+            x2 = x.flatten(1) if self.perchannel else x.flatten().unsqueeze(0)
+            check_finite(x2, "GPTQ weight")
+            p1, p2 = find_params(x2, self.fmt, self.mode, dim=-1)
+            p1, p2 = round_params(p1, p2, self.mode, type(self).scale_dtype, name="GPTQ weight")
+            if not self.perchannel:
+                p1, p2 = p1.expand(rows, 1), p2.expand(rows, 1)
+            self.scale = p1.reshape(rows, 1).clone()
+            self.zero = p2.reshape(rows, 1).clone()
+            self._ready = True
+
+        def quantize(self, x):
+            if not self._ready:
+                return x
+            codes = encode(x, self.fmt, self.mode, self.scale, self.zero)
+            return decode(codes, self.fmt, self.mode, self.scale, self.zero, x.dtype)
+
+        def enabled(self):
+            return True
+
+        def ready(self):
+            return self._ready
+
+    class AFPQGptqModelGPTQ(GPTQ):
+        """gptqmodel's GPTQ (unchanged algorithm) whose ``create_quantizer`` hook gives the AFPQ grid."""
+
+        quantizer_cls = AFPQGptqModelQuantizer
+
+        def create_quantizer(self, name):
+            return self.quantizer_cls(qcfg=self.qcfg, name=name)
+
+    _GPTQMODEL_CLASSES = (AFPQGptqModelQuantizer, AFPQGptqModelGPTQ)
+    return _GPTQMODEL_CLASSES
+
+
+_GPTQMODEL_CLASSES = None
+
+
+def _bound_gptq_class(fmt: str, mode: str, scale_dtype: torch.dtype) -> type:
+    """The per-layer GPTQ class for the installed backend, with the grid bound."""
+    if uses_gptqmodel():
+        qcls, gcls = _gptqmodel_classes()
+        bound_q = type(qcls.__name__, (qcls,), {"fmt": fmt, "mode": mode, "scale_dtype": scale_dtype,
+                                                 "__module__": __name__})
+        return type(gcls.__name__, (gcls,), {"quantizer_cls": bound_q, "__module__": __name__})
+    try:
+        from ..autogptq.quantizer import AFPQGPTQ
+    except ImportError as exc:
+        raise ImportError(
+            "AFPQGPTQQuantizer on optimum without gptqmodel needs auto-gptq and afpq_plugins.autogptq "
+            f"(the AutoGPTQ adapter): {exc}"
+        ) from exc
+    return AFPQGPTQ.bind(fmt, mode, scale_dtype)
+
+
+# -- the optimum subclass ------------------------------------------------------------------------
+class AFPQGPTQQuantizer(GPTQQuantizer):
+    """optimum's ``GPTQQuantizer`` with an AFPQ grid; ``save`` writes the AFPQ checkpoint format.
+
+    ``bits`` defaults to the format's bits (and must equal it). ``damp_percent`` defaults
+    to 0.01 (AutoGPTQ's default, so both stacks run the same GPTQ). On optimum 2.3.0,
+    gptqmodel's group-aware reordering (``act_group_aware``) is off unless asked for.
+    ``layout="awq"`` packs 4-bit results in the AWQ GEMM layout (no act-order).
+    """
+
+    def __init__(
+        self,
+        bits: Optional[int] = None,
+        fmt: str = "nf4",
+        group_size: int = 128,
+        mode: Optional[str] = None,
+        dataset: Any = None,
+        damp_percent: Optional[float] = 0.01,
+        desc_act: bool = False,
+        scale_dtype: str = "float16",
+        layout: str = "gptq",
+        modules_to_not_convert: Sequence[str] = ("lm_head",),
+        **kwargs,
+    ) -> None:
+        f = get_format(fmt)
+        if damp_percent is None:
+            damp_percent = 0.01
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: optimum's default
+        if bits is None:
+            bits = f.bits
+        if bits != f.bits:
+            raise ValueError(f"AFPQGPTQQuantizer: format {f.name!r} has {f.bits} bits, but bits={bits}")
+        if scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"AFPQGPTQQuantizer: scale_dtype must be one of {', '.join(_SCALE_DTYPES)}")
+        if layout not in ("gptq", "awq"):
+            raise ValueError(f"AFPQGPTQQuantizer: layout must be 'gptq' or 'awq', got {layout!r}")
+        if layout == "awq" and desc_act:
+            raise ValueError("AFPQGPTQQuantizer: the awq layout has no g_idx; use layout='gptq' with desc_act=True")
+        self.fmt = f.name
+        self.mode = resolve_mode(f, mode)
+        self.scale_dtype = scale_dtype
+        self.layout = layout
+        self.modules_to_not_convert = list(modules_to_not_convert)
+        self.quantized_modules: List[str] = []
+        params = inspect.signature(GPTQQuantizer.__init__).parameters
+        if "act_group_aware" in params or uses_gptqmodel():
+            kwargs.setdefault("act_group_aware", False)
+        kwargs.pop("sym", None)  # the grid decides; optimum's sym only reaches configure()
+        super().__init__(bits=bits, dataset=dataset, group_size=group_size, damp_percent=damp_percent,
+                         desc_act=desc_act, sym=True, **kwargs)
+        self.quant_method = "afpq"
+
+    @classmethod
+    def from_afpq_config(cls, cfg) -> "AFPQGPTQQuantizer":
+        """From an :class:`~afpq_plugins.hf.AFPQConfig` (quantize-on-load)."""
+        qc = cfg.checkpoint_config()
+        kw = {k: getattr(cfg, k) for k in (
+            "dataset", "damp_percent", "true_sequential", "model_seqlen", "block_name_to_quantize",
+            "module_name_preceding_first_block", "batch_size", "pad_token_id", "cache_block_outputs",
+            "modules_in_block_to_quantize") if getattr(cfg, k, None) is not None}
+        return cls(bits=qc.bits, fmt=qc.format, group_size=qc.group_size, mode=qc.mode, desc_act=qc.desc_act,
+                   scale_dtype=qc.scale_dtype, layout=qc.layout, modules_to_not_convert=qc.modules_to_not_convert,
+                   **kw)
+
+    # -- quantize ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _hooks(self) -> Iterator[None]:
+        gcls = _bound_gptq_class(self.fmt, self.mode, _SCALE_DTYPES[self.scale_dtype])
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(compat.gptq_class(gcls))
+            if not uses_gptqmodel():
+                stack.enter_context(compat.cpu_calibration_optimum_2_0())
+                stack.enter_context(compat.no_cuda_synchronize())
+            yield
+
+    def quantize_model(self, model: nn.Module, tokenizer: Optional[Any] = None):
+        """Run optimum's GPTQ with the AFPQ grid (in place); the Linears become AFPQLinear."""
+        if isinstance(self.dataset, list) and self.dataset and isinstance(self.dataset[0], str) and tokenizer is None:
+            raise ValueError("AFPQGPTQQuantizer.quantize_model: a list of texts needs a tokenizer")
+        with self._hooks():
+            model = super().quantize_model(model, tokenizer)
+        model.quantization_method = "afpq"
+        if hasattr(model, "config"):
+            model.config.quantization_config = self.checkpoint_config.to_dict()
+        return model
+
+    def pack_model(self, model: nn.Module, quantizers: Dict[str, tuple]) -> None:
+        """Replace each quantized Linear with an :class:`AFPQLinear` holding GPTQ's result."""
+        names = []
+        for name, (_, scale, zero, g_idx) in quantizers.items():
+            if any(name == s or name.endswith("." + s) for s in self.modules_to_not_convert):
+                continue
+            lin = model.get_submodule(name)
+            layer = self._pack_layer(name, lin, scale, zero, g_idx)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.to(lin.weight.device))
+            names.append(name)
+        order = [n for n, _ in model.named_modules()]
+        self.quantized_modules = sorted(names, key=order.index)
+
+    def _pack_layer(self, name: str, lin: nn.Module, scale, zero, g_idx) -> AFPQLinear:
+        f = get_format(self.fmt)
+        sdt = _SCALE_DTYPES[self.scale_dtype]
+        W = lin.weight.data
+        if type(lin).__name__ == "Conv1D":
+            W = W.t()
+        W = W.detach().to("cpu", torch.float32).contiguous()
+        out_f, in_f = W.shape
+        p1 = scale.detach().to("cpu", torch.float32).t().contiguous()  # [groups, out]
+        p2 = zero.detach().to("cpu", torch.float32).t().contiguous()
+        if g_idx is None:
+            gs = in_f if self.group_size == -1 else self.group_size
+            g_idx = torch.arange(in_f, dtype=torch.int32) // gs
+        gi = g_idx.detach().to("cpu").long()
+        c1, c2 = p1[gi].t(), p2[gi].t()  # per-column parameters [out, in]
+        codes = encode(W, f, self.mode, c1, c2)
+        back = decode(codes, f, self.mode, c1, c2, lin.weight.dtype).float()
+        bad = int((back != W).sum())
+        if bad:
+            log.warning("%s: %d weight(s) do not decode back to GPTQ's value", name, bad)
+        qw = QuantizedWeight(
+            codes=codes, scales=p1.to(sdt), scales2=None if self.mode == "sym" else p2.to(sdt),
+            g_idx=gi.to(torch.int32), fmt=f, mode=self.mode, group_size=self.group_size,
+        )
+        bias = lin.bias.detach().cpu() if getattr(lin, "bias", None) is not None else None
+        return AFPQLinear.from_quantized(qw, bias, self.layout, name=name)
+
+    def post_init_model(self, model: nn.Module) -> nn.Module:
+        return model  # AFPQLinear needs no kernel post-init
+
+    def select_quant_linear(self, *args, **kwargs):
+        self.quant_linear = AFPQLinear
+
+    # -- config and save -----------------------------------------------------------------------
+    @property
+    def checkpoint_config(self) -> AFPQConfigDict:
+        extra = {"damp_percent": self.damp_percent, "true_sequential": self.true_sequential,
+                 "quantizer": "optimum"}
+        return AFPQConfigDict(
+            format=self.fmt, bits=self.bits, group_size=self.group_size, mode=self.mode, layout=self.layout,
+            desc_act=bool(self.desc_act), scale_dtype=self.scale_dtype, method="gptq",
+            modules_to_not_convert=list(self.modules_to_not_convert), quantized_modules=list(self.quantized_modules),
+            extra=extra,
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.checkpoint_config.to_dict()
+
+    def save(self, model: nn.Module, save_dir: str, max_shard_size: str = "10GB", safe_serialization: bool = True,
+             tokenizer=None, overwrite: bool = True) -> str:
+        """Write ``model`` as an AFPQ checkpoint (one ``model.safetensors``; ``max_shard_size`` is ignored)."""
+        if not safe_serialization:
+            raise ValueError("AFPQ checkpoints are safetensors only")
+        from ..model import save_quantized
+
+        return save_quantized(model, save_dir, self.checkpoint_config, tokenizer=tokenizer, overwrite=overwrite)

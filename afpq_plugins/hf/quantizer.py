@@ -1,0 +1,215 @@
+"""``AFPQHfQuantizer``: the transformers ``HfQuantizer`` for ``quant_method: "afpq"``.
+
+Pre-quantized checkpoints (the usual case): before weights load, the model skeleton
+(meta device) gets an :class:`~afpq_plugins.nn.AFPQLinear` in place of every
+``nn.Linear`` the checkpoint lists in ``quantized_modules``, and the checkpoint files
+are validated against it (:mod:`.validate`); transformers then loads ``qweight`` /
+``scales`` / ``scales_neg`` / ``zeros`` / ``g_idx`` / ``bias`` into those buffers like
+any other tensor. After loading, the group parameters are put back in the
+checkpoint's ``scale_dtype`` exactly (transformers 4.53 casts every float tensor of a
+quantized model to the model dtype; they are re-read from the file when that cast
+was lossy), and no tensor may be left on the meta device.
+
+A float model with ``quantization_config=AFPQConfig(..., dataset=...)`` is quantized
+after loading by :class:`~afpq_plugins.hf.optimum.AFPQGPTQQuantizer` (GPTQ with the
+AFPQ grid), like transformers' own GPTQ quantize-on-load.
+
+Written against the HfQuantizer API of transformers 4.53.3 and 5.17.0; the hooks whose
+names differ (``update_torch_dtype`` / ``update_dtype``, ``is_serializable``'s
+argument) are both provided.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from transformers.quantizers.base import HfQuantizer
+
+from ..core.checkpoint import CheckpointError
+from ..core.safetensors_io import read_header
+from ..nn import AFPQLinear, second_param_name
+from .config import AFPQConfig
+from .validate import CheckpointTensors, resolve_checkpoint_files, validate_against_model
+
+__all__ = ["AFPQHfQuantizer"]
+
+log = logging.getLogger(__name__)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+class AFPQHfQuantizer(HfQuantizer):
+    """Loads AFPQ checkpoints into :class:`AFPQLinear` modules; quantizes float models on load."""
+
+    requires_calibration = False
+    required_packages = None
+    requires_parameters_quantization = False  # transformers 4.53: plain tensor loading
+    quantization_config: AFPQConfig
+
+    def __init__(self, quantization_config: AFPQConfig, **kwargs) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._tensors: Optional[CheckpointTensors] = None
+        self._layers: Dict[str, Tuple[int, int, bool]] = {}
+
+    # -- environment, dtype, device map --------------------------------------------------------
+    def validate_environment(self, *args, **kwargs) -> None:
+        if not self.pre_quantized and self.quantization_config.dataset is None:
+            raise ValueError(
+                "quantization_config=AFPQConfig(...) on a float model quantizes it on load with GPTQ and needs "
+                "a calibration set: AFPQConfig(bits=..., fmt=..., dataset=[texts...], tokenizer=tok)"
+            )
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and not self.pre_quantized and "disk" in device_map.values():
+            raise ValueError("AFPQ quantize-on-load does not support disk offload")
+
+    def update_torch_dtype(self, dtype):  # transformers 4.53
+        return dtype
+
+    def update_dtype(self, dtype):  # transformers 5.x
+        return dtype
+
+    def update_device_map(self, device_map):
+        if device_map is None and not self.pre_quantized:
+            device_map = {"": torch.device("cpu")}
+        return device_map
+
+    def update_tp_plan(self, config):
+        """Also the earliest hook that sees the checkpoint's path (both versions call it
+        before transformers opens the weights: 4.53 reads the safetensors metadata with
+        the Rust reader, whose error on a truncated file names neither file nor tensor).
+        A local checkpoint's headers are checked here with the strict reader."""
+        if self.pre_quantized:
+            src = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+            if src and os.path.isdir(str(src)):
+                try:
+                    files = resolve_checkpoint_files(type("_Src", (), {"name_or_path": str(src)})())
+                except CheckpointError:
+                    files = []
+                for f in files:
+                    read_header(f)  # SafetensorsError naming the file and the tensor
+        return config
+
+    # -- before weights load: swap modules, validate the files ---------------------------------
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            return model
+        qc = self.quantization_config.checkpoint_config()
+        files = resolve_checkpoint_files(model, kwargs.get("checkpoint_files"))
+        tensors = CheckpointTensors(files)
+        names = list(qc.quantized_modules) or sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+        if not names:
+            raise CheckpointError(f"{files[0]}: quantization_config.quantized_modules is empty and no tensor ends in .qweight")
+        layers: Dict[str, Tuple[int, int, bool]] = {}
+        for name in names:
+            try:
+                lin = model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(
+                    f"{files[0]}: quantization_config.quantized_modules names {name!r}, which does not exist in "
+                    f"{type(model).__name__}"
+                ) from None
+            if isinstance(lin, AFPQLinear):  # already converted (a repeated call)
+                layers[name] = (lin.in_features, lin.out_features, lin.bias is not None)
+                continue
+            if not isinstance(lin, nn.Linear):
+                raise CheckpointError(
+                    f"{files[0]}: quantized module {name!r} is a {type(lin).__name__}, expected nn.Linear"
+                )
+            has_bias = lin.bias is not None
+            layers[name] = (lin.in_features, lin.out_features, has_bias)
+            layer = AFPQLinear(
+                lin.in_features, lin.out_features, has_bias, fmt=qc.fmt, group_size=qc.group_size, mode=qc.mode,
+                layout=qc.layout, scale_dtype=qc.torch_scale_dtype,
+                bias_dtype=lin.bias.dtype if has_bias else None, device=lin.weight.device,
+            )
+            layer.requires_grad_(False)
+            _set_module(model, name, layer)
+        validate_against_model(tensors, model, qc, layers)
+        self._tensors, self._layers = tensors, layers
+        model.config.quantization_config = self.quantization_config
+        return model
+
+    # -- after weights load ------------------------------------------------------------------------
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            return self._quantize_on_load(model)
+        qc = self.quantization_config.checkpoint_config()
+        sdt = qc.torch_scale_dtype
+        for name in self._layers:
+            layer = model.get_submodule(name)
+            for buf in ("scales", second_param_name(qc.mode)):
+                if buf is None:
+                    continue
+                t = getattr(layer, buf)
+                if t.dtype == sdt or t.device.type == "meta":
+                    continue
+                # transformers 4.53 cast it to the model dtype: undo exactly
+                exact = self._tensors[f"{name}.{buf}"] if self._tensors is not None else t.to(sdt)
+                layer._buffers[buf] = exact.to(device=t.device, dtype=sdt)
+            for buf in ("qweight", "g_idx"):
+                t = getattr(layer, buf, None)
+                if t is not None and t.dtype != torch.int32 and t.device.type != "meta":
+                    layer._buffers[buf] = t.to(torch.int32)
+        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+        offloaded = getattr(model, "hf_device_map", None) and any(
+            d in ("disk", "meta") for d in (model.hf_device_map or {}).values()
+        )
+        if leftover and not offloaded:
+            src = self._tensors.files[0] if self._tensors is not None else "checkpoint"
+            raise CheckpointError(f"{src}: tensor {leftover[0]!r} was not loaded")
+        self._tensors = None  # no file handles or caches kept
+        return model
+
+    def _quantize_on_load(self, model):
+        from .optimum import AFPQGPTQQuantizer
+
+        cfg = self.quantization_config
+        tok = cfg.tokenizer if cfg.tokenizer is not None else model.name_or_path
+        quantizer = AFPQGPTQQuantizer.from_afpq_config(cfg)
+        quantizer.quantize_model(model, tok)
+        model.config.quantization_config = AFPQConfig.from_checkpoint_config(quantizer.checkpoint_config)
+        self.quantization_config = model.config.quantization_config
+        self.pre_quantized = True  # it now holds AFPQ modules; save_pretrained writes the checkpoint format
+        return model
+
+    def postprocess_model(self, model, **kwargs):
+        out = super().postprocess_model(model, **kwargs)
+        # both versions set model.config.quantization_config = self.quantization_config first
+        return out if out is not None else model
+
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: every AFPQLinear back to an ``nn.Linear`` holding its decoded weight."""
+        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, AFPQLinear)]:
+            dt = dtype or (layer.bias.dtype if layer.bias is not None else torch.float32)
+            lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                            device=layer.qweight.device, dtype=dt)
+            with torch.no_grad():
+                lin.weight.copy_(layer.dequantize(torch.float32).to(dt))
+                if layer.bias is not None:
+                    lin.bias.copy_(layer.bias.to(dt))
+            _set_module(model, name, lin)
+        return model
+
+    # -- capabilities ------------------------------------------------------------------------------
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return safe_serialization is not False  # the format is safetensors only
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return False  # the AFPQLinear kernels are not checked under torch.compile

@@ -1,0 +1,160 @@
+"""Validate an AFPQ checkpoint's safetensors file(s) against a model skeleton *before*
+transformers loads it.
+
+transformers does not protect a quantized load: a missing tensor is silently
+initialized at random (4.53 and 5.x log a warning at most), and 5.x assigns a
+misshapen tensor without a shape check when a quantizer is active. So the AFPQ
+quantizer checks every tensor here first, with the checkpoint format's own contract
+(:func:`afpq_plugins.core.checkpoint.validate_layer_tensors`, the same check
+:func:`afpq_plugins.model.load_quantized` runs) and the strict safetensors reader
+(:func:`afpq_plugins.core.safetensors_io.read_header`: a truncated file is an error
+naming the file and the tensor). Only the headers are read up front; quantized
+layers' tensors are read one at a time to check NaN/Inf in their scales.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..core.checkpoint import AFPQConfigDict, CheckpointError, validate_layer_tensors
+from ..core.safetensors_io import _DTYPES, read_header
+
+__all__ = ["CheckpointTensors", "resolve_checkpoint_files", "validate_against_model"]
+
+
+class CheckpointTensors(Mapping):
+    """``{name: tensor}`` over one or more safetensors files, read lazily, one tensor at a time.
+
+    ``*.qweight`` (int32) comes back as a meta tensor of the right shape and dtype: the
+    validation needs only those, and reading it would double the I/O of a load.
+
+    Opening validates every header (truncation, offsets, byte counts); a tensor name
+    in two files is an error.
+    """
+
+    def __init__(self, files: Sequence[str]) -> None:
+        self.files = [os.path.abspath(f) for f in files]
+        self._where: Dict[str, Tuple[str, dict, int]] = {}
+        for path in self.files:
+            if not path.endswith(".safetensors"):
+                raise CheckpointError(f"{path}: AFPQ checkpoints are stored as safetensors")
+            header, _, start = read_header(path)
+            for name, info in header.items():
+                if name in self._where:
+                    raise CheckpointError(f"{path}: tensor {name!r} also appears in {self._where[name][0]}")
+                self._where[name] = (path, info, start)
+
+    def source(self, name: str) -> str:
+        return self._where[name][0] if name in self._where else (self.files[0] if self.files else "checkpoint")
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(int(d) for d in self._where[name][1]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self._where[name][1]["dtype"]]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, info, start = self._where[name]
+        dtype = _DTYPES[info["dtype"]]
+        if name.endswith(".qweight") and not dtype.is_floating_point:
+            # the bulk of the checkpoint: its contract is shape and dtype only (checked
+            # from the header); transformers reads the data once, when it loads it
+            return torch.empty(info["shape"], dtype=dtype, device="meta")
+        begin, end = (int(o) for o in info["data_offsets"])
+        with open(path, "rb") as fh:
+            fh.seek(start + begin)
+            buf = bytearray(fh.read(end - begin))
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name) -> bool:  # no read
+        return name in self._where
+
+
+def resolve_checkpoint_files(model, checkpoint_files: Optional[Sequence[str]] = None) -> List[str]:
+    """The safetensors files transformers is about to load.
+
+    transformers 5.x passes them to the quantizer (``checkpoint_files``); 4.53 does
+    not, so they are found from ``model.name_or_path`` (a local folder, or the hub
+    cache that ``from_pretrained`` has just filled), through the sharded index if any.
+    """
+    if checkpoint_files:
+        return [str(f) for f in checkpoint_files]
+    src = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not src:
+        raise CheckpointError("cannot find the checkpoint files of this AFPQ model (no name_or_path)")
+    src = str(src)
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),):
+        if os.path.isdir(src):
+            folder = src
+            idx, one = os.path.join(folder, index_name), os.path.join(folder, single)
+            idx = idx if os.path.isfile(idx) else None
+            one = one if os.path.isfile(one) else None
+        else:
+            from transformers.utils import cached_file
+
+            idx = cached_file(src, index_name, _raise_exceptions_for_missing_entries=False)
+            one = None if idx else cached_file(src, single, _raise_exceptions_for_missing_entries=False)
+            folder = os.path.dirname(idx or one or "")
+        if idx:
+            import json
+
+            with open(idx, encoding="utf-8") as fh:
+                weight_map = json.load(fh).get("weight_map", {})
+            return [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
+        if one:
+            return [one]
+    raise CheckpointError(f"{src}: no model.safetensors (AFPQ checkpoints are stored as safetensors)")
+
+
+def _tied_names(model: nn.Module) -> set:
+    from ..model import _tied_names as tied
+
+    names = set(tied(model))
+    extra = getattr(model, "all_tied_weights_keys", None)  # transformers 5.x
+    if isinstance(extra, Mapping):
+        names |= set(extra.keys())
+    return names
+
+
+def validate_against_model(
+    tensors: CheckpointTensors, model: nn.Module, qc: AFPQConfigDict,
+    layers: Mapping[str, Tuple[int, int, bool]],
+) -> None:
+    """Raise :class:`CheckpointError` naming the tensor unless the checkpoint fits ``model``.
+
+    ``layers``: ``{name: (in_features, out_features, has_bias)}`` of the quantized layers;
+    ``model`` already holds the AFPQ modules (so its state-dict keys are the checkpoint's).
+    """
+    for name, (in_f, out_f, bias) in layers.items():
+        validate_layer_tensors(name, tensors, qc, in_f, out_f, bias, source=tensors.source(f"{name}.qweight"))
+    sd = model.state_dict()
+    expected = set(sd)
+    tied = _tied_names(model)
+    missing = sorted(expected - set(tensors) - tied)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{tensors.source(missing[0])}: tensor {missing[0]!r} is missing{more}")
+    quant_prefixes = tuple(f"{n}." for n in layers)
+    for key in sorted(set(tensors) - expected):
+        if key.startswith(quant_prefixes):
+            raise CheckpointError(
+                f"{tensors.source(key)}: unexpected tensor {key!r} in a quantized layer "
+                f"(mode {qc.mode!r}, layout {qc.layout!r} has no such tensor)"
+            )
+    for key, ref in sd.items():
+        if key in tensors and tensors.shape(key) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{tensors.source(key)}: tensor {key!r} has shape {tensors.shape(key)}, expected {tuple(ref.shape)}"
+            )
