@@ -1,0 +1,58 @@
+"""GPTQ-AFPQ on an in-memory transformers model (used by the CLI and the benchmark)."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from ..core.checkpoint import AFPQConfigDict
+from .config import AFPQQuantizeConfig
+from .hooks import quantized_module_names, wrap_model
+
+__all__ = ["examples_from_ids", "quantize_model", "gptq_quantize"]
+
+
+def examples_from_ids(samples: Sequence[torch.Tensor]) -> List[dict]:
+    """AutoGPTQ examples (``input_ids`` + ``attention_mask``, ``[1, seqlen]``) from 1-D token tensors."""
+    out = []
+    for ids in samples:
+        ids = ids.reshape(1, -1).long()
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def quantize_model(model, cfg: AFPQQuantizeConfig, examples, batch_size: int = 1) -> AFPQConfigDict:
+    """Run AutoGPTQ's GPTQ with ``cfg``'s grid on ``model`` (in place).
+
+    ``model`` is a transformers causal LM of an architecture AutoGPTQ 0.7.1 supports; its
+    quantized layers become :class:`~afpq_plugins.autogptq.AFPQQuantLinear`. Returns the
+    checkpoint config for :func:`afpq_plugins.model.save_quantized`.
+    """
+    if not isinstance(cfg, AFPQQuantizeConfig):
+        raise TypeError("quantize_model needs an AFPQQuantizeConfig")
+    from . import compat
+    from .hooks import afpq_hooks
+
+    wrapper = wrap_model(model, cfg, quantized=False)
+    with afpq_hooks(cfg), compat.cpu_quantize():  # also when the adapter is unregistered
+        wrapper.quantize(examples, batch_size=batch_size)
+    return cfg.to_afpq(quantized_module_names(model), modules_to_not_convert=[wrapper.lm_head_name])
+
+
+def gptq_quantize(
+    model, tokenizer, fmt, group_size: int, mode=None, *, scale_dtype: str = "float16", desc_act: bool = False,
+    static_groups: bool = False, true_sequential: bool = True, damp_percent: float = 0.01,
+    nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+) -> AFPQConfigDict:
+    """GPTQ-quantize ``model`` (in place) on the Austen calibration novels; the CLI's ``--method gptq``."""
+    from ..core.formats import get_format
+    from ..data import calibration_samples
+
+    f = get_format(fmt)
+    cfg = AFPQQuantizeConfig(
+        bits=f.bits, group_size=group_size, fmt=f.name, mode=mode, scale_dtype=scale_dtype, desc_act=desc_act,
+        static_groups=static_groups, true_sequential=true_sequential, damp_percent=damp_percent,
+    )
+    examples = examples_from_ids(calibration_samples(tokenizer, nsamples, seqlen, seed=seed))
+    return quantize_model(model, cfg, examples)

@@ -1,0 +1,111 @@
+"""``AFPQQuantizeConfig``: AutoGPTQ's ``BaseQuantizeConfig`` with an AFPQ grid."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from auto_gptq.modeling._base import BaseQuantizeConfig
+
+from ..core.checkpoint import AFPQConfigDict, CheckpointError, QUANT_METHOD
+from ..core.formats import get_format, resolve_mode
+
+__all__ = ["AFPQQuantizeConfig", "GPTQ_EXTRA_KEYS"]
+
+#: AutoGPTQ settings kept in the checkpoint's ``quantization_config`` next to the AFPQ
+#: keys (they do not change how the tensors decode; they record how they were made).
+GPTQ_EXTRA_KEYS = ("damp_percent", "static_groups", "true_sequential", "sym")
+
+_SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class AFPQQuantizeConfig(BaseQuantizeConfig):
+    """GPTQ settings (every ``BaseQuantizeConfig`` field) plus the AFPQ grid.
+
+    ``fmt``: a registered format (``fp4 fp3 nf4 nf3``, ``int3``/``int4`` or a custom
+    one); its bit width must equal ``bits``. ``sym=True`` gives one absmax scale, the
+    default two scales (AFPQ); ``mode`` (``afpq``/``sym``/``zp``) overrides both.
+    ``scale_dtype`` is the storage dtype of the scales (GPTQ quantizes with the
+    stored values, so the saved checkpoint decodes to exactly GPTQ's weights).
+    """
+
+    sym: bool = field(default=False)
+    fmt: str = field(default="nf4")
+    mode: Optional[str] = field(default=None)
+    scale_dtype: str = field(default="float16")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        f = get_format(self.fmt)
+        self.fmt = f.name
+        if f.bits != self.bits:
+            raise ValueError(f"AFPQQuantizeConfig: format {f.name!r} has {f.bits} bits but bits={self.bits}")
+        self.mode = resolve_mode(f, self.mode, sym=self.sym)
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"AFPQQuantizeConfig: scale_dtype must be one of {', '.join(_SCALE_DTYPES)}")
+
+    @property
+    def format(self):
+        return get_format(self.fmt)
+
+    @property
+    def torch_scale_dtype(self):
+        import torch
+
+        return getattr(torch, self.scale_dtype)
+
+    # -- the checkpoint's quantization_config ------------------------------------------------
+    def to_afpq(self, quantized_modules=(), modules_to_not_convert=("lm_head",)) -> AFPQConfigDict:
+        return AFPQConfigDict(
+            format=self.fmt, bits=self.bits, group_size=self.group_size, mode=self.mode, layout="gptq",
+            desc_act=bool(self.desc_act), scale_dtype=self.scale_dtype, method="gptq",
+            modules_to_not_convert=list(modules_to_not_convert), quantized_modules=list(quantized_modules),
+            extra={k: getattr(self, k) for k in GPTQ_EXTRA_KEYS},
+        )
+
+    @classmethod
+    def from_afpq(cls, qc: AFPQConfigDict) -> "AFPQQuantizeConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in qc.extra.items() if k in names}
+        kw.setdefault("sym", qc.mode == "sym")
+        return cls(bits=qc.bits, group_size=qc.group_size, desc_act=qc.desc_act, fmt=qc.format,
+                   mode=qc.mode, scale_dtype=qc.scale_dtype, **kw)
+
+    def to_dict(self) -> dict:
+        d = self.to_afpq().to_dict()
+        d.pop("quantized_modules", None)
+        d["model_name_or_path"] = self.model_name_or_path
+        d["model_file_base_name"] = self.model_file_base_name
+        return d
+
+    # -- BaseQuantizeConfig's file contract ---------------------------------------------------
+    def save_pretrained(self, save_dir: str, **kwargs) -> None:
+        with open(os.path.join(save_dir, "quantize_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, save_dir: str, **kwargs) -> "AFPQQuantizeConfig":
+        """Read ``quantize_config.json`` or ``config.json``'s ``quantization_config``
+        (local folders only); anything but ``quant_method: "afpq"`` is an error."""
+        for name, key in (("quantize_config.json", None), ("config.json", "quantization_config")):
+            path = os.path.join(save_dir, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as fh:
+                    d = json.load(fh)
+                if key is not None:
+                    d = d.get(key)
+                    if d is None:
+                        raise CheckpointError(f"{path}: no quantization_config")
+                if d.get("quant_method") != QUANT_METHOD:
+                    raise CheckpointError(
+                        f"{path}: quant_method is {d.get('quant_method')!r}, not {QUANT_METHOD!r}; "
+                        "use auto_gptq.BaseQuantizeConfig for stock GPTQ checkpoints"
+                    )
+                d = {k: v for k, v in d.items() if k not in ("model_name_or_path", "model_file_base_name")}
+                cfg = cls.from_afpq(AFPQConfigDict.from_dict(d, source=path))
+                cfg.model_name_or_path = save_dir
+                return cfg
+        raise CheckpointError(f"{save_dir}: no quantize_config.json or config.json")

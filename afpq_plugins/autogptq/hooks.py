@@ -1,0 +1,240 @@
+"""Registration: AFPQ configs and checkpoints in AutoGPTQ's own entry points.
+
+AutoGPTQ 0.7.1 has no plugin hooks: ``BaseGPTQForCausalLM.quantize`` builds
+``auto_gptq.modeling._base.GPTQ`` objects and ``pack_model`` / ``make_quant`` pick their
+layer class with ``auto_gptq.modeling._utils.dynamically_import_QuantLinear``. While an
+AFPQ config is in play (and only then) :func:`afpq_hooks` points those two names at the
+AFPQ classes and restores them on exit.
+
+:func:`register` (run by ``import afpq_plugins.autogptq``) wraps five entry points so
+that they enter those scopes by themselves; each wrapper hands anything that is not an
+AFPQ config or checkpoint to the original method untouched, so an INT workflow in the
+same process runs exactly the stock code:
+
+* ``BaseGPTQForCausalLM.from_pretrained``  AFPQ config: CPU allowed (compat shim).
+* ``BaseGPTQForCausalLM.quantize``         AFPQ config: AFPQ GPTQ/QuantLinear (+ CPU shims).
+* ``BaseGPTQForCausalLM.save_quantized``   AFPQ config: the project's checkpoint format.
+* ``BaseGPTQForCausalLM.from_quantized`` and ``AutoGPTQForCausalLM.from_quantized``:
+  an AFPQ checkpoint (``quant_method: "afpq"``) loads through the project's loader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+from typing import Iterator, Optional
+
+import torch
+
+from . import compat
+from .config import AFPQQuantizeConfig
+from .qlinear import AFPQQuantLinear, quant_linear_class
+from .quantizer import AFPQGPTQ
+
+__all__ = [
+    "afpq_hooks",
+    "register",
+    "unregister",
+    "is_registered",
+    "save_afpq",
+    "load_afpq",
+    "wrap_model",
+]
+
+log = logging.getLogger(__name__)
+_WRAPPED = "__afpq_original__"
+
+
+@contextlib.contextmanager
+def afpq_hooks(cfg: AFPQQuantizeConfig) -> Iterator[None]:
+    """Point AutoGPTQ's ``GPTQ`` and ``dynamically_import_QuantLinear`` at AFPQ classes."""
+    from auto_gptq.modeling import _base, _utils
+
+    qlinear = quant_linear_class(cfg.fmt, cfg.mode, cfg.torch_scale_dtype)
+
+    def import_quant_linear(*args, **kwargs):
+        return qlinear
+
+    gptq = AFPQGPTQ.bind(cfg.fmt, cfg.mode, cfg.torch_scale_dtype)
+    with compat.patched(_base, "GPTQ", gptq), compat.patched(_utils, "dynamically_import_QuantLinear", import_quant_linear):
+        yield
+
+
+def _is_afpq_dir(path) -> bool:
+    if path is None or not os.path.isdir(str(path)):
+        return False
+    cfg = os.path.join(str(path), "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    with open(cfg, encoding="utf-8") as fh:
+        qc = json.load(fh).get("quantization_config") or {}
+    return qc.get("quant_method") == "afpq"
+
+
+# -- checkpoint I/O ------------------------------------------------------------------------
+def quantized_module_names(model) -> list:
+    return [n for n, m in model.named_modules() if isinstance(m, AFPQQuantLinear)]
+
+
+def save_afpq(wrapper, save_dir: str) -> str:
+    """Write a quantized AutoGPTQ model holding AFPQ layers in the project's format."""
+    from ..model import save_quantized
+
+    cfg: AFPQQuantizeConfig = wrapper.quantize_config
+    names = quantized_module_names(wrapper.model)
+    if not names:
+        raise RuntimeError("save_quantized: the model holds no AFPQ layers (was it quantized with an AFPQ config?)")
+    skip = [wrapper.lm_head_name]
+    qc = cfg.to_afpq(quantized_modules=names, modules_to_not_convert=skip)
+    src = getattr(wrapper.model, "name_or_path", None)
+    src = src if src and os.path.isdir(src) else None
+    save_dir = os.path.abspath(save_dir)
+    if os.path.isdir(save_dir) and os.listdir(save_dir) and not _is_afpq_dir(save_dir):
+        raise FileExistsError(f"{save_dir} exists, is not empty and is not an AFPQ checkpoint; refusing to replace it")
+    wrapper.model.to("cpu")
+    out = save_quantized(wrapper.model, save_dir, qc, source_dir=src, overwrite=True)
+    cfg.model_name_or_path = out
+    return out
+
+
+def load_afpq(path: str, device="cpu", torch_dtype: Optional[torch.dtype] = None):
+    """Load an AFPQ checkpoint (``nn.Linear`` or transformers ``Conv1D`` models)."""
+    from .loading import load_checkpoint
+
+    return load_checkpoint(path, device=device, dtype=torch_dtype)
+
+
+def wrap_model(model, cfg: AFPQQuantizeConfig, quantized: bool):
+    """The AutoGPTQ wrapper class for ``model``'s architecture around it."""
+    from auto_gptq.modeling.auto import GPTQ_CAUSAL_LM_MODEL_MAP
+
+    mt = model.config.model_type
+    if mt not in GPTQ_CAUSAL_LM_MODEL_MAP:
+        raise TypeError(f"{mt} isn't supported by AutoGPTQ 0.7.1")
+    wrapper = GPTQ_CAUSAL_LM_MODEL_MAP[mt](model, quantized, cfg)
+    if not hasattr(model, "seqlen"):
+        c = model.config.to_dict()
+        model.seqlen = next((c[k] for k in ("max_position_embeddings", "seq_length", "n_positions") if k in c), 4096)
+    return wrapper
+
+
+def _from_quantized_afpq(cls, model_name_or_path, device=None, device_map=None, torch_dtype=None, **kwargs):
+    """AFPQ checkpoints load whole onto one device: ``device``, else a ``{"": dev}`` map,
+    else the first GPU, else the CPU (AutoGPTQ's multi-device maps are not supported)."""
+    if device is not None:
+        dev = device
+    elif isinstance(device_map, dict) and set(device_map) == {""}:
+        dev = device_map[""]
+    elif device_map in (None, "auto"):
+        dev = "cuda:0" if torch.cuda.is_available() else "cpu"
+    else:
+        raise NotImplementedError(f"from_quantized of an AFPQ checkpoint: device_map {device_map!r} is not supported")
+    if isinstance(dev, int):
+        dev = f"cuda:{dev}"
+    model = load_afpq(str(model_name_or_path), device=dev, torch_dtype=torch_dtype)
+    cfg = AFPQQuantizeConfig.from_pretrained(str(model_name_or_path))
+    return wrap_model(model, cfg, quantized=True)
+
+
+# -- registration -----------------------------------------------------------------------------
+def _install(owner, name, make):
+    raw = owner.__dict__[name]
+    if getattr(getattr(raw, "__func__", raw), _WRAPPED, None) is not None:
+        return
+    is_cm = isinstance(raw, classmethod)
+    orig = raw.__func__ if is_cm else raw
+    new = make(orig)
+    functools.update_wrapper(new, orig)
+    setattr(new, _WRAPPED, raw)
+    setattr(owner, name, classmethod(new) if is_cm else new)
+
+
+def _uninstall(owner, name):
+    raw = owner.__dict__.get(name)
+    fn = getattr(raw, "__func__", raw)
+    orig = getattr(fn, _WRAPPED, None)
+    if orig is not None:
+        setattr(owner, name, orig)
+
+
+def _targets():
+    from auto_gptq.modeling._base import BaseGPTQForCausalLM
+    from auto_gptq.modeling.auto import AutoGPTQForCausalLM
+
+    return [
+        (BaseGPTQForCausalLM, "from_pretrained", _make_from_pretrained),
+        (BaseGPTQForCausalLM, "quantize", _make_quantize),
+        (BaseGPTQForCausalLM, "save_quantized", _make_save_quantized),
+        (BaseGPTQForCausalLM, "from_quantized", _make_from_quantized),
+        (AutoGPTQForCausalLM, "from_quantized", _make_from_quantized),
+    ]
+
+
+def _make_from_pretrained(orig):
+    def from_pretrained(cls, pretrained_model_name_or_path, quantize_config, *args, **kwargs):
+        if not isinstance(quantize_config, AFPQQuantizeConfig):
+            return orig(cls, pretrained_model_name_or_path, quantize_config, *args, **kwargs)
+        with compat.allow_cpu_from_pretrained():
+            return orig(cls, pretrained_model_name_or_path, quantize_config, *args, **kwargs)
+
+    return from_pretrained
+
+
+def _make_quantize(orig):
+    def quantize(self, *args, **kwargs):
+        cfg = self.quantize_config
+        if not isinstance(cfg, AFPQQuantizeConfig):
+            return orig(self, *args, **kwargs)
+        kwargs["use_triton"] = False
+        from auto_gptq.modeling._utils import get_module_by_name_prefix
+
+        layers = get_module_by_name_prefix(self.model, self.layers_block_name)
+        with afpq_hooks(cfg), compat.cpu_quantize(), compat.keyword_layer_calls(layers):
+            return orig(self, *args, **kwargs)
+
+    return quantize
+
+
+def _make_save_quantized(orig):
+    def save_quantized(self, save_dir, *args, **kwargs):
+        if not isinstance(self.quantize_config, AFPQQuantizeConfig):
+            return orig(self, save_dir, *args, **kwargs)
+        if not self.quantized:
+            raise EnvironmentError("can only save quantized model, please execute .quantize first.")
+        return save_afpq(self, save_dir)
+
+    return save_quantized
+
+
+def _make_from_quantized(orig):
+    def from_quantized(cls, model_name_or_path=None, *args, **kwargs):
+        if not _is_afpq_dir(model_name_or_path):
+            return orig(cls, model_name_or_path, *args, **kwargs)
+        if args:
+            raise TypeError("from_quantized of an AFPQ checkpoint takes keyword arguments only")
+        return _from_quantized_afpq(
+            cls, model_name_or_path, device=kwargs.get("device"), device_map=kwargs.get("device_map"),
+            torch_dtype=kwargs.get("torch_dtype"),
+        )
+
+    return from_quantized
+
+
+def register() -> None:
+    """Install the dispatching wrappers (idempotent)."""
+    for owner, name, make in _targets():
+        _install(owner, name, make)
+
+
+def unregister() -> None:
+    """Restore AutoGPTQ's original methods."""
+    for owner, name, _ in _targets():
+        _uninstall(owner, name)
+
+
+def is_registered() -> bool:
+    return all(getattr(getattr(o.__dict__[n], "__func__", o.__dict__[n]), _WRAPPED, None) is not None
+               for o, n, _ in _targets())

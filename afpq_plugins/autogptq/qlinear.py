@@ -1,0 +1,96 @@
+"""An AutoGPTQ-compatible ``QuantLinear`` built on :class:`~afpq_plugins.nn.AFPQLinear`.
+
+Same constructor as AutoGPTQ 0.7.1's ``QuantLinear`` (``bits, group_size, infeatures,
+outfeatures, bias, ...``) and the same ``pack(linear, scales, zeros, g_idx)`` contract,
+where ``scales`` / ``zeros`` are GPTQ's ``[out, groups]`` per-group ``.scale`` / ``.zero``
+(here s_pos / s_neg) and ``g_idx`` maps each input column to its group. Codes are stored
+in AutoGPTQ's own v1 row layout (the project's ``gptq`` layout). The grid is bound per
+config with :func:`quant_linear_class`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import transformers
+from torch import nn
+
+from ..core.packing import pack_gptq
+from ..core.quantize import decode, encode
+from ..nn import AFPQLinear
+
+__all__ = ["AFPQQuantLinear", "quant_linear_class"]
+
+log = logging.getLogger(__name__)
+
+
+class AFPQQuantLinear(AFPQLinear):
+    QUANT_TYPE = "afpq"
+    FMT = "nf4"
+    MODE = None
+    SCALE_DTYPE = torch.float16
+
+    def __init__(self, bits, group_size, infeatures, outfeatures, bias=True, use_cuda_fp16=True,
+                 kernel_switch_threshold=128, trainable=False, weight_dtype=torch.float16, **kwargs):
+        if trainable:
+            raise NotImplementedError("AFPQQuantLinear is inference-only (trainable=False)")
+        super().__init__(infeatures, outfeatures, bias, fmt=self.FMT, group_size=group_size, mode=self.MODE,
+                         layout="gptq", scale_dtype=self.SCALE_DTYPE, bias_dtype=weight_dtype)
+        if bits != self.bits:
+            raise ValueError(f"AFPQQuantLinear: format {self.fmt.name!r} has {self.bits} bits, asked for {bits}")
+        self.infeatures, self.outfeatures = infeatures, outfeatures
+        #: Input columns whose re-encoded code disagreed with GPTQ's value (see pack).
+        self.pack_mismatches = 0
+
+    def pack(self, linear, scales, zeros, g_idx=None):
+        """Encode ``linear``'s (already GPTQ-quantized) weight with GPTQ's parameters.
+
+        ``scales``, ``zeros``: ``[out, groups]``; ``g_idx``: ``[in]`` (None: ``i // group_size``).
+        """
+        W = linear.weight.data
+        if isinstance(linear, transformers.pytorch_utils.Conv1D):
+            W = W.t()
+        if isinstance(linear, nn.Conv2d):
+            raise NotImplementedError("AFPQQuantLinear packs nn.Linear and transformers Conv1D layers")
+        W = W.float().contiguous()
+        p1 = scales.float().t().contiguous()  # [groups, out]
+        p2 = zeros.float().t().contiguous()
+        if g_idx is None:
+            g_idx = self.g_idx
+        gi = g_idx.long().to(W.device)
+        # Per-column parameters [out, in]: the weights GPTQ produced re-encode to their codes.
+        c1, c2 = p1[gi].t(), p2[gi].t()
+        codes = encode(W, self.fmt, self.mode, c1, c2)
+        back = decode(codes, self.fmt, self.mode, c1, c2, linear.weight.dtype).float()
+        bad = int((back != W).sum())
+        self.pack_mismatches = bad
+        if bad:
+            log.warning("AFPQQuantLinear.pack: %d weight(s) do not decode back to GPTQ's value", bad)
+        self.qweight = pack_gptq(codes, self.bits, name="qweight").to(self.qweight.device)
+        self.scales = p1.to(self.SCALE_DTYPE)
+        if self.second is not None:
+            setattr(self, "scales_neg" if self.mode == "afpq" else "zeros", p2.to(self.SCALE_DTYPE))
+        self.g_idx = g_idx.to(torch.int32).clone()
+        if linear.bias is not None:
+            self.bias = linear.bias.data.clone().to(linear.weight.dtype)
+        else:
+            self.bias = None  # AutoGPTQ's make_quant always asks for a bias buffer
+
+    # AutoGPTQ calls these on its QuantLinear classes in some paths.
+    def post_init(self):
+        return None
+
+    @classmethod
+    def warmup(cls, *args, **kwargs):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def quant_linear_class(fmt: str, mode: str, scale_dtype: torch.dtype) -> type:
+    """``AFPQQuantLinear`` with the grid bound (one class per grid, cached)."""
+    return type("AFPQQuantLinear", (AFPQQuantLinear,), {
+        "FMT": fmt, "MODE": mode, "SCALE_DTYPE": scale_dtype,
+        "__module__": AFPQQuantLinear.__module__, "__qualname__": "AFPQQuantLinear",
+    })
