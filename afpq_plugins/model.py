@@ -194,12 +194,11 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
             lin = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{src}: quantized module {name!r} does not exist in {type(model).__name__}") from None
-        if not isinstance(lin, nn.Linear):
-            raise CheckpointError(f"{src}: quantized module {name!r} is a {type(lin).__name__}, expected nn.Linear")
+        in_f, out_f = _linear_dims(lin, name, src)
         has_bias = lin.bias is not None
-        validate_layer_tensors(name, tensors, qc, lin.in_features, lin.out_features, has_bias, source=src)
+        validate_layer_tensors(name, tensors, qc, in_f, out_f, has_bias, source=src)
         layer = AFPQLinear(
-            lin.in_features, lin.out_features, has_bias, fmt=qc.fmt, group_size=qc.group_size, mode=qc.mode,
+            in_f, out_f, has_bias, fmt=qc.fmt, group_size=qc.group_size, mode=qc.mode,
             layout=qc.layout, scale_dtype=qc.torch_scale_dtype,
             bias_dtype=tensors[f"{name}.bias"].dtype if has_bias else None,
         )
@@ -226,6 +225,17 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
         raise CheckpointError(f"{src}: tensor {leftover[0]!r} was not loaded")
     model.config.quantization_config = qc.to_dict()
     return model.to(device).eval()
+
+
+def _linear_dims(mod: nn.Module, name: str, src: str) -> Tuple[int, int]:
+    """(in, out) of an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2: weight ``[in, out]``,
+    ``y = x @ W + b``, the same function as a Linear with ``W.T``)."""
+    if isinstance(mod, nn.Linear):
+        return mod.in_features, mod.out_features
+    if type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2:
+        in_f, out_f = mod.weight.shape
+        return int(in_f), int(out_f)
+    raise CheckpointError(f"{src}: quantized module {name!r} is a {type(mod).__name__}, expected Linear or Conv1D")
 
 
 def _is_quant_param(key: str) -> bool:

@@ -193,12 +193,10 @@ def test_forward_and_generate(quantized, folders):
 
 
 def test_project_loader_reads_gptq_checkpoint(quantized):
-    """``afpq_plugins.model.load_quantized`` (what ``afpq eval`` uses) reads nn.Linear checkpoints;
-    Conv1D ones go through the adapter's loader until the core loader accepts Conv1D."""
+    """``afpq_plugins.model.load_quantized`` (what ``afpq eval`` uses) reads the adapter's
+    checkpoints, nn.Linear (Llama) and transformers Conv1D (GPT-2) alike."""
     from afpq_plugins.model import load_quantized
 
-    if quantized["arch"] == "gpt2":
-        pytest.xfail("afpq_plugins.model.load_quantized accepts nn.Linear only (GPT-2 has Conv1D); see report")
     m = load_quantized(quantized["out"])
     x = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
