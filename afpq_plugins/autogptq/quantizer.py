@@ -17,7 +17,7 @@ from auto_gptq.quantization.gptq import GPTQ
 from auto_gptq.quantization.quantizer import Quantizer
 
 from ..core.formats import get_format, resolve_mode
-from ..core.quantize import check_finite, decode, encode, find_params, round_params
+from ..core.quantize import check_finite, decode, decode_table, encode, find_params, round_params
 
 __all__ = ["AFPQQuantizer", "AFPQGPTQ"]
 
@@ -52,8 +52,7 @@ class AFPQQuantizer(Quantizer):
         self.zero = p2.reshape(rows, 1).clone()
         # Every code's value for every row, by core's decode: GPTQ then quantizes a
         # column with one encode and one gather instead of a full decode per column.
-        all_codes = torch.arange(1 << self.fmt.bits, dtype=torch.uint8, device=x.device).expand(rows, -1)
-        self._table = decode(all_codes, self.fmt, self.mode, self.scale, self.zero)
+        self._table = decode_table(self.fmt, self.mode, self.scale.squeeze(1), self.zero.squeeze(1))
         self._ready = True
 
     def codes(self, x):

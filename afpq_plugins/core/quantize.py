@@ -47,6 +47,7 @@ __all__ = [
     "round_params",
     "encode",
     "decode",
+    "decode_table",
     "fake_quantize",
     "quantize_weight",
     "dequantize_weight",
@@ -234,6 +235,17 @@ def decode(
     else:
         out = (v - p2.float()).mul_(p1)
     return out.to(dtype)
+
+
+def decode_table(fmt, mode: Optional[str], p1: torch.Tensor, p2: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decoded value of every code for each parameter pair: ``p1.shape + (2**bits,)``.
+
+    Lets hot loops decode with one lookup per weight (GPTQ's column loop, the torch kernel).
+    """
+    f = get_format(fmt)
+    codes = torch.arange(1 << f.bits, dtype=torch.int32, device=p1.device)
+    return decode(codes, f, mode, p1.unsqueeze(-1), p2.unsqueeze(-1), dtype)
 
 
 def group_count(in_features: int, group_size: int, name: str = "weight") -> int:

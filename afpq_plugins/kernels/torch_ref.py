@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..core.packing import unpack_kn
-from ..core.quantize import decode
+from ..core.quantize import decode_table
 
 #: Weights decoded per slice on CPU.
 CPU_SLICE = 1 << 18
@@ -36,10 +36,8 @@ def group_tables(layer, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     Built with core's :func:`decode`, so each weight then costs one table lookup
     instead of a decode (lookup, sign test, two scales).
     """
-    n = 1 << layer.bits
-    codes = torch.arange(n, dtype=torch.int32, device=layer.scales.device)
     second = layer.second if layer.second is not None else layer.scales
-    return decode(codes, layer.fmt, layer.mode, layer.scales.unsqueeze(-1), second.unsqueeze(-1), dtype)
+    return decode_table(layer.fmt, layer.mode, layer.scales, second, dtype)
 
 
 def dequantize_t(
