@@ -19,6 +19,8 @@ from .core.checkpoint import (
     AFPQConfigDict,
     CheckpointError,
     load_checkpoint_tensors,
+    placeholder_keys,
+    quantized_module_names,
     read_quant_config,
     validate_layer_tensors,
     write_checkpoint,
@@ -188,7 +190,7 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
         del config.quantization_config  # ours is handled here, not by transformers
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    names = qc.quantized_modules or sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    names = quantized_module_names(qc, tensors)
     for name in names:
         try:
             lin = model.get_submodule(name)
@@ -203,6 +205,8 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
             bias_dtype=tensors[f"{name}.bias"].dtype if has_bias else None,
         )
         _set_module(model, name, layer)
+    for key in placeholder_keys(names):  # validated above; absent in older checkpoints
+        tensors.pop(key, None)
     expected = set(model.state_dict())
     tied = _tied_names(model)
     missing = sorted(expected - set(tensors) - tied)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -286,8 +287,23 @@ def test_validate_layer_tensors_names_the_tensor():
         validate_layer_tensors("m.l", _layer_tensors(), qc, 64, 16, bias=True)
 
 
+def test_validate_layer_tensors_accepts_placeholders_or_none_and_refuses_real_tensors():
+    qc = _qc()
+    with_ph = {**_layer_tensors(), "m.l.weight": PLACEHOLDER.clone(), "m.l.qzeros": PLACEHOLDER.clone()}
+    validate_layer_tensors("m.l", with_ph, qc, 64, 16, bias=False)
+    validate_layer_tensors("m.l", _layer_tensors(), qc, 64, 16, bias=False)  # written before the placeholders
+    for key, bad in (("m.l.weight", torch.zeros(16, 64)), ("m.l.weight", torch.zeros(1)),
+                     ("m.l.qzeros", torch.zeros(2, 2, dtype=torch.int32)), ("m.l.qzeros", torch.zeros(1, 1, dtype=torch.uint8))):
+        with pytest.raises(CheckpointError, match=re.escape(repr(key)) + r".*quantized layer 'm\.l'"):
+            validate_layer_tensors("m.l", {**with_ph, key: bad}, qc, 64, 16, bias=False, source="ck")
+
+
 # -- checkpoint folders ------------------------------------------------------------------------------------
 MODEL_CFG = {"model_type": "llama", "hidden_size": 64, "zeta": [1, 2], "alpha": {"b": 1, "a": 2}}
+
+
+# the refusal placeholders, spelled out independently of the module under test
+PLACEHOLDER = torch.tensor([0], dtype=torch.uint8)
 
 
 def test_write_checkpoint_deterministic_and_readable(tmp_path):
@@ -299,10 +315,35 @@ def test_write_checkpoint_deterministic_and_readable(tmp_path):
     assert sorted(os.listdir(a)) == ["config.json", "model.safetensors"]
     cfg, qc = read_quant_config(a)
     assert cfg["hidden_size"] == 64 and qc.to_dict() == _qc().to_dict()
-    _same(st_load_file(os.path.join(a, "model.safetensors")), {k: v.contiguous() for k, v in t.items()})
-    _same(load_checkpoint_tensors(a), {k: v.contiguous() for k, v in t.items()})
+    # quantized_modules is empty here: the quantized layer is found from its .qweight
+    want = {k: v.contiguous() for k, v in t.items()}
+    want.update({"model.layers.0.q.weight": PLACEHOLDER, "model.layers.0.q.qzeros": PLACEHOLDER})
+    _same(st_load_file(os.path.join(a, "model.safetensors")), want)
+    _same(load_checkpoint_tensors(a), want)
     with safe_open(os.path.join(a, "model.safetensors"), framework="pt") as fh:
         assert fh.metadata()["quant_method"] == "afpq"
+        assert "afpq_plugins" in fh.metadata()["afpq_placeholder"]
+
+
+def test_refusal_placeholders_for_each_quantized_module(tmp_path):
+    """Every module in quantized_modules gets <name>.weight and <name>.qzeros = uint8 [0];
+    a dict that already holds them gives the same bytes; a real tensor under either key is refused."""
+    t = {**_layer_tensors("m.a"), **_layer_tensors("m.b"), "m.norm.weight": torch.ones(4)}
+    qc = _qc(quantized_modules=["m.a", "m.b"])
+    out = write_checkpoint(str(tmp_path / "ck"), t, MODEL_CFG, qc)
+    with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as fh:
+        keys = set(fh.keys())
+        assert keys == set(t) | {"m.a.weight", "m.a.qzeros", "m.b.weight", "m.b.qzeros"}
+        for k in ("m.a.weight", "m.a.qzeros", "m.b.weight", "m.b.qzeros"):
+            got = fh.get_tensor(k)
+            assert got.dtype == torch.uint8 and torch.equal(got, PLACEHOLDER), k
+    again = write_checkpoint(str(tmp_path / "again"), load_checkpoint_tensors(out), MODEL_CFG, qc)
+    assert _snapshot(again) == _snapshot(out)
+    for key, bad in (("m.b.weight", torch.zeros(16, 64)), ("m.a.qzeros", torch.zeros(2, 2, dtype=torch.int32)),
+                     ("m.a.weight", torch.zeros(2, dtype=torch.uint8))):
+        with pytest.raises(CheckpointError, match=re.escape(repr(key))):
+            write_checkpoint(str(tmp_path / "bad"), {**t, key: bad}, MODEL_CFG, qc)
+    assert not (tmp_path / "bad").exists()
 
 
 def _snapshot(folder):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -17,7 +18,7 @@ from safetensors.torch import load_file as st_load_file  # noqa: E402
 from safetensors.torch import save_file as st_save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from afpq_plugins.core.checkpoint import CheckpointError  # noqa: E402
+from afpq_plugins.core.checkpoint import AFPQConfigDict, CheckpointError  # noqa: E402
 from afpq_plugins.core.quantize import fake_quantize  # noqa: E402
 from afpq_plugins.model import load_quantized, quantize_model_rtn, save_quantized  # noqa: E402
 from afpq_plugins.nn import AFPQLinear  # noqa: E402
@@ -108,7 +109,9 @@ def test_rtn_save_load_round_trip(tiny, tmp_path, fmt, mode, gs, layout):
     assert torch.equal(tensors["model.embed_tokens.weight"], embed)
     second = {"afpq": "scales_neg", "zp": "zeros", "sym": None}[mode]
     for n in LINEARS:
-        assert f"{n}.qweight" in tensors and f"{n}.scales" in tensors and f"{n}.weight" not in tensors
+        assert f"{n}.qweight" in tensors and f"{n}.scales" in tensors
+        for ph in (f"{n}.weight", f"{n}.qzeros"):  # refusal placeholders, not a float weight
+            assert tensors[ph].dtype == torch.uint8 and tensors[ph].tolist() == [0], ph
         assert (f"{n}.scales_neg" in tensors) == (second == "scales_neg")
         assert (f"{n}.zeros" in tensors) == (second == "zeros")
         assert (f"{n}.g_idx" in tensors) == (layout == "gptq")
@@ -242,6 +245,29 @@ def test_missing_float_tensor_and_unexpected_tensor_named(saved, tmp_path):
     _edit_tensors(path2, lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", torch.ones(128, 64)))
     with pytest.raises(CheckpointError, match="model.layers.0.mlp.up_proj.weight"):
         load_quantized(path2)
+
+
+def test_checkpoint_without_placeholders_still_loads(saved, tmp_path):
+    """Checkpoints written before the refusal placeholders existed load unchanged."""
+    old = _copy(saved, tmp_path)
+    _edit_tensors(old, lambda t: [t.pop(k) for k in [k for k in t if k.endswith((".qzeros", "proj.weight"))]])
+    assert not any(k.endswith("_proj.weight") for k in st_load_file(os.path.join(old, "model.safetensors")))
+    ids = _ids()
+    new_model, old_model = load_quantized(saved), load_quantized(old)
+    assert torch.equal(_logits(old_model, ids), _logits(new_model, ids))
+    assert set(old_model.state_dict()) == set(new_model.state_dict())
+    assert not any(k.endswith(("_proj.weight", ".qzeros")) for k in new_model.state_dict())
+    # saving it again writes the placeholders
+    again = save_quantized(old_model, str(tmp_path / "again"), AFPQConfigDict.from_dict(old_model.config.quantization_config))
+    assert st_load_file(os.path.join(again, "model.safetensors"))["model.layers.1.mlp.up_proj.qzeros"].dtype == torch.uint8
+
+
+def test_wrong_placeholder_named(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    key = "model.layers.1.self_attn.k_proj.qzeros"
+    _edit_tensors(path, lambda t: t.__setitem__(key, torch.zeros(2, 4, dtype=torch.int32)))
+    with pytest.raises(CheckpointError, match=re.escape(repr(key))):
+        load_quantized(path)
 
 
 def test_foreign_quant_method_named(saved, tmp_path):

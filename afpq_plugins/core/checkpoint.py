@@ -5,7 +5,9 @@ A checkpoint is a folder::
     config.json          the model's config plus "quantization_config" (below)
     model.safetensors    every tensor: AFPQ layers as <name>.qweight / .scales /
                          .scales_neg (afpq) or .zeros (zp) / .g_idx (gptq layout) /
-                         .bias, all other parameters as in the float model
+                         .bias, plus the refusal placeholders <name>.weight and
+                         <name>.qzeros (uint8, shape [1]; below); all other
+                         parameters as in the float model
     (tokenizer and generation files, copied through)
 
 ``quantization_config`` (see :class:`AFPQConfigDict`)::
@@ -16,8 +18,19 @@ A checkpoint is a folder::
      "modules_to_not_convert": ["lm_head"], "quantized_modules": [...],
      "table": [...]}            # the grid's code table, so custom formats reload
 
-``quant_method: "afpq"`` makes stock loaders (AutoGPTQ, AutoAWQ, transformers
-without the plugin) refuse or ignore the checkpoint rather than decode it as INT.
+``quant_method: "afpq"`` alone does not stop stock loaders: transformers without the
+plugin only warns "Unknown quantization type, got afpq" and builds the float model with
+random quantized layers, and AutoGPTQ 0.7.1 ignores ``quant_method`` when it reads a hub
+repository's ``config.json`` and loads the codes into INT ``QuantLinear`` layers. So each
+quantized layer also stores two *refusal placeholders*, one-byte ``uint8`` tensors of
+shape ``[1]`` under keys those loaders fill: ``<name>.weight`` (a float model's
+``[out, in]`` weight) and ``<name>.qzeros`` (the packed zero-points of GPTQ/AWQ INT
+layers). A loader that does not know the format hits a size mismatch and stops
+(transformers 4.53 and 5.x raise ``RuntimeError`` unless ``ignore_mismatched_sizes=True``,
+which then re-initialises those layers: the caller asked for it; accelerate, under
+AutoGPTQ and AutoAWQ, raises ``ValueError``). Every AFPQ loader checks that a placeholder
+is exactly that (a real tensor under either key is an error) and drops it; checkpoints
+written before the placeholders existed load unchanged.
 
 Saving is atomic (a temporary sibling folder renamed into place; an existing folder
 is replaced only once the new one is complete) and deterministic (same input, same
@@ -52,12 +65,29 @@ __all__ = [
     "expected_layer_tensors",
     "second_param_name",
     "validate_layer_tensors",
+    "PLACEHOLDER_SUFFIXES",
+    "refusal_placeholder",
+    "is_refusal_placeholder",
+    "placeholder_keys",
+    "quantized_module_names",
+    "with_refusal_placeholders",
+    "safetensors_metadata",
 ]
 
 QUANT_METHOD = "afpq"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 _DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+#: Per quantized layer, ``<name>.<suffix>`` holds :func:`refusal_placeholder` (see the module docstring).
+PLACEHOLDER_SUFFIXES = ("weight", "qzeros")
+_PLACEHOLDER_SHAPE = (1,)
+_PLACEHOLDER_DTYPE = torch.uint8
+_PLACEHOLDER_NOTE = (
+    "<layer>.weight and <layer>.qzeros (uint8 [1]) of each quantized layer are placeholders that make "
+    "loaders without AFPQ support fail with a size mismatch; load with `import afpq_plugins`"
+)
 
 
 class CheckpointError(ValueError):
@@ -192,7 +222,11 @@ def validate_layer_tensors(
     name: str, tensors: Mapping[str, torch.Tensor], qc: AFPQConfigDict,
     in_features: int, out_features: int, bias: bool, source: str = "checkpoint",
 ) -> None:
-    """Raise :class:`CheckpointError` naming the tensor if any is missing or misshapen."""
+    """Raise :class:`CheckpointError` naming the tensor if any is missing or misshapen.
+
+    ``<name>.weight`` and ``<name>.qzeros``, if present, must be refusal placeholders
+    (older checkpoints have none)."""
+    _check_placeholders(name, tensors, source)
     for suffix, (shape, dtype) in expected_layer_tensors(qc, in_features, out_features, bias).items():
         key = f"{name}.{suffix}"
         t = tensors.get(key)
@@ -211,6 +245,58 @@ def validate_layer_tensors(
             raise CheckpointError(f"{source}: tensor '{name}.g_idx' indexes groups outside 0..{groups - 1}")
 
 
+# -- the refusal placeholders -----------------------------------------------------------------
+def refusal_placeholder() -> torch.Tensor:
+    """A fresh ``uint8`` tensor of shape ``[1]`` holding 0 (its own storage: savers that
+    drop tensors sharing memory keep every copy)."""
+    return torch.zeros(_PLACEHOLDER_SHAPE, dtype=_PLACEHOLDER_DTYPE)
+
+
+def is_refusal_placeholder(shape, dtype) -> bool:
+    return tuple(int(d) for d in shape) == _PLACEHOLDER_SHAPE and dtype == _PLACEHOLDER_DTYPE
+
+
+def placeholder_keys(names) -> List[str]:
+    """``<name>.weight`` and ``<name>.qzeros`` for each quantized module name."""
+    return [f"{n}.{suffix}" for n in names for suffix in PLACEHOLDER_SUFFIXES]
+
+
+def quantized_module_names(qc: "AFPQConfigDict", keys) -> List[str]:
+    """The quantized layers: ``quantized_modules``, else every ``<name>`` with a ``<name>.qweight``."""
+    return list(qc.quantized_modules) or sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
+
+
+def with_refusal_placeholders(tensors: Mapping[str, torch.Tensor], names) -> Dict[str, torch.Tensor]:
+    """``tensors`` plus the placeholders of each quantized layer in ``names`` (one already
+    there is kept; a real tensor under a placeholder key is an error)."""
+    out = dict(tensors)
+    for key in placeholder_keys(names):
+        t = out.get(key)
+        if t is None:
+            out[key] = refusal_placeholder()
+        elif not is_refusal_placeholder(t.shape, t.dtype):
+            raise CheckpointError(
+                f"tensor {key!r} ({t.dtype}, shape {tuple(t.shape)}) belongs to a quantized layer, where "
+                "that key is reserved for the uint8 [1] refusal placeholder"
+            )
+    return out
+
+
+def _check_placeholders(name: str, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    shape_of, dtype_of = getattr(tensors, "shape", None), getattr(tensors, "dtype", None)
+    lazy = callable(shape_of) and callable(dtype_of)  # hf.validate.CheckpointTensors: no read
+    for key in placeholder_keys([name]):
+        if key not in tensors:
+            continue  # written before the placeholders existed
+        shape, dtype = (shape_of(key), dtype_of(key)) if lazy else (tuple(tensors[key].shape), tensors[key].dtype)
+        if not is_refusal_placeholder(shape, dtype):
+            raise CheckpointError(
+                f"{source}: unexpected tensor {key!r} ({dtype}, shape {tuple(shape)}) in quantized layer {name!r} "
+                f"(an AFPQ layer has no float weight or INT zero-points; only the uint8 [1] refusal placeholder "
+                f"may use that key)"
+            )
+
+
 # -- files ------------------------------------------------------------------------------------
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
@@ -227,10 +313,12 @@ def write_checkpoint(
     """Write a checkpoint folder atomically; returns its absolute path.
 
     ``extra_writer(tmp_dir)`` may add files (tokenizer, generation config) before the
-    folder is moved into place. An existing ``out_dir`` is an error unless
+    folder is moved into place. The refusal placeholders of each quantized layer are
+    added to ``tensors``. An existing ``out_dir`` is an error unless
     ``overwrite``; it is replaced only after the new folder is complete.
     """
     out_dir = os.path.abspath(out_dir)
+    tensors = with_refusal_placeholders(tensors, quantized_module_names(qc, tensors))
     if os.path.exists(out_dir) and not overwrite:
         if not os.path.isdir(out_dir) or os.listdir(out_dir):
             raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True (CLI: --overwrite)")
@@ -243,7 +331,7 @@ def write_checkpoint(
         config["quantization_config"] = qc.to_dict()
         with open(os.path.join(tmp, "config.json"), "wb") as fh:
             fh.write(_json_bytes(config))
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=safetensors_metadata())
         if extra_writer is not None:
             extra_writer(tmp)
         _move_into_place(tmp, out_dir, parent)
@@ -251,6 +339,11 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def safetensors_metadata() -> Dict[str, str]:
+    """The ``__metadata__`` of an AFPQ ``model.safetensors``."""
+    return {"format": "pt", "quant_method": QUANT_METHOD, "afpq_placeholder": _PLACEHOLDER_NOTE}
 
 
 def _move_into_place(tmp: str, out_dir: str, parent: str) -> None:

@@ -14,6 +14,13 @@ A float model with ``quantization_config=AFPQConfig(..., dataset=...)`` is quant
 after loading by :class:`~afpq_plugins.hf.optimum.AFPQGPTQQuantizer` (GPTQ with the
 AFPQ grid), like transformers' own GPTQ quantize-on-load.
 
+The refusal placeholders (``<layer>.weight`` and ``<layer>.qzeros``, ``uint8 [1]``, see
+:mod:`afpq_plugins.core.checkpoint`) are validated with the other tensors, kept out of
+transformers' unexpected-key report (4.53: ``update_unexpected_keys``; 5.x: the model's
+``_keys_to_ignore_on_load_unexpected``), and written again by ``save_pretrained`` (5.x:
+``get_state_dict_and_metadata``; 4.53, which has no quantizer hook there: the model's
+``_fix_state_dict_keys_on_save``, overridden on the loaded instance only).
+
 Written against the HfQuantizer API of transformers 4.53.3 and 5.17.0; the hooks whose
 names differ (``update_torch_dtype`` / ``update_dtype``, ``is_serializable``'s
 argument) are both provided.
@@ -23,13 +30,21 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import types
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from ..core.checkpoint import CheckpointError
+from ..core.checkpoint import (
+    PLACEHOLDER_SUFFIXES,
+    CheckpointError,
+    placeholder_keys,
+    safetensors_metadata,
+    with_refusal_placeholders,
+)
 from ..core.safetensors_io import read_header
 from ..nn import AFPQLinear, second_param_name
 from .config import AFPQConfig
@@ -46,6 +61,23 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _with_placeholders(model: nn.Module, state_dict: dict) -> dict:
+    """``state_dict`` plus the refusal placeholders of each :class:`AFPQLinear` in ``model``."""
+    return with_refusal_placeholders(state_dict, [n for n, m in model.named_modules() if isinstance(m, AFPQLinear)])
+
+
+def _fix_state_dict_keys_on_save(self, state_dict):
+    """transformers 4.53's ``save_pretrained`` hook, bound to an AFPQ model instance: the
+    class's own key fixing, then the refusal placeholders. (Bound with ``types.MethodType``,
+    so ``copy.deepcopy`` rebinds it to the copy.)"""
+    return _with_placeholders(self, type(self)._fix_state_dict_keys_on_save(self, state_dict))
+
+
+def _placeholder_pattern(names) -> str:
+    suffixes = "|".join(PLACEHOLDER_SUFFIXES)
+    return r"(?:^|\.)(?:" + "|".join(re.escape(n) for n in sorted(names)) + r")\.(?:" + suffixes + r")$"
+
+
 class AFPQHfQuantizer(HfQuantizer):
     """Loads AFPQ checkpoints into :class:`AFPQLinear` modules; quantizes float models on load."""
 
@@ -58,6 +90,7 @@ class AFPQHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self._tensors: Optional[CheckpointTensors] = None
         self._layers: Dict[str, Tuple[int, int, bool]] = {}
+        self._placeholders: set = set()
 
     # -- environment, dtype, device map --------------------------------------------------------
     def validate_environment(self, *args, **kwargs) -> None:
@@ -132,13 +165,32 @@ class AFPQHfQuantizer(HfQuantizer):
             )
             layer.requires_grad_(False)
             _set_module(model, name, layer)
-        validate_against_model(tensors, model, qc, layers)
+        validate_against_model(tensors, model, qc, layers)  # includes the refusal placeholders
         self._tensors, self._layers = tensors, layers
+        self._placeholders = set(placeholder_keys(layers))
+        # transformers 5.x reports unexpected checkpoint keys through this (instance) set
+        ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+        model._keys_to_ignore_on_load_unexpected = ignore | {_placeholder_pattern(layers)}
         model.config.quantization_config = self.quantization_config
         return model
 
+    def update_unexpected_keys(self, model, unexpected_keys, prefix):  # transformers 4.53
+        return [k for k in unexpected_keys if k not in self._placeholders]
+
+    # -- save_pretrained: keep writing the refusal placeholders --------------------------------------
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):  # transformers 5.x
+        metadata = safetensors_metadata()
+        metadata.pop("format")  # transformers sets it
+        return _with_placeholders(model, model.state_dict()), metadata
+
+    @staticmethod
+    def _keep_placeholders_on_save(model) -> None:
+        if not hasattr(HfQuantizer, "get_state_dict_and_metadata"):  # transformers 4.53
+            model._fix_state_dict_keys_on_save = types.MethodType(_fix_state_dict_keys_on_save, model)
+
     # -- after weights load ------------------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs):
+        self._keep_placeholders_on_save(model)
         if not self.pre_quantized:
             return self._quantize_on_load(model)
         qc = self.quantization_config.checkpoint_config()

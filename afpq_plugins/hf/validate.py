@@ -10,6 +10,11 @@ quantizer checks every tensor here first, with the checkpoint format's own contr
 (:func:`afpq_plugins.core.safetensors_io.read_header`: a truncated file is an error
 naming the file and the tensor). Only the headers are read up front; quantized
 layers' tensors are read one at a time to check NaN/Inf in their scales.
+
+A quantized layer's ``<name>.weight`` and ``<name>.qzeros`` must be the format's refusal
+placeholders (``uint8 [1]``, see :mod:`afpq_plugins.core.checkpoint`) or absent
+(checkpoints written before they existed); they are checked here and are not model
+tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
-from ..core.checkpoint import AFPQConfigDict, CheckpointError, validate_layer_tensors
+from ..core.checkpoint import AFPQConfigDict, CheckpointError, placeholder_keys, validate_layer_tensors
 from ..core.safetensors_io import _DTYPES, read_header
 
 __all__ = ["CheckpointTensors", "resolve_checkpoint_files", "validate_against_model"]
@@ -147,7 +152,8 @@ def validate_against_model(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{tensors.source(missing[0])}: tensor {missing[0]!r} is missing{more}")
     quant_prefixes = tuple(f"{n}." for n in layers)
-    for key in sorted(set(tensors) - expected):
+    placeholders = set(placeholder_keys(layers))  # checked by validate_layer_tensors
+    for key in sorted(set(tensors) - expected - placeholders):
         if key.startswith(quant_prefixes):
             raise CheckpointError(
                 f"{tensors.source(key)}: unexpected tensor {key!r} in a quantized layer "

@@ -283,13 +283,20 @@ def test_calibration_inputs(tiny_dir):
         calibration_token_lists(["short"], tok, 8, 64)
 
 
-def test_stock_loaders_refuse_and_awq_save_is_safe(tiny_dir, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def saved_by_autoawq(tiny_dir, tmp_path_factory):
+    """An nf4 (4-bit, awq layout) model saved through AutoAWQ's own ``save_quantized``."""
     model, _ = _quantize(tiny_dir, "nf4", 64)
-    # AutoAWQ's own save_quantized on this instance writes the AFPQ format, never "awq"
-    out = str(tmp_path / "via_autoawq_save")
+    out = str(tmp_path_factory.mktemp("awq_save") / "via_autoawq_save")
     model.save_quantized(out)
+    return out
+
+
+def test_stock_loaders_refuse_and_awq_save_is_safe(saved_by_autoawq):
+    out = saved_by_autoawq
+    # AutoAWQ's own save_quantized on this instance writes the AFPQ format, never "awq"
     cfg = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
-    assert cfg["quant_method"] == "afpq" and cfg["method"] == "awq"
+    assert cfg["quant_method"] == "afpq" and cfg["method"] == "awq" and cfg["layout"] == "awq"
 
     from awq import AutoAWQForCausalLM
 
@@ -297,24 +304,51 @@ def test_stock_loaders_refuse_and_awq_save_is_safe(tiny_dir, tmp_path, caplog):
     with pytest.raises((ImportError, UnboundLocalError, ValueError, KeyError)):
         AutoAWQForCausalLM.from_quantized(out, device_map="cpu")
 
-    # transformers 4.53.3 without the afpq plugin does NOT raise: it logs "Unknown
-    # quantization type, got afpq ... we will skip the quantization" and leaves every
-    # quantized Linear randomly initialised (also logged). Pinned here so a change is
-    # noticed; it never decodes AFPQ codes as INT.
-    from transformers import AutoModelForCausalLM
-    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    # transformers 4.53.3 without the afpq plugin (a clean process) skips the unknown
+    # quant_method, then stops at the refusal placeholder <layer>.weight (uint8 [1]).
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+            "try:\n    AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "except RuntimeError as exc:\n    print('REFUSED', exc)\n"
+            "assert not [m for m in sys.modules if m.startswith('afpq_plugins')]\n")
+    proc = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=""), cwd=os.path.dirname(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("REFUSED") and "size mismatch for weight" in proc.stdout, proc.stdout
+    assert "torch.Size([1])" in proc.stdout
 
-    if "afpq" in AUTO_QUANTIZER_MAPPING:
-        pytest.skip("the afpq transformers plugin is registered in this process")
-    caplog.set_level("WARNING")
-    try:
-        AutoModelForCausalLM.from_pretrained(out)
-    except Exception as exc:  # a refusal is the better outcome
-        assert "afpq" in str(exc) or "weight" in str(exc)
-    else:
-        text = caplog.text
-        assert "Unknown quantization type, got afpq" in text
-        assert "newly initialized" in text and "mlp.down_proj.weight" in text
+
+STOCK_AWQ_LOAD = """
+import sys, warnings
+with warnings.catch_warnings(record=True):
+    from awq import AutoAWQForCausalLM
+    import awq.models.base as base
+if sys.argv[2] == "cuda":
+    base.get_best_device = lambda: "cuda:0"  # what AutoAWQ sees on a CUDA machine (no IPEX demanded)
+kw = dict(device_map={"": "cpu"}, fuse_layers=False)
+kw.update({"default": {}, "exllama": {"use_exllama": True}, "exllama_v2": {"use_exllama_v2": True}}[sys.argv[3]])
+try:
+    AutoAWQForCausalLM.from_quantized(sys.argv[1], **kw)
+except Exception as exc:
+    print("REFUSED", type(exc).__name__, exc)
+else:
+    print("LOADED")
+assert not [m for m in sys.modules if m.startswith("afpq_plugins")]
+"""
+
+
+@pytest.mark.parametrize("device,kernel,expect", [
+    ("cpu", "default", "ImportError Please install intel_extension_for_pytorch"),
+    ("cuda", "default", "UnboundLocalError"),  # quantization_config.version is 1, not a kernel name
+    # a 4-bit checkpoint reaches the weight loading with the exllama kernels: the qzeros placeholder stops it
+    ("cuda", "exllama", 'ValueError Trying to set a tensor of shape torch.Size([1]) in "qzeros"'),
+    ("cuda", "exllama_v2", 'ValueError Trying to set a tensor of shape torch.Size([1]) in "qzeros"'),
+])
+def test_stock_autoawq_refuses_in_a_clean_process(saved_by_autoawq, tmp_path, device, kernel, expect):
+    env = dict(os.environ, PYTHONPATH="")  # stock AutoAWQ, afpq_plugins not even on the path
+    proc = subprocess.run([sys.executable, "-c", STOCK_AWQ_LOAD, saved_by_autoawq, device, kernel],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("REFUSED " + expect), proc.stdout + proc.stderr[-2000:]
 
 
 def test_int_awq_unchanged(tiny_dir, tmp_path):

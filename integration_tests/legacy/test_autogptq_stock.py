@@ -7,7 +7,9 @@
   exception is upstream's: safetensors serialises the file's metadata map in a
   per-process hash order, so two stock runs already differ in those header bytes; the
   safetensors file is compared as parsed header plus byte-identical tensor data.
-* Stock AutoGPTQ (no adapter) and stock transformers must not load an AFPQ checkpoint.
+* Stock AutoGPTQ (no adapter) and stock transformers must not load an AFPQ checkpoint,
+  from a local folder or from a hub repository: the refusal placeholders
+  (``<layer>.weight`` / ``<layer>.qzeros``, uint8 ``[1]``) make them stop at a size mismatch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -168,6 +171,31 @@ def test_stock_autogptq_refuses_afpq_checkpoint(afpq_checkpoint, tmp_path):
     assert "REFUSED" in proc.stdout, proc.stdout
 
 
+def _fake_hub_repo(checkpoint: str, cache: str, repo: str = "someone/afpq-model") -> str:
+    """Lay ``checkpoint`` out as a downloaded hub repository in the cache folder ``cache``."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    os.makedirs(os.path.join(base, "refs"))
+    with open(os.path.join(base, "refs", "main"), "w") as fh:
+        fh.write(commit)
+    shutil.copytree(checkpoint, os.path.join(base, "snapshots", commit))
+    return repo
+
+
+def test_stock_autogptq_refuses_afpq_checkpoint_from_the_hub(afpq_checkpoint, tmp_path):
+    """From a hub repository (no quantize_config.json), AutoGPTQ 0.7.1 takes config.json's
+    quantization_config, ignores quant_method "afpq" and would load the codes into INT
+    QuantLinear layers; the qzeros placeholder stops it."""
+    cache = str(tmp_path / "hub")
+    repo = _fake_hub_repo(afpq_checkpoint, cache)
+    env = dict(_clean_env(), HF_HUB_CACHE=cache, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", STOCK_LOAD, repo], capture_output=True, text=True,
+                          env=env, cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("REFUSED ValueError"), proc.stdout + proc.stderr[-3000:]
+    assert '"qzeros"' in proc.stdout and "torch.Size([1])" in proc.stdout, proc.stdout
+
+
 STOCK_HF_LOAD = textwrap.dedent(
     '''
     import sys
@@ -178,19 +206,19 @@ STOCK_HF_LOAD = textwrap.dedent(
         print("REFUSED", type(exc).__name__, exc)
     else:
         print("LOADED")
+    assert not [m for m in sys.modules if m.startswith("afpq_plugins")]
     '''
 )
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transformers 4.53 only warns 'Unknown quantization type, got afpq ... we will skip the quantization' and "
-    "loads the float architecture with the quantized Linears randomly initialised; refusing needs a change "
-    "to the core checkpoint format (see the AutoGPTQ adapter report)"))
 def test_stock_transformers_refuses_afpq_checkpoint(afpq_checkpoint, tmp_path):
+    """transformers 4.53 skips the unknown quant_method, then stops at the weight placeholder."""
     proc = subprocess.run([sys.executable, "-c", STOCK_HF_LOAD, afpq_checkpoint], capture_output=True, text=True,
                           env=_clean_env(), cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "REFUSED" in proc.stdout, proc.stdout
+    assert proc.stdout.startswith("REFUSED RuntimeError"), proc.stdout
+    assert "size mismatch for weight" in proc.stdout and "torch.Size([1])" in proc.stdout, proc.stdout
+    assert "Unknown quantization type, got afpq" in proc.stderr
 
 
 def test_unregister_restores_stock_methods():

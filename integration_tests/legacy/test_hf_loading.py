@@ -6,6 +6,7 @@ Llama checkpoints made by RTN (both layouts), then by the AutoGPTQ / AutoAWQ ada
 when those are importable, load with the same logits as
 :func:`afpq_plugins.model.load_quantized`, generate, and round-trip through
 ``save_pretrained``; damaged checkpoints fail with errors naming the tensor or key.
+Without the plugin, stock ``from_pretrained`` refuses them (the refusal placeholders).
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def test_save_pretrained_round_trips_in_the_same_format(rtn_checkpoints, case, t
     assert qc1.to_dict() == qc0.to_dict()
     t0, t1 = load_file(os.path.join(path, "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert set(t0) == set(t1)
+    for name in qc0.quantized_modules:  # save_pretrained keeps writing the refusal placeholders
+        for ph in (f"{name}.weight", f"{name}.qzeros"):
+            assert t1[ph].dtype == torch.uint8 and t1[ph].tolist() == [0], ph
     for k in t0:
         assert t0[k].dtype == t1[k].dtype and torch.equal(t0[k], t1[k]), k
     ids = _ids(model.config.vocab_size)
@@ -199,6 +203,34 @@ def test_float_weight_inside_a_quantized_layer_is_refused(ckpt, tmp_path):
     _rewrite_tensors(bad, lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", torch.zeros(128, 64)))
     with pytest.raises(CheckpointError, match=r"up_proj\.weight"):
         _hf_load(bad)
+
+
+def test_int_zero_points_inside_a_quantized_layer_are_refused(ckpt, tmp_path):
+    bad = _copy(ckpt, tmp_path / "bad")
+    key = "model.layers.1.self_attn.o_proj.qzeros"
+    _rewrite_tensors(bad, lambda t: t.__setitem__(key, torch.zeros(2, 8, dtype=torch.int32)))
+    with pytest.raises(CheckpointError, match=r"o_proj\.qzeros"):
+        _hf_load(bad)
+
+
+def _strip_placeholders(path) -> None:
+    """Make ``path`` a checkpoint as written before the refusal placeholders."""
+    def strip(t):
+        for k in [k for k in t if k.endswith((".qzeros", "_proj.weight"))]:
+            del t[k]
+    _rewrite_tensors(path, strip)
+
+
+def test_checkpoint_without_placeholders_loads_and_resaves_with_them(ckpt, tmp_path):
+    old = _copy(ckpt, tmp_path / "old")
+    _strip_placeholders(old)
+    model = _hf_load(old)
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, load_quantized(ckpt)(ids).logits)
+    model.save_pretrained(str(tmp_path / "rt"))
+    t = load_file(str(tmp_path / "rt" / "model.safetensors"))
+    assert set(t) == set(load_file(os.path.join(ckpt, "model.safetensors")))
 
 
 def test_truncated_safetensors_names_file_and_tensor(ckpt, tmp_path):
@@ -299,18 +331,65 @@ def test_lazy_registration_imports_nothing_then_registers_on_first_transformers_
     assert res.stdout.strip().endswith("AFPQLinear")
 
 
-def test_without_the_plugin_transformers_skips_afpq_and_random_initializes(ckpt):
-    """What a user sees without ``import afpq_plugins``: documented in the README."""
+STOCK_LOAD = (
+    "import sys\n"
+    "from transformers import AutoModelForCausalLM\n"
+    "kw = {'ignore_mismatched_sizes': True} if len(sys.argv) > 2 else {}\n"
+    "try:\n"
+    "    m = AutoModelForCausalLM.from_pretrained(sys.argv[1], **kw)\n"
+    "except Exception as exc:\n"
+    "    print('REFUSED', type(exc).__name__, exc)\n"
+    "else:\n"
+    "    print('LOADED', type(m.model.layers[0].self_attn.q_proj).__name__, getattr(m, 'is_quantized', False))\n"
+    "assert not [m for m in sys.modules if m.startswith('afpq_plugins')], 'the stock run imported afpq_plugins'\n"
+)
+
+
+def _stock(*args) -> subprocess.CompletedProcess:
+    """``from_pretrained`` in a fresh interpreter that never imports afpq_plugins (not on its path)."""
+    env = dict(os.environ, PYTHONPATH="")
+    return subprocess.run([sys.executable, "-c", STOCK_LOAD, *args], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.abspath(args[0])), timeout=300)
+
+
+def test_without_the_plugin_transformers_refuses_the_checkpoint(ckpt):
+    """What a user sees without ``import afpq_plugins`` (quoted in the README): transformers
+    skips the unknown quant_method, then stops at the refusal placeholders' size mismatch
+    (4.53: in the exception; 5.x: in the load report logged just before it)."""
+    res = _stock(ckpt)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("REFUSED RuntimeError"), res.stdout
+    assert "Unknown quantization type, got afpq" in res.stderr
+    assert "size mismatch" in res.stdout + res.stderr
+    assert "torch.Size([1])" in res.stdout + res.stderr
+
+
+def test_without_the_plugin_ignore_mismatched_sizes_loads_random_layers(ckpt):
+    """Documented: asking transformers to ignore the mismatch re-initialises every quantized
+    layer, and transformers says so (naming the placeholder's shape)."""
+    res = _stock(ckpt, "ignore")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "LOADED Linear False"
+    assert "self_attn.q_proj.weight" in res.stderr and "torch.Size([1])" in res.stderr
+
+
+def test_with_the_plugin_placeholders_load_without_warnings(ckpt):
+    """The placeholders are neither loaded nor reported (4.53: unexpected-key hook; 5.x: the
+    model's ignore patterns), and nothing is re-initialised."""
     code = (
-        "import torch\n"
+        "import logging, sys, afpq_plugins\n"
         "from transformers import AutoModelForCausalLM\n"
+        "logging.basicConfig(level=logging.INFO)\n"  # 4.53 reports unexpected keys at INFO for a foreign arch
+        "from transformers.utils import logging as tlog\n"
+        "tlog.set_verbosity_info()\n"
         f"m = AutoModelForCausalLM.from_pretrained({ckpt!r})\n"
-        "print('TYPE', type(m.model.layers[0].self_attn.q_proj).__name__, getattr(m, 'is_quantized', False))\n"
+        "print('TYPE', type(m.model.layers[0].self_attn.q_proj).__name__)\n"
     )
     res = _run(code)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "TYPE Linear False" in res.stdout
-    assert "Unknown quantization type, got afpq" in res.stderr
+    assert res.stdout.strip().endswith("TYPE AFPQLinear")
+    for word in ("qzeros", "proj.weight", "UNEXPECTED", "MISMATCH", "not used", "newly initialized"):
+        assert word not in res.stderr, (word, res.stderr[-3000:])
 
 
 # -- checkpoints from the GPTQ and AWQ adapters (legacy stack, when the adapters exist) -------------
