@@ -127,6 +127,75 @@ def timing(args) -> None:
     save_results(args.timing_json, res)
 
 
+def layer_timing(args) -> None:
+    """GPTQ's per-layer work, AFPQ vs stock INT, alternating: ``fasterquant`` then ``pack``.
+
+    Everything else in ``quantize()`` (calibration forwards, Hessian accumulation,
+    hooks) is the same code for both, so the whole-call ratio lies between 1 and this
+    one; on a shared machine this is the stabler figure (many short alternating
+    repeats, minimum per side). Weights: SmolLM2's decoder layer 0 (q, k, o, gate,
+    down shapes); Hessian ``X^T X`` of its real input activations on the calibration text.
+    """
+    import statistics
+
+    from auto_gptq.nn_modules.qlinear.qlinear_cuda_old import QuantLinear as IntQuantLinear
+    from auto_gptq.quantization.gptq import GPTQ
+
+    import afpq_plugins.autogptq as A
+    from afpq_plugins.autogptq import compat
+    from afpq_plugins.data import calibration_samples, default_model_path, load_model_and_tokenizer
+
+    base, tok = load_model_and_tokenizer(default_model_path())
+    blk = base.model.layers[0]
+    ids = torch.cat(calibration_samples(tok, args.nsamples, args.calib_seqlen, seed=0)).reshape(args.nsamples, -1)
+    with torch.no_grad():
+        h = base.model.embed_tokens(ids).reshape(-1, base.config.hidden_size)
+        x_attn = blk.input_layernorm(h)
+        up = blk.mlp.act_fn(blk.mlp.gate_proj(x_attn)) * blk.mlp.up_proj(x_attn)
+    hess = {base.config.hidden_size: 2 * x_attn.t() @ x_attn / len(x_attn), up.shape[1]: 2 * up.t() @ up / len(up)}
+    layers = {"q_proj": blk.self_attn.q_proj, "k_proj": blk.self_attn.k_proj, "o_proj": blk.self_attn.o_proj,
+              "gate_proj": blk.mlp.gate_proj, "down_proj": blk.mlp.down_proj}
+    g, bits = 64, 3
+    afpq_gptq = A.AFPQGPTQ.bind("nf3", "afpq", torch.float16)
+    afpq_ql = A.quant_linear_class("nf3", "afpq", torch.float16)
+
+    def one(kind):
+        tq = tp = 0.0
+        for lin in layers.values():
+            layer = copy.deepcopy(lin)
+            t0 = time.perf_counter()
+            gq = GPTQ(layer) if kind == "int3" else afpq_gptq(layer)
+            gq.quantizer.configure(bits, perchannel=True, sym=False)
+            gq.H = hess[layer.in_features].clone()
+            gq.nsamples = 1
+            with compat.no_cuda_synchronize():
+                scale, zero, g_idx = gq.fasterquant(group_size=g)
+            t1 = time.perf_counter()
+            cls = IntQuantLinear if kind == "int3" else afpq_ql
+            ql = cls(bits, g, layer.in_features, layer.out_features, False)
+            ql.pack(layer, scale, zero, g_idx)
+            tq, tp = tq + t1 - t0, tp + time.perf_counter() - t1
+        return tq, tp
+
+    times = {"int3": [], "nf3-afpq": []}
+    for r in range(args.repeats):
+        for kind in times:
+            times[kind].append(one(kind))
+        print(f"repeat {r}: " + "  ".join(f"{k} fasterquant {v[-1][0]:.3f}s pack {v[-1][1]:.3f}s"
+                                          for k, v in times.items()), flush=True)
+    res = {"settings": {"layers": list(layers), "nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen,
+                        "group_size": g, "bits": bits, "repeats": args.repeats, "threads": torch.get_num_threads()}}
+    for k, v in times.items():
+        fq = [a for a, _ in v]
+        tot = [a + b for a, b in v]
+        res[k] = {"fasterquant_min_s": min(fq), "fasterquant_median_s": statistics.median(fq),
+                  "with_pack_min_s": min(tot), "with_pack_median_s": statistics.median(tot)}
+    for part in ("fasterquant_min_s", "fasterquant_median_s", "with_pack_min_s", "with_pack_median_s"):
+        res["ratio_" + part[:-2]] = res["nf3-afpq"][part] / res["int3"][part]
+    print(json.dumps(res, indent=2, sort_keys=True))
+    save_results(args.layer_timing_json, res)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nsamples", type=int, default=32)
@@ -144,9 +213,14 @@ def main(argv=None):
     p.add_argument("--timing-layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timing-json", default="benchmarks/out/gptq_timing.json")
+    p.add_argument("--layer-timing", action="store_true",
+                   help="only GPTQ's per-layer work (fasterquant + pack), AFPQ vs stock INT, alternating")
+    p.add_argument("--layer-timing-json", default="benchmarks/out/gptq_layer_timing.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.layer_timing:
+        return layer_timing(args)
     if args.timing:
         import logging
 

@@ -43,7 +43,7 @@ def quantize_model(model, cfg: AFPQQuantizeConfig, examples, batch_size: int = 1
 def gptq_quantize(
     model, tokenizer, fmt, group_size: int, mode=None, *, scale_dtype: str = "float16", desc_act: bool = False,
     static_groups: bool = False, true_sequential: bool = True, damp_percent: float = 0.01,
-    nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+    nsamples: int = 128, seqlen: int = 2048, seed: int = 0, scale_search=None,
 ) -> AFPQConfigDict:
     """GPTQ-quantize ``model`` (in place) on the Austen calibration novels; the CLI's ``--method gptq``."""
     from ..core.formats import get_format
@@ -53,6 +53,7 @@ def gptq_quantize(
     cfg = AFPQQuantizeConfig(
         bits=f.bits, group_size=group_size, fmt=f.name, mode=mode, scale_dtype=scale_dtype, desc_act=desc_act,
         static_groups=static_groups, true_sequential=true_sequential, damp_percent=damp_percent,
+        scale_search=scale_search,
     )
     examples = examples_from_ids(calibration_samples(tokenizer, nsamples, seqlen, seed=seed))
     return quantize_model(model, cfg, examples)

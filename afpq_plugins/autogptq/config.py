@@ -11,12 +11,13 @@ from auto_gptq.modeling._base import BaseQuantizeConfig
 
 from ..core.checkpoint import AFPQConfigDict, CheckpointError, QUANT_METHOD
 from ..core.formats import get_format, resolve_mode
+from ..core.quantize import search_dict
 
 __all__ = ["AFPQQuantizeConfig", "GPTQ_EXTRA_KEYS"]
 
 #: AutoGPTQ settings kept in the checkpoint's ``quantization_config`` next to the AFPQ
 #: keys (they do not change how the tensors decode; they record how they were made).
-GPTQ_EXTRA_KEYS = ("damp_percent", "static_groups", "true_sequential", "sym")
+GPTQ_EXTRA_KEYS = ("damp_percent", "static_groups", "true_sequential", "sym", "scale_search")
 
 _SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -30,12 +31,16 @@ class AFPQQuantizeConfig(BaseQuantizeConfig):
     default two scales (AFPQ); ``mode`` (``afpq``/``sym``/``zp``) overrides both.
     ``scale_dtype`` is the storage dtype of the scales (GPTQ quantizes with the
     stored values, so the saved checkpoint decodes to exactly GPTQ's weights).
+    ``scale_search``: ``None``/``"minmax"`` (the paper's scales), ``"mse"`` or a
+    :class:`~afpq_plugins.core.quantize.ScaleSearch`: each group's scales are searched
+    (per side for two scales) against the weights GPTQ has updated so far.
     """
 
     sym: bool = field(default=False)
     fmt: str = field(default="nf4")
     mode: Optional[str] = field(default=None)
     scale_dtype: str = field(default="float16")
+    scale_search: Optional[object] = field(default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,6 +51,10 @@ class AFPQQuantizeConfig(BaseQuantizeConfig):
         self.mode = resolve_mode(f, self.mode, sym=self.sym)
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"AFPQQuantizeConfig: scale_dtype must be one of {', '.join(_SCALE_DTYPES)}")
+        try:
+            self.scale_search = search_dict(self.scale_search)  # JSON form, stored in the checkpoint
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"AFPQQuantizeConfig: scale_search: {exc}") from None
 
     @property
     def format(self):

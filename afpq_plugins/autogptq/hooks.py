@@ -58,7 +58,7 @@ def afpq_hooks(cfg: AFPQQuantizeConfig) -> Iterator[None]:
     def import_quant_linear(*args, **kwargs):
         return qlinear
 
-    gptq = AFPQGPTQ.bind(cfg.fmt, cfg.mode, cfg.torch_scale_dtype)
+    gptq = AFPQGPTQ.bind(cfg.fmt, cfg.mode, cfg.torch_scale_dtype, cfg.scale_search)
     with compat.patched(_base, "GPTQ", gptq), compat.patched(_utils, "dynamically_import_QuantLinear", import_quant_linear):
         yield
 

@@ -42,6 +42,7 @@ __all__ = [
     "QuantizedWeight",
     "ScaleSearch",
     "resolve_search",
+    "search_dict",
     "check_finite",
     "find_params",
     "round_params",
@@ -99,7 +100,10 @@ class ScaleSearch:
 
 
 def resolve_search(search) -> Optional[ScaleSearch]:
-    """``None``/``"minmax"`` -> None (the paper's scales); ``"mse"`` -> the default search."""
+    """``None``/``"minmax"`` -> None (the paper's scales); ``"mse"`` -> the default search.
+
+    A dict (what :meth:`ScaleSearch.to_dict` and :func:`search_dict` write) is read back.
+    """
     if search is None or search == "minmax":
         return None
     if search == "mse":
@@ -107,8 +111,19 @@ def resolve_search(search) -> Optional[ScaleSearch]:
     if isinstance(search, ScaleSearch):
         return search
     if isinstance(search, dict):
+        method = search.get("method", "mse")
+        if method == "minmax":
+            return None
+        if method != "mse":
+            raise ValueError(f"scale search {search!r}: unknown method {method!r} (expected 'minmax' or 'mse')")
         return ScaleSearch(**{k: v for k, v in search.items() if k != "method"})
     raise ValueError(f"scale search {search!r}: expected None, 'minmax', 'mse' or a ScaleSearch")
+
+
+def search_dict(search) -> dict:
+    """JSON form of a search setting: ``{"method": "minmax"}`` or :meth:`ScaleSearch.to_dict`."""
+    search = resolve_search(search)
+    return search.to_dict() if search is not None else {"method": "minmax"}
 
 
 def _minmax(x: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
