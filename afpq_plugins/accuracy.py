@@ -53,6 +53,7 @@ __all__ = [
     "QUICK",
     "FULL",
     "build_plan",
+    "adapters_with_search",
     "cell_key",
     "gap_closed",
     "load_results",
@@ -181,12 +182,14 @@ def build_plan(
     calibrated_bits: Sequence[int] = (3,),
     rtn_rows: Sequence[Row] = RTN_ROWS,
     calibrated_rows: Sequence[Row] = CALIBRATED_ROWS,
+    search_methods: Sequence[str] = (),
 ) -> List[Cell]:
     """Cells in priority order, so a run cut short still answers the main questions.
 
     All RTN cells first (cheap), group 64 first, then -1, 32, 192 (the paper's headline
     group, then the extremes); then GPTQ and AWQ alternately per group size, the INT vs
-    AFPQ pair of each block before the other rows.
+    AFPQ pair of each block (and, for ``search_methods``, NF AFPQ with the scale search)
+    before the other rows.
     """
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -204,13 +207,43 @@ def build_plan(
         for g in order:
             for b in rtn_bits:
                 plan += [Cell("rtn", r.family, r.mode, r.search, b, g) for r in rtn_rows]
-    headline = sorted(calibrated_rows, key=lambda r: (r.search is not None, (r.family, r.mode) not in (("int", "zp"), ("nf", "afpq"))))
+    bad = [m for m in search_methods if m not in ("gptq", "awq")]
+    if bad:
+        raise ValueError(f"scale-search cells exist for gptq and awq only, got {bad[0]!r}")
+
+    def rank_row(r: Row) -> int:
+        return {("int", "zp", None): 0, ("nf", "afpq", None): 1, ("nf", "afpq", "mse"): 2}.get((r.family, r.mode, r.search), 3)
+
     for g in order:
         for b in calibrated_bits:
             for m in ("gptq", "awq"):
                 if m in methods:
-                    plan += [Cell(m, r.family, r.mode, r.search, b, g) for r in headline]
+                    rows = list(calibrated_rows) + (list(CALIBRATED_SEARCH_ROWS) if m in search_methods else [])
+                    plan += [Cell(m, r.family, r.mode, r.search, b, g) for r in sorted(dict.fromkeys(rows), key=rank_row)]
     return plan
+
+
+def adapters_with_search() -> List[str]:
+    """The calibrated methods whose adapter here accepts ``scale_search`` (imports them; none on a stack without them)."""
+    import inspect
+
+    out = []
+    with _quiet_upstream():
+        try:
+            from .autogptq.api import gptq_quantize
+
+            if "scale_search" in inspect.signature(gptq_quantize).parameters:
+                out.append("gptq")
+        except Exception:  # not installed on this stack
+            pass
+        try:
+            from .autoawq.quantizer import AFPQAwqQuantizer
+
+            if "scale_search" in inspect.signature(AFPQAwqQuantizer.__init__).parameters:
+                out.append("awq")
+        except Exception:
+            pass
+    return out
 
 
 # -- results file -------------------------------------------------------------------------

@@ -243,10 +243,11 @@ def cmd_bench_accuracy(args) -> int:
 
     preset = acc.QUICK if args.quick else acc.FULL
     groups = tuple(args.group_size) if args.group_size else preset["groups"]
-    rows = preset["calibrated_rows"]
-    if args.search_adapters:
-        rows = tuple(rows) + acc.CALIBRATED_SEARCH_ROWS
-    plan = acc.build_plan(args.methods, groups, rtn_bits=args.bits, calibrated_rows=rows)
+    search = args.search_adapters
+    if search is None:  # default: the full run adds GPTQ/AWQ + scale search where the adapter has it
+        search = [] if args.quick or args.methods == ["rtn"] else acc.adapters_with_search()
+    plan = acc.build_plan(args.methods, groups, rtn_bits=args.bits, calibrated_rows=preset["calibrated_rows"],
+                          search_methods=[m for m in search if m in args.methods])
     if not plan:
         return _err("nothing to run: no cell matches --methods/--bits")
     settings = acc.Settings(
@@ -362,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
                    help="GPTQ true-sequential (off by default: one calibration pass per decoder layer)")
     a.add_argument("--awq-clip", choices=["symmetric", "two-sided", "autoawq"], default="symmetric")
-    a.add_argument("--search-adapters", action="store_true", help="also GPTQ/AWQ cells with the scale search")
+    a.add_argument("--search-adapters", nargs="*", choices=["gptq", "awq"], default=None,
+                   help="GPTQ/AWQ cells with NF3 AFPQ + scale search (default: none with --quick, else every "
+                        "adapter that accepts scale_search; give no value for none)")
     a.add_argument("--threads", type=int, default=None)
     a.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
     a.add_argument("--report-only", action="store_true", help="only rewrite the markdown and plots from the JSON")
