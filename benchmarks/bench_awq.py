@@ -15,6 +15,10 @@ main questions. ``--table`` only prints the markdown table of what is done.
     PYTHONPATH=. python benchmarks/bench_awq.py --table --json benchmarks/out/awq_g64.json benchmarks/out/awq_g-1.json
 
 (defaults: --nsamples 8 --calib-seqlen 256 --seqlen 512 --windows 8 --threads 1).
+
+    PYTHONPATH=. python benchmarks/bench_awq.py --timing --nsamples 4 --timing-layers 4 --repeats 3
+
+times AWQ nf3-AFPQ against AWQ int3 (alternating pairs, minimum and median).
 """
 
 from __future__ import annotations
@@ -96,6 +100,46 @@ def table(res):
     return "\n".join(lines)
 
 
+def timing(args) -> int:
+    """AWQ-AFPQ (nf3, two scales) vs AWQ-INT (int3) quantize wall time, alternating.
+
+    Both go through the same quantizer and settings (the INT grid is core's uniform
+    path, as fast as AutoAWQ's own); first ``--timing-layers`` decoder layers of SmolLM2,
+    group 64, symmetric clip; minimum and median of ``--repeats`` alternating pairs.
+    """
+    import statistics
+
+    from afpq_plugins.autoawq.io import awq_quantize, wrap_for_awq
+    from afpq_plugins.data import default_model_path, load_model_and_tokenizer
+
+    warnings.simplefilter("ignore")
+    base, tok = load_model_and_tokenizer(default_model_path())
+    base.model.layers = base.model.layers[: args.timing_layers]
+    base.config.num_hidden_layers = args.timing_layers
+    times = {"int3": [], "nf3-afpq": []}
+    for r in range(args.repeats):
+        for name in times:
+            m = copy.deepcopy(base)
+            fmt, mode = ("int3", "zp") if name == "int3" else ("nf3", "afpq")
+            t0 = time.perf_counter()
+            awq_quantize(wrap_for_awq(m), tok, fmt, 64, mode, clip="symmetric", calib_data="austen",
+                         n_samples=args.nsamples, seqlen=args.calib_seqlen, progress=False)
+            times[name].append(time.perf_counter() - t0)
+            del m
+        print(f"repeat {r}: " + "  ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    res = {k: {"min_s": min(v), "median_s": statistics.median(v), "all_s": [round(x, 2) for x in v]}
+           for k, v in times.items()}
+    res["ratio_min"] = res["nf3-afpq"]["min_s"] / res["int3"]["min_s"]
+    res["ratio_median"] = res["nf3-afpq"]["median_s"] / res["int3"]["median_s"]
+    res["settings"] = {"layers": args.timing_layers, "nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen,
+                       "group_size": 64, "clip": "symmetric", "repeats": args.repeats, "threads": args.threads}
+    print(json.dumps(res, indent=2, sort_keys=True))
+    os.makedirs(os.path.dirname(args.timing_json), exist_ok=True)
+    with open(args.timing_json, "w") as fh:
+        json.dump(res, fh, indent=1, sort_keys=True)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", nargs="+", default=[os.path.join(ROOT, "benchmarks", "out", "awq.json")],
@@ -108,8 +152,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", nargs="*", default=None, help="cell keys (method/fmt/mode/group/clip) to run")
     p.add_argument("--table", action="store_true", help="print the table of finished cells and exit")
+    p.add_argument("--timing", action="store_true", help="only the alternating AWQ-AFPQ vs AWQ-INT wall time")
+    p.add_argument("--timing-layers", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timing-json", default=os.path.join(ROOT, "benchmarks", "out", "awq_timing.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.timing:
+        return timing(args)
     settings = {k: getattr(args, k) for k in ("nsamples", "calib_seqlen", "seqlen", "windows", "threads")}
     skey = json.dumps(settings, sort_keys=True)
     if args.table:

@@ -25,8 +25,10 @@ from afpq_plugins.core.quantize import (
     dequantize_weight,
     encode,
     fake_quantize,
+    fake_quantize_groups,
     find_params,
     quantize_weight,
+    round_params,
 )
 
 HYP = settings(max_examples=25, deadline=None, derandomize=True)
@@ -726,3 +728,24 @@ def test_dequantize_weight_with_explicit_default_g_idx_matches():
                         q.scales.double().numpy().T[..., None], q.scales2.double().numpy().T[..., None]).reshape(4, 32)
     np.testing.assert_allclose(a.double().numpy(), expect, rtol=2**-22)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fmt,mode", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fake_quantize_groups_is_decode_of_encode(fmt, mode, dtype):
+    """The fused path (grid values straight from the binned encoder) equals decode(encode())."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(96, 32, generator=gen) * 0.05).to(dtype)
+    x[0] = x[0].abs()  # no negative weight: s_neg = 0
+    x[1] = 0.0
+    x[2] = -x[2].abs()
+    p1, p2 = round_params(*find_params(x, fmt, mode), mode=mode)
+    expect = decode(encode(x, fmt, mode, p1, p2), fmt, mode, p1, p2, dtype)
+    got = fake_quantize_groups(x, fmt, mode, p1, p2)
+    assert got.dtype == dtype and torch.equal(got, expect)
+    # and on every rounding boundary (unit scales): the probes of the nearest-value test
+    if not fmt.startswith("int"):
+        y = torch.from_numpy(_midpoint_probes(fmt, mode))
+        one = torch.ones(())
+        z = torch.zeros(()) if mode == "zp" else one
+        assert torch.equal(fake_quantize_groups(y, fmt, mode, one, z), decode(encode(y, fmt, mode, one, z), fmt, mode, one, z))

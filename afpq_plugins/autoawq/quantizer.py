@@ -10,7 +10,7 @@ forwards its extra keyword arguments to the constructor, so::
 What changes against upstream, and nothing else:
 
 * :meth:`pseudo_quantize_tensor` is the core maths (``find_params`` / ``round_params``
-  / ``encode`` / ``decode``, scales rounded to their storage dtype), so AWQ's scale
+  / ``fake_quantize_groups``, scales rounded to their storage dtype), so AWQ's scale
   search (``_compute_best_scale``) and clip search run against the AFPQ grid.
 * :meth:`_apply_quant` builds :class:`~afpq_plugins.nn.AFPQLinear` modules (4-bit: the
   AutoAWQ GEMM layout ``awq``; 3-bit: the ``gptq`` layout, since the GEMM packer is
@@ -44,7 +44,9 @@ with warnings.catch_warnings():  # AutoAWQ 0.2.9 warns at import that it is depr
 
 from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format, resolve_mode
-from ..core.quantize import check_finite, decode, encode, find_params, quantize_weight, round_params
+from ..core.quantize import (
+    check_finite, fake_quantize_groups, find_params, quantize_weight, resolve_search, round_params, search_dict,
+)
 from ..nn import AFPQLinear
 from .calib import calibration_token_lists
 from .compat import snapshot_state_dict
@@ -68,16 +70,27 @@ class AFPQAwqQuantizer(AwqQuantizer):
                      (AutoAWQ's own code, slow)
     ``layout``       ``awq`` (4-bit only) or ``gptq`` (default: ``awq`` at 4 bits, else ``gptq``)
     ``scale_dtype``  storage dtype of the scales (default float16)
+    ``scale_search`` ``None`` (the paper's min/max scales), ``"mse"`` or a
+                     :class:`~afpq_plugins.core.quantize.ScaleSearch`: every group's
+                     scales are searched (per side for two scales) inside AWQ's own scale
+                     and clip searches and in the final quantization
 
     ``calib_data`` may also be ``"austen"`` (embedded text) or token-id tensors
     (:func:`~afpq_plugins.autoawq.calib.calibration_token_lists`).
     """
 
+    search = None  # the scale search (None: min/max); set by __init__
+
     def __init__(
         self, awq_model, model, tokenizer, w_bit, group_size, zero_point, version, calib_data,
         split, text_column, duo_scaling, *args, fmt=None, mode: Optional[str] = None,
-        clip: str = "symmetric", layout: Optional[str] = None, scale_dtype=torch.float16, **kwargs,
+        clip: str = "symmetric", layout: Optional[str] = None, scale_dtype=torch.float16, scale_search=None,
+        **kwargs,
     ) -> None:
+        try:
+            self.search = resolve_search(scale_search)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"AFPQAwqQuantizer: scale_search: {exc}") from None
         self.fmt = get_format(fmt if fmt is not None else f"nf{w_bit}")
         if self.fmt.bits != w_bit:
             raise ValueError(f"fmt {self.fmt.name!r} has {self.fmt.bits} bits but quant_config w_bit is {w_bit}")
@@ -129,9 +142,9 @@ class AFPQAwqQuantizer(AwqQuantizer):
             raise ValueError(f"last dim {shape[-1]} is not a multiple of group_size {gs}")
         wg = w.reshape(-1, gs)
         check_finite(wg, "AWQ weight")
-        p1, p2 = find_params(wg, self.fmt, self.mode)
+        p1, p2 = find_params(wg, self.fmt, self.mode, search=self.search)
         p1, p2 = round_params(p1, p2, self.mode, dtype=self.scale_dtype, name="AWQ weight")
-        w_hat = decode(encode(wg, self.fmt, self.mode, p1, p2), self.fmt, self.mode, p1, p2, dtype=w.dtype)
+        w_hat = fake_quantize_groups(wg, self.fmt, self.mode, p1, p2, dtype=w.dtype)
         return w_hat.reshape(shape), p1.view(shape[0], -1), p2.view(shape[0], -1)
 
     # -- scale search: group -1 ---------------------------------------------------------
@@ -303,7 +316,8 @@ class AFPQAwqQuantizer(AwqQuantizer):
         for name, lin in named_linears.items():
             full = f"{prefix}.{name}"
             qw = quantize_weight(
-                lin.weight.data, self.fmt, self._row_group, self.mode, self.scale_dtype, name=f"{full}.weight"
+                lin.weight.data, self.fmt, self._row_group, self.mode, self.scale_dtype, name=f"{full}.weight",
+                search=self.search,
             )
             q = AFPQLinear.from_quantized(qw, lin.bias, layout=self.layout, name=full)
             q.to(lin.weight.device)
@@ -330,7 +344,8 @@ class AFPQAwqQuantizer(AwqQuantizer):
             layout=self.layout, desc_act=False, scale_dtype=str(self.scale_dtype).replace("torch.", ""),
             method="awq", modules_to_not_convert=skip, quantized_modules=list(self.quantized_modules),
             extra={"awq": {"clip": self.clip if self.apply_clip else "none", "duo_scaling": bool(self.duo_scaling),
-                           "version": "gemm", "upstream": "autoawq 0.2.9"}},
+                           "version": "gemm", "upstream": "autoawq 0.2.9"},
+                   "scale_search": search_dict(self.search)},
         )
 
     def _attach_config(self) -> None:

@@ -209,6 +209,7 @@ class BinnedEncoder:
     nb: int
     codes2: torch.Tensor  # uint8 [2 * nb]: (code below, code above) the bin's midpoint
     thresh: torch.Tensor  # float32 [nb]: the bin's midpoint threshold (+inf if none)
+    values2: torch.Tensor  # float32 [2 * nb]: the grid values of codes2 (the mode's decode table)
 
     MAX_BINS = 1 << 16
 
@@ -243,20 +244,30 @@ class BinnedEncoder:
                 below += 1
                 j += 1
         dev = torch.device(device) if device is not None else None
+        lut = fmt.lut(mode)
         return cls(
             lo=lo,
             rate=rate,
             nb=nb,
             codes2=torch.tensor(codes2, dtype=torch.uint8, device=dev),
             thresh=torch.tensor(thresh, dtype=torch.float32, device=dev),
+            values2=torch.tensor([float(lut[c]) for c in codes2], dtype=torch.float32, device=dev),
         )
+
+    def _slot(self, y: torch.Tensor) -> torch.Tensor:
+        """Flat index ``2k + (y > thresh[k])`` into ``codes2`` / ``values2``."""
+        k = self.bin_of(y, self.lo, self.rate, self.nb).reshape(-1)
+        above = y.reshape(-1) > torch.index_select(self.thresh, 0, k)
+        return k.mul_(2).add_(above)
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
         """Codes (uint8, same shape) of float32 ``y``, already divided by its scale."""
-        k = self.bin_of(y, self.lo, self.rate, self.nb).reshape(-1)
-        above = y.reshape(-1) > torch.index_select(self.thresh, 0, k)
         # codes2[2k] is the code below bin k's midpoint, codes2[2k + 1] the code above.
-        return torch.index_select(self.codes2, 0, k.mul_(2).add_(above)).reshape(y.shape)
+        return torch.index_select(self.codes2, 0, self._slot(y)).reshape(y.shape)
+
+    def values(self, y: torch.Tensor) -> torch.Tensor:
+        """The grid values (float32, the mode's decode table) of ``y``'s codes, without the codes."""
+        return torch.index_select(self.values2, 0, self._slot(y)).reshape(y.shape)
 
 
 def _cached_tensor(vals: Tuple, device, dtype) -> torch.Tensor:

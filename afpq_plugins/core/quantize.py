@@ -49,6 +49,7 @@ __all__ = [
     "encode",
     "decode",
     "decode_table",
+    "fake_quantize_groups",
     "fake_quantize",
     "quantize_weight",
     "dequantize_weight",
@@ -164,7 +165,7 @@ def find_params(
     pos = (x > 0).float()
     for a in search.factors():
         p1, p2 = _params_from_range(f, mode, xmax * a, xmin * a)
-        err = (x - decode(encode(x, f, mode, p1, p2), f, mode, p1, p2)).abs_().pow_(search.norm)
+        err = (x - fake_quantize_groups(x, f, mode, p1, p2, torch.float32)).abs_().pow_(search.norm)
         if mode == "afpq":  # separable: each side depends on its own scale only
             e1 = (err * pos).sum(dim=dim, keepdim=True)
             e2 = (err * (1.0 - pos)).sum(dim=dim, keepdim=True)
@@ -240,6 +241,30 @@ def decode(
     mode = resolve_mode(f, mode)
     lut = f.lut(mode, codes.device)
     v = torch.index_select(lut, 0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+    return _apply_params(v, mode, p1, p2, dtype)
+
+
+def fake_quantize_groups(
+    x: torch.Tensor, fmt, mode: Optional[str], p1: torch.Tensor, p2: torch.Tensor,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``decode(encode(x, ...), ...)`` in fewer passes (no codes materialised).
+
+    The hot call of AWQ's scale/clip search and of the scale search: the binned
+    encoder returns each value's grid value directly. Same result bit for bit.
+    """
+    f = get_format(fmt)
+    mode = resolve_mode(f, mode)
+    dtype = x.dtype if dtype is None else dtype
+    if not (mode == "zp" and f.uniform_int):
+        enc = f.encoder(mode, x.device)
+        if enc is not None:
+            return _apply_params(enc.values(_scaled(x, mode, p1, p2)), mode, p1, p2, dtype)
+    return decode(encode(x, f, mode, p1, p2), f, mode, p1, p2, dtype)
+
+
+def _apply_params(v: torch.Tensor, mode: str, p1: torch.Tensor, p2: torch.Tensor, dtype: torch.dtype):
+    """Grid values ``v`` (the mode's decode table) times their group parameters."""
     p1 = p1.float()
     # Out-of-place first ops: the parameters may broadcast to a larger shape.
     if mode == "sym":

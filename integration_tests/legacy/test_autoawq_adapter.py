@@ -89,17 +89,19 @@ def _quantize(tiny_dir, fmt, group_size, clip="symmetric", cls=None, **kw):
     return model, tok
 
 
-CASES = [("nf3", 64, "two-sided", "gptq"), ("nf4", -1, "symmetric", "awq"), ("fp4", 64, "symmetric", "awq")]
+CASES = [("nf3", 64, "two-sided", "gptq", None), ("nf4", -1, "symmetric", "awq", None),
+         ("fp4", 64, "symmetric", "awq", None), ("nf3", 64, "symmetric", "gptq", "mse")]
 
 
-@pytest.mark.parametrize("fmt,group_size,clip,layout", CASES, ids=[f"{c[0]}-g{c[1]}-{c[2]}" for c in CASES])
-def test_quantize_save_reload_generate(tiny_dir, tmp_path, fmt, group_size, clip, layout):
+@pytest.mark.parametrize("fmt,group_size,clip,layout,search", CASES,
+                         ids=[f"{c[0]}-g{c[1]}-{c[2]}" + (f"-{c[4]}" if c[4] else "") for c in CASES])
+def test_quantize_save_reload_generate(tiny_dir, tmp_path, fmt, group_size, clip, layout, search):
     from afpq_plugins.autoawq import load_quantized, save_quantized
     from afpq_plugins.model import load_quantized as plain_load
     from afpq_plugins.nn import AFPQLinear
 
     cls = _recording_quantizer()
-    model, tok = _quantize(tiny_dir, fmt, group_size, clip, cls=cls)
+    model, tok = _quantize(tiny_dir, fmt, group_size, clip, cls=cls, scale_search=search)
     layers = {n: m for n, m in model.model.named_modules() if isinstance(m, AFPQLinear)}
     assert len(layers) == 14 and set(layers) == set(cls.recorded)  # 7 projections x 2 layers
     ids = tok(TEXT[:200], return_tensors="pt").input_ids
@@ -111,6 +113,7 @@ def test_quantize_save_reload_generate(tiny_dir, tmp_path, fmt, group_size, clip
     assert cfg["quant_method"] == "afpq" and cfg["method"] == "awq" and cfg["format"] == fmt
     assert cfg["layout"] == layout and cfg["group_size"] == group_size and cfg["mode"] == "afpq"
     assert cfg["awq"]["clip"] == clip and sorted(cfg["quantized_modules"]) == sorted(layers)
+    assert cfg["scale_search"]["method"] == (search or "minmax")
 
     loaded = load_quantized(out, device="cpu")
     assert type(loaded).__name__ == "LlamaAWQForCausalLM" and loaded.is_quantized
@@ -175,7 +178,7 @@ def test_awq_scaling_keeps_the_float_model(tiny_dir):
 
 def test_pseudo_quantize_is_core_maths():
     from afpq_plugins.autoawq import AFPQAwqQuantizer
-    from afpq_plugins.core.quantize import fake_quantize, quantize_weight
+    from afpq_plugins.core.quantize import fake_quantize, quantize_weight, resolve_search
 
     q = AFPQAwqQuantizer.__new__(AFPQAwqQuantizer)  # the maths needs no model
     from afpq_plugins.core.formats import get_format
@@ -183,11 +186,16 @@ def test_pseudo_quantize_is_core_maths():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(128, 256, generator=gen) * 0.02
     w[0] = w[0].abs()  # a group with no negative weight: s_neg = 0, no NaN
-    for fmt, mode, gs in [("nf3", "afpq", 64), ("fp3", "afpq", -1), ("nf4", "sym", 64), ("int3", "zp", 64)]:
+    cases = [("nf3", "afpq", 64, None), ("fp3", "afpq", -1, None), ("nf4", "sym", 64, None), ("int3", "zp", 64, None),
+             ("nf3", "afpq", 64, "mse"), ("int3", "zp", -1, "mse")]
+    for fmt, mode, gs, search in cases:
         q.fmt, q.mode, q.group_size, q.scale_dtype = get_format(fmt), mode, gs, torch.float16
+        q.search = resolve_search(search)
         w_hat, p1, p2 = q.pseudo_quantize_tensor(w)
-        assert torch.equal(w_hat, fake_quantize(w, fmt, gs, mode))
-        qw = quantize_weight(w, fmt, gs, mode)
+        assert torch.equal(w_hat, fake_quantize(w, fmt, gs, mode, search=search))
+        if search is not None:
+            assert not torch.equal(w_hat, fake_quantize(w, fmt, gs, mode))
+        qw = quantize_weight(w, fmt, gs, mode, search=search)
         assert torch.equal(p1, qw.scales.t().float())
         if mode != "sym":
             assert torch.equal(p2, qw.scales2.t().float())
@@ -252,6 +260,8 @@ def test_quantizer_argument_errors(tiny_dir):
         _quantize_bad(tiny_dir, w_bit=3, fmt="nf3", clip="both")
     with pytest.raises(ValueError, match="4-bit only"):
         _quantize_bad(tiny_dir, w_bit=3, fmt="nf3", layout="awq")
+    with pytest.raises(ValueError, match="scale_search"):
+        _quantize_bad(tiny_dir, w_bit=3, fmt="nf3", scale_search="best")
 
 
 def _quantize_bad(tiny_dir, w_bit, **kw):
