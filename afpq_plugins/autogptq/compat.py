@@ -26,6 +26,7 @@ __all__ = [
     "allow_cpu_from_pretrained",
     "cpu_quantize",
     "keyword_layer_calls",
+    "generate_without_cpu_autocast",
 ]
 
 
@@ -155,3 +156,18 @@ def keyword_layer_calls(layers) -> Iterator[None]:
     keyword_list = type("KeywordCallModuleList", (base,), {"__iter__": __iter__})
     with patched(layers, "__class__", keyword_list):
         yield
+
+
+def generate_without_cpu_autocast(wrapper, **kwargs):
+    """``BaseGPTQForCausalLM.generate`` minus CPU autocast.
+
+    auto-gptq 0.7.1 wraps ``model.generate`` in ``torch.amp.autocast(device.type)``; on
+    CPU that autocasts to bfloat16, and a float16 model then fails inside its layer
+    norms. Off CPU this is exactly upstream's method; bound to an instance (the AFPQ
+    loader does it for the wrappers it returns), stock wrappers are untouched.
+    """
+    if wrapper.device.type != "cpu":
+        with torch.inference_mode(), torch.amp.autocast(device_type=wrapper.device.type):
+            return wrapper.model.generate(**kwargs)
+    with torch.inference_mode():
+        return wrapper.model.generate(**kwargs)

@@ -136,7 +136,10 @@ def _from_quantized_afpq(cls, model_name_or_path, device=None, device_map=None, 
         dev = f"cuda:{dev}"
     model = load_afpq(str(model_name_or_path), device=dev, torch_dtype=torch_dtype)
     cfg = AFPQQuantizeConfig.from_pretrained(str(model_name_or_path))
-    return wrap_model(model, cfg, quantized=True)
+    wrapper = wrap_model(model, cfg, quantized=True)
+    # this wrapper only: AutoGPTQ's generate() autocasts to bfloat16 on CPU (fp16 models fail)
+    wrapper.generate = functools.partial(compat.generate_without_cpu_autocast, wrapper)
+    return wrapper
 
 
 # -- registration -----------------------------------------------------------------------------

@@ -183,13 +183,18 @@ def test_forward_and_generate(quantized, folders):
     assert torch.isfinite(b).all()
     assert torch.equal(a, b)
     model = quantized["reloaded"]
-    if quantized["dtype"] == torch.float16:
-        # AutoGPTQ's generate() runs under CPU autocast (bfloat16), which fp16 layer
-        # norms reject on CPU; reload in float32 to generate through the wrapper.
-        model = AutoGPTQForCausalLM.from_quantized(quantized["out"], device="cpu", torch_dtype=torch.float32)
-        assert isinstance(model.model.get_submodule(next(iter(quantized["fake"]))), AFPQLinear)
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False)
+    # fp16 too: stock AutoGPTQ's generate() autocasts to bfloat16 on CPU and fails there;
+    # the AFPQ loader's wrapper generates without CPU autocast (compat.generate_without_cpu_autocast)
+    kw = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False)
+    out = model.generate(**kw)
     assert out.shape == (1, x.shape[1] + 4)
+    with torch.no_grad():
+        assert torch.equal(out, model.model.generate(**kw))  # the same as transformers' own generate
+    if quantized["dtype"] == torch.float16:
+        from auto_gptq.modeling._base import BaseGPTQForCausalLM
+
+        with pytest.raises(RuntimeError):  # why the shim exists: upstream's method on this model
+            BaseGPTQForCausalLM.generate(model, **kw)
 
 
 def test_project_loader_reads_gptq_checkpoint(quantized):
