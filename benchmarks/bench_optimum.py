@@ -65,6 +65,53 @@ def run_optimum(model, tok, samples, args):
     return model, time.perf_counter() - t0
 
 
+def run_optimum_int(model, tok, samples, args):
+    """Stock optimum INT GPTQ (asymmetric int of the same bits), no AFPQ code in the loop.
+
+    Evaluated on the fake-quantized float weights GPTQ leaves in the Linears (packing is
+    skipped: optimum 2.0.0 cannot pack with auto-gptq 0.7.1 at all). Its only purpose is a
+    control: the same INT run on both stacks shows how far the two GPTQ engines
+    (auto-gptq vs gptqmodel) differ by themselves.
+    """
+    import contextlib
+
+    from optimum.gptq import GPTQQuantizer
+
+    from afpq_plugins.core.formats import get_format
+    from afpq_plugins.hf import compat
+    from afpq_plugins.hf import optimum as afpq_optimum
+
+    class Unpacked(GPTQQuantizer):
+        def pack_model(self, model, quantizers):
+            self.layers_done = len(quantizers)
+
+        def post_init_model(self, model):
+            return model
+
+        def to_dict(self):
+            return {"quant_method": "gptq", "bits": self.bits}
+
+    dataset = [{"input_ids": [s.tolist()], "attention_mask": [[1] * s.numel()]} for s in samples]
+    kw = dict(bits=get_format(args.fmt).bits, group_size=args.group_size, dataset=dataset, damp_percent=0.01,
+              desc_act=False, sym=False, true_sequential=True, modules_in_block_to_quantize=LLAMA_GROUPS,
+              model_seqlen=args.calib_seqlen)
+    if afpq_optimum.uses_gptqmodel():
+        kw["act_group_aware"] = False
+    q = Unpacked(**kw)
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as st:
+        if not afpq_optimum.uses_gptqmodel():
+            st.enter_context(compat.cpu_calibration_optimum_2_0())
+            st.enter_context(compat.no_cuda_synchronize())
+        q.quantize_model(model, tok)
+    seconds = time.perf_counter() - t0
+    after = model.model.layers[0].self_attn.q_proj.weight.detach()
+    if torch.equal(before, after):
+        raise SystemExit("optimum-int: GPTQ left the weights unchanged; nothing to evaluate")
+    return model, seconds
+
+
 def run_autogptq(model, tok, samples, args):
     from afpq_plugins.autogptq import AFPQQuantizeConfig, examples_from_ids, quantize_model
     from afpq_plugins.core.formats import get_format
@@ -139,6 +186,8 @@ def main(argv=None) -> int:
             model, seconds = run_optimum(model, tok, samples, args)
         elif row == "autogptq":
             model, seconds = run_autogptq(model, tok, samples, args)
+        elif row == "optimum-int":
+            model, seconds = run_optimum_int(model, tok, samples, args)
         elif row != "float":
             raise SystemExit(f"unknown row {row!r}")
         ppl = _ppl(model, tok, text, args)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from afpq_plugins.core.formats import get_format, register_format
 from afpq_plugins.core.quantize import (
+    ColumnQuantizer,
     decode,
     dequantize_weight,
     encode,
@@ -749,3 +750,39 @@ def test_fake_quantize_groups_is_decode_of_encode(fmt, mode, dtype):
         one = torch.ones(())
         z = torch.zeros(()) if mode == "zp" else one
         assert torch.equal(fake_quantize_groups(y, fmt, mode, one, z), decode(encode(y, fmt, mode, one, z), fmt, mode, one, z))
+
+
+def _on_midpoints(fmt, mode, rows=24, cols=40):
+    """Weights on exact rounding midpoints (ties), their float32 neighbours and grid values;
+    each row holds the grid's two ends, so the min/max scales are exactly 0.25."""
+    grid = np.unique(Ref.grid(fmt, mode))
+    if mode == "zp":
+        grid = grid - grid.max() / 2  # a range around 0
+    mids = (grid[1:] + grid[:-1]) / 2
+    vals = np.concatenate([grid, mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf)])
+    rng = np.random.default_rng(0)
+    w = vals[rng.integers(len(vals), size=(rows, cols))]
+    w[:, 0], w[:, 1] = grid.max(), grid.min()
+    return torch.from_numpy(w * 0.25).float()
+
+
+@pytest.mark.parametrize("fmt,mode", CASES)
+@pytest.mark.parametrize("search", [None, "mse"])
+def test_column_quantizer_is_core_fake_quant(fmt, mode, search):
+    """GPTQ's per-column path (bucketize + per-row table) equals fake_quantize bit for bit, ties included."""
+    w = _on_midpoints(fmt, mode)
+    w[3] = -w[3].abs()  # no positive weight: s_pos = 0
+    w[4] = 0.0
+    q = ColumnQuantizer(w, fmt, mode, search=search)
+    p1, p2 = round_params(*find_params(w, fmt, mode, search=search), mode=mode)
+    assert torch.equal(q.p1, p1) and torch.equal(q.p2, p2)
+    cols = torch.cat([q(w[:, i : i + 1]) for i in range(w.shape[1])], 1)
+    assert torch.equal(cols, fake_quantize(w, fmt, -1, mode, search=search))
+    wh = w.half()  # other dtypes: same parameters, result in the input's dtype
+    half = torch.cat([q(wh[:, i : i + 1]) for i in range(w.shape[1])], 1)
+    assert half.dtype == torch.float16
+    assert torch.equal(half, decode(encode(wh, fmt, mode, q.p1, q.p2), fmt, mode, q.p1, q.p2, torch.float16))
+    assert torch.equal(q(w), cols)  # a whole block takes the general path, same values
+    one = ColumnQuantizer(w, fmt, mode, perchannel=False)  # one group for the whole tensor
+    assert torch.equal(one.p1, one.p1[:1].expand_as(one.p1))
+    assert torch.equal(one(w[:, :1]), decode(encode(w[:, :1], fmt, mode, one.p1, one.p2), fmt, mode, one.p1, one.p2))

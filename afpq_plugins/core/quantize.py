@@ -50,6 +50,7 @@ __all__ = [
     "decode",
     "decode_table",
     "fake_quantize_groups",
+    "ColumnQuantizer",
     "fake_quantize",
     "quantize_weight",
     "dequantize_weight",
@@ -286,6 +287,66 @@ def decode_table(fmt, mode: Optional[str], p1: torch.Tensor, p2: torch.Tensor,
     f = get_format(fmt)
     codes = torch.arange(1 << f.bits, dtype=torch.int32, device=p1.device)
     return decode(codes, f, mode, p1.unsqueeze(-1), p2.unsqueeze(-1), dtype)
+
+
+class ColumnQuantizer:
+    """GPTQ's quantizer state for one group: parameters of every row, and a fast column path.
+
+    GPTQ (AutoGPTQ's and gptqmodel's) computes a group's parameters once
+    (``find_params`` on the group's columns) and then fake-quantizes one ``[rows, 1]``
+    column at a time, so per-call work must be a handful of small ops. Built from the
+    group's weights, this keeps ``p1`` / ``p2`` (``[rows, 1]``, storage-dtype values),
+    the safe divisors, core's float32 rounding thresholds and each row's decoded value
+    of every sorted grid position; :meth:`column` is then a division, one
+    ``torch.bucketize`` and one ``gather``, equal to ``decode(encode(x))`` bit for bit.
+    """
+
+    def __init__(self, x: torch.Tensor, fmt, mode: Optional[str] = None, scale_dtype: torch.dtype = torch.float16,
+                 perchannel: bool = True, search=None, name: str = "GPTQ weight") -> None:
+        self.fmt = f = get_format(fmt)
+        self.mode = mode = resolve_mode(f, mode)
+        rows = x.shape[0]
+        x2 = x.flatten(1) if perchannel else x.flatten().unsqueeze(0)
+        check_finite(x2, name)
+        p1, p2 = round_params(*find_params(x2, f, mode, dim=-1, search=search), mode=mode, dtype=scale_dtype,
+                              name=name)
+        if not perchannel:
+            p1, p2 = p1.expand(rows, 1), p2.expand(rows, 1)
+        self.p1 = p1.reshape(rows, 1).clone()
+        self.p2 = p2.reshape(rows, 1).clone()
+        self._div1, self._div2 = _safe(self.p1), _safe(self.p2)
+        self._uniform = mode == "zp" and f.uniform_int
+        self.table = decode_table(f, mode, self.p1.squeeze(1), self.p2.squeeze(1))  # [rows, 2**bits]
+        if not self._uniform:
+            dev = self.p1.device
+            self._thresholds = f.thresholds(mode, dev)
+            self._sorted_table = self.table.index_select(1, f.code_of_sorted(dev).long()).contiguous()
+
+    @property
+    def rows(self) -> int:
+        return self.p1.shape[0]
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return encode(x, self.fmt, self.mode, self.p1, self.p2)
+
+    def column(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized ``[rows, 1]`` column (float32)."""
+        x = x.float()
+        if self._uniform:
+            return torch.gather(self.table, 1, self.codes(x).long())
+        if self.mode == "afpq":
+            y = x / torch.where(x >= 0, self._div1, self._div2)  # w >= 0: s_pos, w < 0: s_neg
+        elif self.mode == "sym":
+            y = x / self._div1
+        else:
+            y = (x / self._div1).add_(self.p2)
+        return torch.gather(self._sorted_table, 1, torch.bucketize(y, self._thresholds))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` (``x``'s dtype): the column path for ``[rows, 1]``, else decode(encode())."""
+        if x.dim() == 2 and x.shape[1] == 1 and x.shape[0] == self.rows:
+            return self.column(x).to(x.dtype)
+        return decode(self.codes(x), self.fmt, self.mode, self.p1, self.p2, x.dtype)
 
 
 def group_count(in_features: int, group_size: int, name: str = "weight") -> int:

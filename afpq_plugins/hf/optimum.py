@@ -11,7 +11,8 @@ block outputs) runs unchanged; only the per-layer GPTQ object differs:
 
 In both, the quantizer's ``.scale`` holds s_pos and ``.zero`` s_neg (mode ``afpq``; the
 one scale for ``sym``; scale and zero-point for ``zp``), computed by core's
-``find_params`` / ``round_params`` and applied by core's ``encode`` / ``decode``, so GPTQ's
+``find_params`` / ``round_params`` and applied column by column by core's
+:class:`~afpq_plugins.core.quantize.ColumnQuantizer` (equal to ``decode(encode())``), so GPTQ's
 error feedback sees exactly the weights the checkpoint decodes to. Packing builds
 :class:`~afpq_plugins.nn.AFPQLinear` modules (core's packer) instead of optimum's
 QuantLinear, and :meth:`AFPQGPTQQuantizer.save` writes the project's checkpoint format.
@@ -38,7 +39,7 @@ from optimum.gptq import quantizer as _oq
 
 from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format, resolve_mode
-from ..core.quantize import QuantizedWeight, check_finite, decode, encode, find_params, round_params
+from ..core.quantize import ColumnQuantizer, QuantizedWeight, decode, encode
 from ..nn import AFPQLinear
 from . import compat
 
@@ -89,22 +90,13 @@ def _gptqmodel_classes():
         def find_params(self, x, weight=False):
             if not weight:
                 raise NotImplementedError("AFPQ quantizes weights only (weight=True)")
-            rows = x.shape[0]
-            x2 = x.flatten(1) if self.perchannel else x.flatten().unsqueeze(0)
-            check_finite(x2, "GPTQ weight")
-            p1, p2 = find_params(x2, self.fmt, self.mode, dim=-1)
-            p1, p2 = round_params(p1, p2, self.mode, type(self).scale_dtype, name="GPTQ weight")
-            if not self.perchannel:
-                p1, p2 = p1.expand(rows, 1), p2.expand(rows, 1)
-            self.scale = p1.reshape(rows, 1).clone()
-            self.zero = p2.reshape(rows, 1).clone()
+            self._q = ColumnQuantizer(x, self.fmt, self.mode, type(self).scale_dtype, self.perchannel)
+            self.scale, self.zero = self._q.p1, self._q.p2
             self._ready = True
 
         def quantize(self, x):
-            if not self._ready:
-                return x
-            codes = encode(x, self.fmt, self.mode, self.scale, self.zero)
-            return decode(codes, self.fmt, self.mode, self.scale, self.zero, x.dtype)
+            # GPTQ's [rows, 1] columns take core's fast column path (ColumnQuantizer)
+            return self._q(x) if self._ready else x
 
         def enabled(self):
             return True

@@ -20,8 +20,7 @@ with warnings.catch_warnings(record=True):
     pytest.importorskip("auto_gptq")
     import afpq_plugins.autogptq as A
 
-from afpq_plugins.core.formats import get_format
-from afpq_plugins.core.quantize import ScaleSearch, decode, encode, fake_quantize, find_params, quantize_weight, round_params
+from afpq_plugins.core.quantize import ScaleSearch, fake_quantize, find_params, quantize_weight, round_params
 
 FORMATS = [("nf3", "afpq"), ("fp4", "afpq"), ("nf4", "sym"), ("int3", "zp"), ("fp3", "afpq")]
 
@@ -127,35 +126,6 @@ def test_autogptq_mse_flag_uses_its_own_candidates():
     got = q.search.factors()
     assert len(got) == 80 and max(abs(a - b) for a, b in zip(got, expect)) < 1e-12
     assert q.search.norm == 2.4
-
-
-def _midpoint_weights(fmt, mode, rows=24, cols=40):
-    """Weights on exact rounding midpoints (ties) and grid values, with scales that are powers of two."""
-    f = get_format(fmt)
-    grid = torch.tensor(sorted(set(f._sorted(mode))), dtype=torch.float64)
-    mids = (grid[1:] + grid[:-1]) / 2
-    vals = torch.cat([grid, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
-    g = torch.Generator().manual_seed(0)
-    w = vals[torch.randint(len(vals), (rows, cols), generator=g)]
-    w[:, 0] = grid.max()  # pins s_pos (and the zp range) to a power of two
-    w[:, 1] = grid.min()
-    return (w * 0.25).float()
-
-
-@pytest.mark.parametrize("fmt,mode", FORMATS)
-@pytest.mark.parametrize("search", [None, "mse"])
-def test_column_fast_path_equals_core_on_ties(fmt, mode, search):
-    """GPTQ's per-column path (bucketize + gather) gives core's fake-quant bit for bit, ties included."""
-    w = _midpoint_weights(fmt, mode) if mode != "zp" else torch.randn(24, 40)
-    q = A.AFPQQuantizer(fmt=fmt, mode=mode, search=search)
-    q.configure(int(fmt[-1]), perchannel=True, sym=mode == "sym")
-    q.find_params(w, weight=True)
-    cols = torch.cat([q.quantize(w[:, i : i + 1]) for i in range(w.shape[1])], 1)
-    assert torch.equal(cols, fake_quantize(w, fmt, -1, mode, search=search))
-    wh = w.half()
-    half = torch.cat([q.quantize(wh[:, i : i + 1]) for i in range(w.shape[1])], 1)
-    expect = decode(encode(wh, fmt, mode, q.scale, q.zero), fmt, mode, q.scale, q.zero, torch.float16)
-    assert half.dtype == torch.float16 and torch.equal(half, expect)
 
 
 @pytest.mark.parametrize("fmt,mode", [("nf3", "afpq"), ("fp4", "afpq"), ("int3", "zp")])
