@@ -36,8 +36,10 @@ def _err(msg: str) -> int:
 # -- helpers shared by subcommands --------------------------------------------------------
 _QUANT_SUFFIXES = (".qweight", ".scales_neg", ".qzeros")
 _HF_NOTE = ("note: afpq eval loads AFPQ checkpoints with afpq_plugins' own loader. Elsewhere, `import afpq_plugins` "
-            "before transformers' from_pretrained: without it transformers 4.53/5.x only warns \"Unknown quantization "
-            "type, got afpq ... we will skip the quantization\" and fills every quantized layer with RANDOM weights.")
+            "before transformers' from_pretrained: without it transformers 4.53/5.x warn \"Unknown quantization "
+            "type, got afpq\" and then fail with a size mismatch on each layer's placeholder `weight`; with "
+            "ignore_mismatched_sizes=True, or on a checkpoint written before the placeholders, they load the "
+            "quantized layers with RANDOM weights.")
 
 
 def _refuse_stripped_checkpoint(path) -> None:
@@ -113,7 +115,7 @@ def cmd_quantize(args) -> int:
         qc = gptq_quantize(
             model, tok, fmt, args.group_size, mode, scale_dtype=args.scale_dtype, desc_act=args.desc_act,
             static_groups=args.static_groups, true_sequential=args.true_sequential,
-            nsamples=args.nsamples, seqlen=args.calib_seqlen,
+            nsamples=args.nsamples, seqlen=args.calib_seqlen, scale_search=args.scale_search,
         )
     elif args.method == "awq":  # AutoAWQ 0.2.9; calibration: Austen, --nsamples x --calib-seqlen
         from .autoawq.io import awq_quantize
@@ -121,7 +123,7 @@ def cmd_quantize(args) -> int:
         qc = awq_quantize(
             model, tok, fmt, args.group_size, mode, clip=args.clip, layout=None if args.layout == "gptq" else args.layout,
             skip=args.skip, scale_dtype=args.scale_dtype, n_samples=args.nsamples, seqlen=args.calib_seqlen,
-            progress=not args.quiet,
+            progress=not args.quiet, scale_search=args.scale_search,
         )
     else:
         qc = quantize_model_rtn(
@@ -312,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="module names kept in float")
     q.add_argument("--scale-dtype", choices=sorted(_SCALE_DTYPES), default="float16")
     q.add_argument("--scale-search", choices=["minmax", "mse"], default="minmax",
-                   help="rtn: minmax = the paper's scales; mse = search per-side shrink factors minimising the weight error")
+                   help="minmax = the paper's scales; mse = search per-side shrink factors minimising each group's "
+                        "weight error (rtn, gptq and awq)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     g = q.add_argument_group("gptq", "options of --method gptq (calibration: the Austen novels but Pride and Prejudice)")

@@ -381,9 +381,9 @@ def test_cli_awq_quantize_and_eval(tiny_dir, tmp_path, capsys):
 
     out = str(tmp_path / "cli")
     rc = main(["quantize", tiny_dir, out, "--method", "awq", "--format", "nf3", "--group-size", "64",
-               "--clip", "two-sided", "--nsamples", "4", "--calib-seqlen", "64", "--quiet"])
+               "--clip", "two-sided", "--nsamples", "4", "--calib-seqlen", "64", "--scale-search", "mse", "--quiet"])
     assert rc == 0
     cfg = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
-    assert cfg["method"] == "awq" and cfg["awq"]["clip"] == "two-sided"
+    assert cfg["method"] == "awq" and cfg["awq"]["clip"] == "two-sided" and cfg["scale_search"]["method"] == "mse"
     assert main(["eval", out, "--seqlen", "64", "--windows", "2", "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] > 1

@@ -153,13 +153,14 @@ def test_cli_gptq_quantize_then_eval(tmp_path, capsys):
     src = tiny_llama_folder(str(tmp_path / "m"))
     out = str(tmp_path / "q")
     rc = main(["quantize", src, out, "--method", "gptq", "--format", "nf3", "--group-size", "32", "--desc-act",
-               "--nsamples", "4", "--calib-seqlen", "64", "--quiet"])
+               "--nsamples", "4", "--calib-seqlen", "64", "--scale-search", "mse", "--quiet"])
     assert rc == 0
     import json
 
     with open(f"{out}/config.json", encoding="utf-8") as fh:
         qc = json.load(fh)["quantization_config"]
     assert (qc["method"], qc["format"], qc["desc_act"], qc["layout"]) == ("gptq", "nf3", True, "gptq")
+    assert qc["scale_search"]["method"] == "mse"
     capsys.readouterr()
     assert main(["eval", out, "--seqlen", "32", "--windows", "2", "--json", "--quiet"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
