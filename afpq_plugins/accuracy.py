@@ -188,8 +188,8 @@ def build_plan(
 
     All RTN cells first (cheap), group 64 first, then -1, 32, 192 (the paper's headline
     group, then the extremes); then GPTQ and AWQ alternately per group size, the INT vs
-    AFPQ pair of each block (and, for ``search_methods``, NF AFPQ with the scale search)
-    before the other rows.
+    AFPQ pair of each block before the other rows; last, for ``search_methods``, the
+    GPTQ/AWQ cells with the scale search.
     """
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -212,14 +212,19 @@ def build_plan(
         raise ValueError(f"scale-search cells exist for gptq and awq only, got {bad[0]!r}")
 
     def rank_row(r: Row) -> int:
-        return {("int", "zp", None): 0, ("nf", "afpq", None): 1, ("nf", "afpq", "mse"): 2}.get((r.family, r.mode, r.search), 3)
+        return {("int", "zp", None): 0, ("nf", "afpq", None): 1}.get((r.family, r.mode, r.search), 2)
 
+    rows = sorted(dict.fromkeys(r for r in calibrated_rows if r.search is None), key=rank_row)
     for g in order:
         for b in calibrated_bits:
             for m in ("gptq", "awq"):
                 if m in methods:
-                    rows = list(calibrated_rows) + (list(CALIBRATED_SEARCH_ROWS) if m in search_methods else [])
-                    plan += [Cell(m, r.family, r.mode, r.search, b, g) for r in sorted(dict.fromkeys(rows), key=rank_row)]
+                    plan += [Cell(m, r.family, r.mode, r.search, b, g) for r in rows]
+    # GPTQ/AWQ + scale search last: an AWQ cell with the search costs ~5 plain AWQ cells
+    for m in ("gptq", "awq"):
+        if m in methods and m in search_methods:
+            plan += [Cell(m, r.family, r.mode, r.search, b, g)
+                     for g in order for b in calibrated_bits for r in CALIBRATED_SEARCH_ROWS]
     return plan
 
 

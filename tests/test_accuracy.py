@@ -173,9 +173,9 @@ def test_plan_order_and_quick_subset():
     assert [c.method for c in full[:80]] == ["rtn"] * 80 and full[0].group_size == 64
     assert [(c.method, c.fmt, c.mode) for c in full[80:84]] == [("gptq", "int3", "zp"), ("gptq", "nf3", "afpq"),
                                                                 ("gptq", "nf3", "sym"), ("gptq", "fp3", "afpq")]
-    with_search = acc.build_plan(["gptq", "awq"], [64], search_methods=["gptq"])
-    assert [c.key for c in with_search[:3]] == ["gptq/int3/zp/minmax/g64", "gptq/nf3/afpq/minmax/g64", "gptq/nf3/afpq/mse/g64"]
-    assert len(with_search) == 9 and not any(c.search for c in with_search if c.method == "awq")
+    with_search = acc.build_plan(["gptq", "awq"], [64, -1], search_methods=["gptq"])
+    assert [c.key for c in with_search[-2:]] == ["gptq/nf3/afpq/mse/g64", "gptq/nf3/afpq/mse/g-1"]
+    assert len(with_search) == 18 and not any(c.search for c in with_search if c.method == "awq")
     with pytest.raises(ValueError, match="gptq and awq only"):
         acc.build_plan(search_methods=["rtn"])
 
