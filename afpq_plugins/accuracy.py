@@ -660,13 +660,12 @@ def plot_results(sec: dict, path: str) -> str:
 def _grid_points(w: torch.Tensor, fmt: str, mode: str, scale_dtype=torch.float16) -> torch.Tensor:
     """The values one group ``w`` (1-D) can take under ``fmt``/``mode`` with min/max scales."""
     from .core.formats import get_format
-    from .core.quantize import decode, find_params, round_params
+    from .core.quantize import decode_table, find_params, round_params
 
     f = get_format(fmt)
     p1, p2 = find_params(w.reshape(1, -1).float(), f, mode)
     p1, p2 = round_params(p1, p2, mode, scale_dtype)
-    codes = torch.arange(1 << f.bits, dtype=torch.uint8).reshape(1, -1)
-    return torch.unique(decode(codes, f, mode, p1, p2).reshape(-1))
+    return torch.unique(decode_table(f, mode, p1.reshape(1), p2.reshape(1)).reshape(-1))
 
 
 def pick_group(weight: torch.Tensor, group_size: int, quantile: float = 0.9) -> Tuple[int, int, float]:

@@ -405,7 +405,7 @@ def _check_weight(w: torch.Tensor, group_size: int, name: str) -> None:
 
 def _rtn_chunks(w: torch.Tensor, f: Format, group_size: int, mode: str, scale_dtype: torch.dtype, name: str,
                 search=None):
-    """Yield ``(row slice, grouped codes, p1, p2)`` over row chunks of ``w``.
+    """Yield ``(row slice, grouped float32 weights, p1, p2)`` over row chunks of ``w``.
 
     Chunks of about a quarter million weights keep every element-wise pass in cache.
     """
@@ -415,7 +415,7 @@ def _rtn_chunks(w: torch.Tensor, f: Format, group_size: int, mode: str, scale_dt
         rows = slice(r, min(r + step, out_f))
         wg = _grouped(w[rows].float(), group_size)
         p1, p2 = round_params(*find_params(wg, f, mode, search=search), mode=mode, dtype=scale_dtype, name=name)
-        yield rows, encode(wg, f, mode, p1, p2), p1, p2
+        yield rows, wg, p1, p2
 
 
 def quantize_weight(
@@ -439,8 +439,8 @@ def quantize_weight(
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
     p1s = torch.empty(out_f, groups, dtype=torch.float32, device=w.device)
     p2s = torch.empty_like(p1s)
-    for rows, c, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name, search):
-        codes[rows] = c.reshape(-1, in_f)
+    for rows, wg, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name, search):
+        codes[rows] = encode(wg, f, mode, p1, p2).reshape(-1, in_f)
         p1s[rows] = p1.squeeze(-1)
         p2s[rows] = p2.squeeze(-1)
     scales = p1s.t().contiguous().to(scale_dtype)
@@ -465,8 +465,8 @@ def fake_quantize(
     mode = resolve_mode(f, mode)
     _check_weight(w, group_size, name)
     out = torch.empty_like(w)
-    for rows, c, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name, search):
-        out[rows] = decode(c, f, mode, p1, p2, w.dtype).reshape(-1, w.shape[1])
+    for rows, wg, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name, search):
+        out[rows] = fake_quantize_groups(wg, f, mode, p1, p2, w.dtype).reshape(-1, w.shape[1])
     return out
 
 
