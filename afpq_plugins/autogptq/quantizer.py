@@ -52,9 +52,6 @@ class AFPQQuantizer(Quantizer):
         self.scale, self.zero = self._q.p1, self._q.p2
         self._ready = True
 
-    def codes(self, x):
-        return self._q.codes(x)
-
     def quantize(self, x):
         # GPTQ's [rows, 1] columns take core's fast column path (ColumnQuantizer)
         return self._q(x) if self.ready() else x
