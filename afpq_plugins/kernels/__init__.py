@@ -1,44 +1,101 @@
-"""Kernel dispatch for :class:`~afpq_plugins.nn.AFPQLinear`.
+"""Kernel registry and dispatch for AFPQ linear layers: the one place that chooses a kernel.
 
-Backends: ``torch`` (reference LUT dequantize + matmul, any device) and, on CUDA,
-fused Triton kernels where available. The choice is, in order: the layer's
-``backend`` attribute if not ``"auto"``, the ``AFPQ_KERNEL`` environment variable
-(``auto``/``torch``/``triton``), else ``auto`` (Triton on CUDA when importable,
-torch otherwise).
+A *kernel* is a :class:`Kernel` entry: a name, a priority, ``can_implement(x, layer) ->
+(ok, reason)`` and ``apply(x, layer) -> y``. ``layer`` is anything with the attributes of
+:class:`~afpq_plugins.nn.AFPQLinear` (``qweight``, ``scales``, ``second``, ``g_idx``, ``bias``,
+``fmt``, ``bits``, ``mode``, ``layout``, ``group_size``, ``in_features``, ``out_features``,
+``has_default_order()``), so other engines (vLLM) can pass a light view of their parameters.
+
+:func:`choose_kernel` walks the registered kernels in priority order (highest first) and
+returns the first that can run the call, with the reason each one before it was passed over
+(the idea of vLLM's ``MPLinearKernel`` chooser). The choice can be forced by the layer's
+``backend`` attribute (not ``"auto"``) or the ``AFPQ_KERNEL`` environment variable; a forced
+kernel that cannot run the call is an error that says why. ``torch`` (reference LUT
+dequantize + matmul) runs everything and is always last.
+
+Registering a new kernel is one :func:`register_kernel` call in this module's
+``_register_builtin`` (built-in) or from the kernel's own module.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
 from . import torch_ref
 
-BACKENDS = ("auto", "torch", "triton")
+__all__ = ["Kernel", "register_kernel", "kernels", "choose_kernel", "explain", "afpq_linear", "select_backend"]
+
+Check = Callable[[torch.Tensor, object], Tuple[bool, str]]
+Apply = Callable[[torch.Tensor, object], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    priority: int
+    can_implement: Check
+    apply: Apply
+
+
+_KERNELS: Dict[str, Kernel] = {}
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    """Add (or replace, same name) a kernel. Idempotent."""
+    _KERNELS[kernel.name] = kernel
+    kernels.cache_clear()
+    return kernel
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_linear():
-    try:
-        from .triton_kernels import linear as triton_linear  # noqa: WPS433 (optional backend)
-    except ImportError:
-        return None
-    return triton_linear
+def kernels() -> Tuple[Kernel, ...]:
+    """Registered kernels, highest priority first."""
+    _register_builtin()
+    return tuple(sorted(_KERNELS.values(), key=lambda k: -k.priority))
+
+
+def _requested(layer) -> str:
+    choice = getattr(layer, "backend", "auto") or "auto"
+    if choice == "auto":
+        choice = os.environ.get("AFPQ_KERNEL", "auto")
+    choice = choice.lower()
+    names = [k.name for k in kernels()]
+    if choice != "auto" and choice not in names:
+        raise ValueError(f"unknown AFPQ kernel {choice!r}; choose one of auto, {', '.join(names)}")
+    return choice
+
+
+def choose_kernel(x: torch.Tensor, layer) -> Tuple[Kernel, List[Tuple[str, str]]]:
+    """The kernel that runs ``layer(x)``, and ``[(name, why not)]`` for those passed over."""
+    choice = _requested(layer)
+    skipped: List[Tuple[str, str]] = []
+    for k in kernels():
+        if choice != "auto" and k.name != choice:
+            continue
+        ok, why = k.can_implement(x, layer)
+        if ok:
+            return k, skipped
+        if choice != "auto":
+            raise RuntimeError(f"AFPQ kernel {choice!r} was requested but cannot run this layer: {why}")
+        skipped.append((k.name, why))
+    raise RuntimeError("no AFPQ kernel can run this layer: " + "; ".join(f"{n}: {w}" for n, w in skipped))
+
+
+def explain(x: torch.Tensor, layer) -> str:
+    """One line: which kernel runs ``layer(x)`` and why the others were passed over."""
+    k, skipped = choose_kernel(x, layer)
+    why = "".join(f"; {n} passed over: {w}" for n, w in skipped)
+    return f"{k.name}{why}"
 
 
 def select_backend(x: torch.Tensor, layer) -> str:
-    choice = getattr(layer, "backend", "auto")
-    if choice == "auto":
-        choice = os.environ.get("AFPQ_KERNEL", "auto").lower()
-    if choice not in BACKENDS:
-        raise ValueError(f"unknown AFPQ kernel backend {choice!r}; choose one of {', '.join(BACKENDS)}")
-    if choice == "auto":
-        return "triton" if x.is_cuda and _triton_linear() is not None else "torch"
-    if choice == "triton" and _triton_linear() is None:
-        raise RuntimeError("AFPQ kernel backend 'triton' was requested but afpq_plugins.kernels.triton_kernels is unavailable")
-    return choice
+    """Name of the chosen kernel (kept for callers of the old API)."""
+    return choose_kernel(x, layer)[0].name
 
 
 def afpq_linear(x: torch.Tensor, layer) -> torch.Tensor:
@@ -46,6 +103,30 @@ def afpq_linear(x: torch.Tensor, layer) -> torch.Tensor:
         raise ValueError(
             f"AFPQLinear: input has {x.shape[-1]} features, the layer expects {layer.in_features}"
         )
-    if select_backend(x, layer) == "triton":
-        return _triton_linear()(x, layer)
-    return torch_ref.linear(x, layer)
+    return choose_kernel(x, layer)[0].apply(x, layer)
+
+
+# -- built-in kernels -------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _triton_linear():
+    try:
+        from .triton_kernels import linear as triton_linear  # optional backend
+    except ImportError:
+        return None
+    return triton_linear
+
+
+def _triton_can(x: torch.Tensor, layer) -> Tuple[bool, str]:
+    if _triton_linear() is None:
+        return False, "triton is not importable"
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "input is not on a CUDA device (and TRITON_INTERPRET is not set)"
+    return True, ""
+
+
+def _register_builtin() -> None:
+    if "torch" in _KERNELS:
+        return
+    _KERNELS["torch"] = Kernel("torch", 0, lambda x, layer: (True, ""), torch_ref.linear)
+    _KERNELS["triton"] = Kernel("triton", 100, _triton_can, lambda x, layer: _triton_linear()(x, layer))
