@@ -240,8 +240,8 @@ def cmd_demo(args) -> int:
 
 # -- bench accuracy ------------------------------------------------------------------------------
 def cmd_bench_accuracy(args) -> int:
-    """The accuracy study (:mod:`afpq_plugins.accuracy`): resumable, writes JSON, markdown, PNGs."""
-    from . import accuracy as acc
+    """The accuracy study (:mod:`afpq_plugins.study`): resumable, writes JSON, markdown, PNGs."""
+    from . import study as acc
 
     preset = acc.QUICK if args.quick else acc.FULL
     groups = tuple(args.group_size) if args.group_size else preset["groups"]

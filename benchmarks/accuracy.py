@@ -1,6 +1,6 @@
 """The accuracy study: the AFPQ paper's perplexity tables on the embedded SmolLM2.
 
-A thin wrapper around ``afpq bench accuracy`` (library code: ``afpq_plugins/accuracy.py``)::
+A thin wrapper around ``afpq bench accuracy`` (library code: ``afpq_plugins/study/``)::
 
     .venv-legacy/bin/python benchmarks/accuracy.py --quick      # ~15 min on 2 shared cores
     .venv-legacy/bin/python benchmarks/accuracy.py              # the full tables, resumes from the quick run

@@ -14,7 +14,9 @@ pytest.importorskip("transformers")
 
 from test_cli import _reference_ppl, folder, text_file  # noqa: E402,F401  (fixtures and the NLL reference)
 
-from afpq_plugins import accuracy as acc  # noqa: E402
+from afpq_plugins import study as acc  # noqa: E402
+from afpq_plugins.study import plots as study_plots  # noqa: E402
+from afpq_plugins.study import run as study_run  # noqa: E402
 from afpq_plugins import cli  # noqa: E402
 
 
@@ -59,7 +61,7 @@ def test_rtn_cells_match_references(folder, text_file, settings, inputs, tmp_pat
         # the study's weights are what quantize_model_rtn stores (decoded by AFPQLinear's forward)
         model = inputs[0]
         mine, packed = copy.deepcopy(model), copy.deepcopy(model)
-        acc._rtn(mine, cell, settings)
+        study_run._rtn(mine, cell, settings)
         quantize_model_rtn(packed, cell.fmt, cell.group_size, cell.mode, progress=False, scale_search=cell.search)
         for name, lin in find_linears(mine).items():
             layer = packed.get_submodule(name)
@@ -201,11 +203,11 @@ def test_plots_written(tmp_path):
     s = (g.max() - min(g.min(), 0)) / 7
     z = torch.round(-min(g.min(), 0) / s)
     ref = (torch.arange(8) - z) * s.half().float()
-    pts = acc._grid_points(g, "int3", "zp")
+    pts = study_plots._grid_points(g, "int3", "zp")
     assert torch.allclose(pts, ref, rtol=1e-3, atol=1e-6)
-    assert len(acc._grid_points(g, "fp3", "sym")) == 7 and len(acc._grid_points(g, "fp3", "afpq")) == 7
-    assert acc._grid_points(g, "fp3", "afpq").max() == pytest.approx(g.max().item(), rel=1e-3)
-    assert acc._grid_points(g, "fp3", "afpq").min() == pytest.approx(g.min().item(), rel=1e-3)
+    assert len(study_plots._grid_points(g, "fp3", "sym")) == 7 and len(study_plots._grid_points(g, "fp3", "afpq")) == 7
+    assert study_plots._grid_points(g, "fp3", "afpq").max() == pytest.approx(g.max().item(), rel=1e-3)
+    assert study_plots._grid_points(g, "fp3", "afpq").min() == pytest.approx(g.min().item(), rel=1e-3)
     assert info["mse"]["fp3/afpq"]["group"] < info["mse"]["fp3/sym"]["group"]
 
 
