@@ -7,7 +7,7 @@ For every M in {1, 4, 16, 128, 2048} and every layer shape (in x out) 4096x4096,
 4096x11008, 11008x4096, 5120x13824 at group size 128, the median time (CUDA events, L2
 flushed before every repeat, as in ``triton.testing.do_bench``) of
 
-* ``afpq``      AFPQ Triton kernel (``triton_kernels.linear``), fp16 activations
+* ``afpq``      AFPQ Triton kernel (``afpq_plugins.kernels.triton.linear``), fp16 activations
 * ``afpq_bf16`` the same with bf16 activations (the INT4 kernel below takes bf16 only)
 * ``fp16``      torch fp16 ``F.linear`` with the dequantized weight (cuBLAS)
 * ``int4``      torch's built-in INT4 kernel (tinygemm): ``aten._weight_int4pack_mm(x_bf16,
@@ -25,7 +25,7 @@ M = 2048: ``fp16 / afpq >= 0.8``.
 
 ``--sweep`` also times a grid of kernel configurations (paths, tiles, split-K) per row
 and reports the best next to the planner's default: the data to retune
-``triton_kernels.plan_matmul``. Results go to ``--json`` and a markdown table on stdout.
+``afpq_plugins.kernels.triton.plan_matmul``. Results go to ``--json`` and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _require_gpu():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("bench_kernels.py: unset TRITON_INTERPRET (the interpreter's timings mean nothing).")
     try:
-        from afpq_plugins.kernels import triton_kernels
+        from afpq_plugins.kernels import triton as triton_kernels
     except ImportError as exc:
         sys.exit(f"bench_kernels.py needs triton: {exc}")
     return triton_kernels
@@ -127,7 +127,7 @@ def afpq_bytes(layer, M: int, act_bytes: int) -> int:
 
 
 def sweep_configs(M: int):
-    """Kernel configurations tried by --sweep (overrides for triton_kernels.linear)."""
+    """Kernel configurations tried by --sweep (overrides for afpq_plugins.kernels.triton.linear)."""
     if M <= 16:
         for bn, split in itertools.product((32, 64, 128), (1, 2, 4, 8, 16)):
             yield {"path": "gemv", "block_m": 16, "block_n": bn, "split_k": split}  # tensor cores

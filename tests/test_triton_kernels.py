@@ -3,7 +3,7 @@
 Triton decides "interpreter or compiler" when a function is decorated with
 ``@triton.jit``: for its own standard library (``tl.cdiv``, ``tl.sum``...) that is
 when ``triton`` is first imported, for our kernels when
-``afpq_plugins.kernels.triton_kernels`` is imported. So:
+``afpq_plugins.kernels.triton`` is imported. So:
 
 * CPU-only machine, triton not imported yet: this module sets ``TRITON_INTERPRET=1``
   before importing triton (on such a machine Triton can only run interpreted anyway)
@@ -16,7 +16,8 @@ when ``triton`` is first imported, for our kernels when
 Shapes are tiny because the interpreter runs every program in numpy. References: a
 float64 product with the exactly decoded weight (``layer.dequantize``), and the torch
 reference kernel. Outputs are pre-filled with NaN so that an element the kernel never
-writes cannot pass.
+writes cannot pass. Interpreted bfloat16 dots go through the shim in
+``benchmarks/triton_dev.py`` (Triton's interpreter multiplies their raw bits).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ triton = pytest.importorskip("triton")
 from afpq_plugins.kernels import torch_ref  # noqa: E402
 from afpq_plugins.nn import AFPQLinear  # noqa: E402
 
-_SRC = Path(__file__).resolve().parents[1] / "afpq_plugins" / "kernels" / "triton_kernels.py"
+ROOT = Path(__file__).resolve().parents[1]
+_PKG = ROOT / "afpq_plugins" / "kernels" / "triton"
 #: Triton's own library was built for the interpreter: in-process interpreter tests can run.
 IN_PROCESS = type(triton.language.cdiv).__name__ == "InterpretedFunction"
 
@@ -50,17 +52,30 @@ IN_PROCESS = type(triton.language.cdiv).__name__ == "InterpretedFunction"
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 
 
+def _drop(name: str) -> None:
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        sys.modules.pop(key, None)
+
+
+def _load_file(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _load_copy(name: str, interpret: bool):
-    """A private copy of the kernels module, decorated with TRITON_INTERPRET as asked."""
+    """A private copy of the kernels package, decorated with TRITON_INTERPRET as asked.
+    ``name`` must sit beside the real package (``afpq_plugins.kernels.<x>``)."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    spec = importlib.util.spec_from_file_location(name, _SRC)
+    spec = importlib.util.spec_from_file_location(name, _PKG / "__init__.py", submodule_search_locations=[str(_PKG)])
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     try:
         spec.loader.exec_module(mod)
     except BaseException:
-        sys.modules.pop(name, None)
+        _drop(name)
         raise
     finally:
         if old is None:
@@ -74,11 +89,13 @@ def _load_copy(name: str, interpret: bool):
 def tk():
     if not IN_PROCESS:
         pytest.skip("triton was imported without the interpreter; covered by test_interpreter_suite_in_subprocess")
-    name = "afpq_plugins.kernels._triton_kernels_interpreted"
+    name = "afpq_plugins.kernels._triton_interpreted"
     mod = _load_copy(name, interpret=True)
     assert mod.INTERPRET, "kernels were not built for the interpreter"
-    yield mod
-    sys.modules.pop(name, None)
+    dev = _load_file("_afpq_triton_dev", ROOT / "benchmarks" / "triton_dev.py")
+    with dev.interpreter_bf16_dot():
+        yield mod
+    _drop(name)
 
 
 def _layer(fmt, mode, layout, K, N, gs, *, bias=True, act_order=False, seed=0):
@@ -191,7 +208,7 @@ def test_dequantize_kernel_is_exact(tk, fmt, mode, layout, gs, act):
     w_t = tk.dequantize_layer(layer, torch.float32)
     assert torch.equal(w_t, layer.dequantize(torch.float32).t())
     poisoned = torch.full((128, 40), float("nan"), dtype=torch.float16)
-    kw, lut = tk._layer_args(layer, "cpu")
+    kw, lut = tk.launching._layer_args(layer, "cpu")
     got = tk.dequantize(layer.qweight, layer.scales, layer.second, lut, in_features=128, out=poisoned,
                         block_n=16, block_r=8, **kw)
     assert torch.equal(got, layer.dequantize(torch.float16).t())
@@ -233,7 +250,7 @@ def test_g_idx_change_is_seen(tk):
 
 def test_dispatcher_reaches_the_kernels(tk):
     """AFPQLinear.forward with backend "triton" goes through kernels/__init__.py to ``linear``."""
-    from afpq_plugins.kernels import triton_kernels as real
+    from afpq_plugins.kernels import triton as real
 
     if not real.INTERPRET:
         pytest.skip("the package's kernels module was imported earlier without the interpreter")
@@ -274,13 +291,13 @@ def test_import_error_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setitem(sys.modules, "triton.language", None)
     with pytest.raises(ImportError):
-        _load_copy("afpq_plugins.kernels._triton_kernels_no_triton", interpret=True)
-    assert "afpq_plugins.kernels._triton_kernels_no_triton" not in sys.modules
+        _load_copy("afpq_plugins.kernels._triton_no_triton", interpret=True)
+    assert "afpq_plugins.kernels._triton_no_triton" not in sys.modules
 
 
 def test_cpu_tensors_refused_without_interpreter():
     """Built for a GPU (no TRITON_INTERPRET), the kernels refuse CPU tensors with a clear error."""
-    name = "afpq_plugins.kernels._triton_kernels_compiled"
+    name = "afpq_plugins.kernels._triton_compiled"
     mod = _load_copy(name, interpret=False)
     try:
         assert not mod.INTERPRET
@@ -288,14 +305,14 @@ def test_cpu_tensors_refused_without_interpreter():
         with pytest.raises(RuntimeError, match="CUDA"):
             mod.linear(torch.randn(1, 64, dtype=torch.float16), layer)
     finally:
-        sys.modules.pop(name, None)
+        _drop(name)
 
 
 def test_interpreter_suite_in_subprocess():
     if IN_PROCESS or os.environ.get(_SUBPROCESS_FLAG):
         pytest.skip("the interpreter tests run in this process")
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", **{_SUBPROCESS_FLAG: "1"})
-    root = str(_SRC.parents[2])
+    root = str(ROOT)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
@@ -306,16 +323,17 @@ def test_interpreter_suite_in_subprocess():
 
 _AOT_SCRIPT = r"""
 import json, sys, torch
-from afpq_plugins.kernels import triton_kernels as tk
+from afpq_plugins.kernels import triton as tk
+import triton_dev
 assert not tk.INTERPRET
 dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 results = []
 for M, K, N, bits, layout, mode, act, dtype, cap, path in json.loads(sys.argv[1]):
     plan = tk.plan_matmul(M, N, K, bits=bits, layout=layout, group_size=128, act_order=act,
                           capability=tuple(cap), path=path, dtype=dt[dtype])
-    k = tk.aot_compile(plan, bits=bits, layout=layout, mode=mode, group_size=128, K=K, dtype=dt[dtype],
+    k = triton_dev.aot_compile(plan, bits=bits, layout=layout, mode=mode, group_size=128, K=K, dtype=dt[dtype],
                        capability=tuple(cap))
-    results.append([plan.path, plan.use_dot, plan.atomic, k.metadata.shared, tk.SHARED_LIMIT[cap[0]], len(k.asm["cubin"])])
+    results.append([plan.path, plan.use_dot, plan.atomic, k.metadata.shared, triton_dev.SHARED_LIMIT[cap[0]], len(k.asm["cubin"])])
 print(json.dumps(results))
 """
 
@@ -343,9 +361,9 @@ def test_compiled_path_builds_for_sm90_and_sm80():
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("triton's bundled ptxas is missing")
-    root = str(_SRC.parents[2])
+    root = str(ROOT)
     env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, str(ROOT / "benchmarks"), env.get("PYTHONPATH")) if p)
     cases = json.dumps([list(c) for c in _AOT_CASES])
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, cases], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -375,10 +393,10 @@ def test_compiled_on_cuda(M, fmt, mode, layout, gs, act):
     """The compiled kernels (never exercised by the interpreter) on real shapes."""
     if IN_PROCESS:
         pytest.skip("triton runs interpreted in this process")
-    from afpq_plugins.kernels import triton_kernels as real
+    from afpq_plugins.kernels import triton as real
 
     layer = _layer(fmt, mode, layout, 1024, 328, gs, act_order=act).cuda()
-    kw, lut = real._layer_args(layer, torch.device("cuda"))
+    kw, lut = real.launching._layer_args(layer, torch.device("cuda"))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         torch.manual_seed(3)
         x = torch.randn(M, 1024, device="cuda").to(dtype)

@@ -111,7 +111,7 @@ def afpq_linear(x: torch.Tensor, layer) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _triton_linear():
     try:
-        from .triton_kernels import linear as triton_linear  # optional backend
+        from .triton import linear as triton_linear  # optional backend
     except ImportError:
         return None
     return triton_linear

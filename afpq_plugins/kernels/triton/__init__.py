@@ -1,0 +1,77 @@
+"""Fused Triton kernels: AFPQ LUT dequantize + matmul, reading the packed codes directly.
+
+``y = x @ W.T (+ bias)`` in one pass with float32 accumulation, where ``W`` is never
+materialised: each program loads packed int32 words, extracts the codes, looks them
+up in the format's table (``fmt.lut(mode)``), applies the group parameters and feeds
+the result straight into the reduction. Layouts are exactly the ones core writes
+(:mod:`afpq_plugins.core.packing`):
+
+``gptq``  ``qweight[in * bits / 32, out]``; along the input dim a little-endian bit
+          stream of ``bits``-bit codes in 32-bit words (3 bits: 32 codes per 3 words,
+          codes 10 and 21 spill across a word boundary). ``g_idx`` (act-order) honoured.
+``awq``   4 bits, ``qweight[in, out / 8]``; nibble ``i`` of word ``j`` holds output
+          column ``8 j + (0, 2, 4, 6, 1, 3, 5, 7)[i]``.
+
+Decoding (core's :func:`~afpq_plugins.core.quantize.decode`, same float32 ops):
+``afpq``: ``v * (s_pos if v > 0 else s_neg)``; ``sym``: ``v * s``; ``zp``: ``(v - z) * s``.
+
+How a K-tile is walked (both layouts share one skeleton). The input dimension is cut
+into *code blocks* of ``CPB`` consecutive codes stored in ``WPB`` consecutive words of
+one column (gptq 4-bit: 8 codes / 1 word; 3-bit: 32 / 3; 2-bit: 16 / 1; 8-bit: 4 / 1;
+awq: 1 code per row, the word shared by 8 columns). An iteration loads the words of
+``BLOCK_R`` code blocks x ``BLOCK_N`` columns once (no redundant word loads along K),
+then, for each of the ``CPB`` code positions ``j`` (a static loop), extracts a
+``[BLOCK_R, BLOCK_N]`` slice whose row ``r`` is input column ``CPB * r + j``, decodes it
+and multiplies it with the matching strided ``[BLOCK_M, BLOCK_R]`` slice of ``x``. The
+order of the input columns inside a K-tile is irrelevant to the sum, so no shuffle of
+the unpacked codes is ever needed.
+
+Paths (chosen by :func:`afpq_matmul`, overridable):
+
+``gemv``     M <= 16: split-K over a 2-D grid ``(tiles, SPLIT_K)``. M = 1 uses CUDA-core
+             FMAs into a ``[BLOCK_M, BLOCK_R, BLOCK_N]`` float32 accumulator reduced once
+             at the end (no tensor-core layout shuffles for a GEMV; ``block_m`` < 16
+             forces this for other tiny M); 2..16 uses ``tl.dot`` with ``BLOCK_M = 16``.
+             With ``SPLIT_K > 1`` partial sums are added with float32 atomics into a
+             zeroed float32 workspace; the last split of each tile (a counter per
+             tile) adds the bias, casts, writes the output and re-zeroes the workspace:
+             one launch, nothing to clear between calls (CUDA-graph capturable).
+``gemm``     tiled ``tl.dot`` with grouped program ordering for L2 reuse (split-K too
+             when the tiles would not cover the SMs).
+``dequant``  very large M (compute bound): a Triton kernel writes ``W.T`` once in the
+             activation dtype, then cuBLAS multiplies (``torch.addmm``).
+
+Group parameters per K-tile: ``GROUP_MODE`` 0 = the whole tile lies in one group (one
+``[BLOCK_N]`` load of each scale per iteration); 1 = the group depends on the code block
+only (a ``[BLOCK_R, BLOCK_N]`` gather per iteration); 2 = per input column, read from
+``g_idx`` (act-order; a gather per code position).
+
+Modules: :mod:`.jit` (device code), :mod:`.planning` (the tile planner), :mod:`.launching`
+(checks, launches, layer entry points). Which kernel runs a layer is decided in one place,
+the registry in :mod:`afpq_plugins.kernels`. Dev-only helpers (ahead-of-time compilation
+without a GPU, the interpreter's bfloat16 shim) live in ``benchmarks/triton_dev.py``.
+
+Importing this package raises :class:`ImportError` when Triton is missing or broken (the
+registry relies on that). Triton picks "interpreter or compiler" when a function is
+decorated, so to run on CPU set ``TRITON_INTERPRET=1`` before ``triton`` itself is first
+imported (its library functions such as ``tl.cdiv`` are decorated then) and before this
+package is.
+"""
+
+from __future__ import annotations
+
+try:  # guarded: the registry treats ImportError as "backend unavailable"
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as exc:  # ImportError, or a broken install raising something else
+    raise ImportError(f"afpq_plugins.kernels.triton needs a working triton: {exc!r}") from exc
+
+from .jit import INTERPRET, MODE_ID, afpq_dequant_kernel, afpq_mm_kernel
+from .launching import afpq_matmul, dequantize, dequantize_layer, linear
+from .planning import DEQUANT_MIN_M, GEMV_MAX_M, PATHS, MatmulPlan, device_info, geometry, mm_constexprs, plan_matmul
+
+__all__ = [
+    "INTERPRET", "MODE_ID", "PATHS", "DEQUANT_MIN_M", "GEMV_MAX_M", "MatmulPlan", "plan_matmul", "mm_constexprs",
+    "geometry", "device_info", "afpq_mm_kernel", "afpq_dequant_kernel", "afpq_matmul", "dequantize", "linear",
+    "dequantize_layer",
+]

@@ -1,0 +1,249 @@
+"""The Triton device code: code extraction, decoding and the two kernels.
+
+See the package docstring (:mod:`afpq_plugins.kernels.triton`) for how a K-tile is
+walked and what ``GROUP_MODE`` means. Importing this module decorates the kernels:
+``TRITON_INTERPRET`` must be decided before that (Triton reads it at decoration time).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRET", "MODE_ID", "afpq_mm_kernel", "afpq_dequant_kernel"]
+
+#: True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+#: Decoding rule per mode, as the kernels' ``MODE`` constexpr.
+MODE_ID = {"afpq": 0, "sym": 1, "zp": 2}
+
+
+# --------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _gptq_code(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
+    """Code ``J`` of a gptq code block held in words ``w0, w1, w2`` (int32)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    WI: tl.constexpr = (J * BITS) // 32
+    OFF: tl.constexpr = (J * BITS) % 32
+    if WI == 0:
+        lo = w0
+        hi = w1
+    elif WI == 1:
+        lo = w1
+        hi = w2
+    else:
+        lo = w2
+        hi = w2
+    if OFF + BITS <= 32:
+        code = (lo >> OFF) & MASK
+    else:
+        # Spill (3 bits): the low bits end word WI, the rest start word WI + 1. The
+        # arithmetic shift of an int32 only smears sign bits above NLOW; masked off.
+        NLOW: tl.constexpr = 32 - OFF
+        code = ((lo >> OFF) & ((1 << NLOW) - 1)) | ((hi << NLOW) & MASK)
+    return code
+
+
+@triton.jit
+def _load_params(s1_ptr, s2_ptr, offs, mask, MODE: tl.constexpr):
+    """Group parameters as float32: (s, s) for sym, (s_pos, s_neg) afpq, (s, z) zp."""
+    p1 = tl.load(s1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 1:
+        p2 = p1
+    else:
+        p2 = tl.load(s2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return p1, p2
+
+
+@triton.jit
+def _load_block(
+    it, qw_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
+    stride_qk, stride_qn, stride_sg, stride_sn,
+    AWQ: tl.constexpr, CPB: tl.constexpr, WPB: tl.constexpr, MODE: tl.constexpr,
+    GROUP_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Words of ``BLOCK_R`` code blocks x ``BLOCK_N`` columns, and the group parameters
+    shared by every code position of the tile (GROUP_MODE 0 and 1)."""
+    rn_mask = r_mask[:, None] & n_mask[None, :]
+    if AWQ:
+        wp = qw_ptr + offs_r[:, None] * stride_qk + (offs_n // 8)[None, :] * stride_qn
+    else:
+        wp = qw_ptr + (offs_r * WPB)[:, None] * stride_qk + offs_n[None, :] * stride_qn
+    w0 = tl.load(wp, mask=rn_mask, other=0)
+    if WPB == 3:
+        w1 = tl.load(wp + stride_qk, mask=rn_mask, other=0)
+        w2 = tl.load(wp + 2 * stride_qk, mask=rn_mask, other=0)
+    else:
+        w1 = w0
+        w2 = w0
+    if GROUP_MODE == 0:
+        g = (it * (BLOCK_R * CPB)) // GROUP_SIZE
+        p1, p2 = _load_params(s1_ptr, s2_ptr, g * stride_sg + offs_n[None, :] * stride_sn,
+                              n_mask[None, :], MODE)
+    elif GROUP_MODE == 1:
+        g = (offs_r * CPB) // GROUP_SIZE
+        p1, p2 = _load_params(s1_ptr, s2_ptr, g[:, None] * stride_sg + offs_n[None, :] * stride_sn,
+                              rn_mask, MODE)
+    else:  # loaded per code position from g_idx
+        p1 = tl.zeros((BLOCK_R, 1), tl.float32)
+        p2 = p1
+    return w0, w1, w2, p1, p2
+
+
+@triton.jit
+def _weight_slice(
+    w0, w1, w2, p1, p2, lut_ptr, gidx_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
+    stride_sg, stride_sn,
+    J: tl.constexpr, AWQ: tl.constexpr, BITS: tl.constexpr, CPB: tl.constexpr,
+    MODE: tl.constexpr, GROUP_MODE: tl.constexpr,
+):
+    """Decoded float32 ``[BLOCK_R, BLOCK_N]`` slice of ``W.T`` for code position ``J``
+    (row ``r`` is input column ``CPB * offs_r[r] + J``), and those input columns."""
+    k = offs_r * CPB + J
+    if AWQ:
+        # Column c sits in nibble (c % 8) // 2 + 4 * (c % 2) of its word.
+        shift = (((offs_n % 8) // 2) + (offs_n % 2) * 4) * 4
+        code = (w0 >> shift[None, :]) & 0xF
+    else:
+        code = _gptq_code(w0, w1, w2, J, BITS)
+    if GROUP_MODE == 2:
+        g = tl.load(gidx_ptr + k, mask=r_mask, other=0)
+        p1, p2 = _load_params(s1_ptr, s2_ptr, g[:, None] * stride_sg + offs_n[None, :] * stride_sn,
+                              r_mask[:, None] & n_mask[None, :], MODE)
+    v = tl.load(lut_ptr + code)
+    if MODE == 0:
+        w = v * tl.where(v > 0, p1, p2)  # the second scale, chosen by the sign of the grid value
+    elif MODE == 1:
+        w = v * p1
+    else:
+        w = (v - p2) * p1
+    return w, k
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["iters_per_split"])
+def afpq_mm_kernel(
+    x_ptr, qw_ptr, s1_ptr, s2_ptr, gidx_ptr, lut_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, R, iters_per_split,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on,
+    AWQ: tl.constexpr, BITS: tl.constexpr, CPB: tl.constexpr, WPB: tl.constexpr,
+    MODE: tl.constexpr, GROUP_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``out = x @ W.T (+ bias)``. Grid ``(tiles, splits)``.
+
+    With ``ATOMIC`` (split-K) every split adds its float32 partial tile into the zeroed
+    workspace ``ws`` (``[M, N]`` contiguous) and bumps the tile's counter in ``cnt``; the
+    last split of a tile reads the sum, writes ``out`` and leaves the workspace and the
+    counter zeroed again, so one launch does everything and the buffers can be reused by
+    the next launch (no memset, no copy kernel; capturable in a CUDA graph).
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Grouped ordering: GROUP_M row-tiles share each column tile while it is in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)  # M * in or M * out may pass 2**31 for long prefills
+
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), tl.float32)
+
+    n_iters = tl.cdiv(R, BLOCK_R)
+    it_lo = pid_k * iters_per_split
+    it_hi = tl.minimum(it_lo + iters_per_split, n_iters)
+    for it in range(it_lo, it_hi):
+        offs_r = it * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        w0, w1, w2, p1, p2 = _load_block(
+            it, qw_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
+            stride_qk, stride_qn, stride_sg, stride_sn,
+            AWQ, CPB, WPB, MODE, GROUP_MODE, GROUP_SIZE, BLOCK_R,
+        )
+        for j in tl.static_range(CPB):
+            w, k = _weight_slice(
+                w0, w1, w2, p1, p2, lut_ptr, gidx_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
+                stride_sg, stride_sn, j, AWQ, BITS, CPB, MODE, GROUP_MODE,
+            )
+            xk = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            if USE_DOT:
+                if IEEE:
+                    acc = tl.dot(xk, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xk, w.to(xk.dtype), acc)
+            else:
+                acc += xk.to(tl.float32)[:, :, None] * w[None, :, :]
+
+    if USE_DOT:
+        res = acc
+    else:
+        res = tl.sum(acc, axis=1)
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    if ATOMIC:
+        ws_ptrs = ws_ptr + rows[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, res, mask=o_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums are in before the counter moves
+        done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if done == tl.num_programs(1) - 1:  # the last split of this tile: finish it
+            tot = tl.load(ws_ptrs, mask=o_mask, other=0.0, cache_modifier=".cg")
+            tl.store(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), mask=o_mask)
+            tl.store(cnt_ptr + pid, 0)
+            if HAS_BIAS:
+                tot += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def afpq_dequant_kernel(
+    qw_ptr, s1_ptr, s2_ptr, gidx_ptr, lut_ptr, out_ptr,
+    N, R,
+    stride_qk, stride_qn, stride_sg, stride_sn, stride_ok, stride_on,
+    AWQ: tl.constexpr, BITS: tl.constexpr, CPB: tl.constexpr, WPB: tl.constexpr,
+    MODE: tl.constexpr, GROUP_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``W.T`` ``[in, out]`` in ``out_ptr``'s dtype."""
+    it = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_r = it * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_mask = offs_r < R
+    n_mask = offs_n < N
+    w0, w1, w2, p1, p2 = _load_block(
+        it, qw_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
+        stride_qk, stride_qn, stride_sg, stride_sn,
+        AWQ, CPB, WPB, MODE, GROUP_MODE, GROUP_SIZE, BLOCK_R,
+    )
+    for j in tl.static_range(CPB):
+        w, k = _weight_slice(
+            w0, w1, w2, p1, p2, lut_ptr, gidx_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
+            stride_sg, stride_sn, j, AWQ, BITS, CPB, MODE, GROUP_MODE,
+        )
+        tl.store(out_ptr + k.to(tl.int64)[:, None] * stride_ok + offs_n[None, :] * stride_on,
+                 w.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
+
