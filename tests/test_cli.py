@@ -15,6 +15,7 @@ from _tiny import TEXT, tiny_llama_folder  # noqa: E402
 
 from afpq_plugins import cli  # noqa: E402
 from afpq_plugins.core.quantize import fake_quantize  # noqa: E402
+from afpq_plugins.study import demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_eval_refuses_foreign_quant_method(folder, tmp_path, capsys):
 def test_demo_table_layout():
     results = {("int3", "zp", None, 64): 40.0, ("nf3", "afpq", None, 64): 30.5, ("fp4", "sym", None, 64): 25.25,
                ("nf4", "afpq", "mse", 64): 21.0}
-    table = cli.format_demo_table(20.0, results, [64])
+    table = demo.format_demo_table(20.0, results, [64])
     lines = table.splitlines()
     assert lines[0] == "| method | 3-bit g64 | 4-bit g64 |"
     assert "| fp32 (Q4_1-derived) | 20.00 | 20.00 |" in lines
@@ -121,9 +122,9 @@ def test_demo_table_layout():
     assert "| NF AFPQ (two scales) | 30.50 | - |" in lines
     assert "| FP sym (one scale) | - | 25.25 |" in lines
     assert "| NF AFPQ + scale search | - | 21.00 |" in lines
-    plan = cli.demo_plan(quick=True)
-    assert len(plan) == 12 and {p[5] for p in plan} == {64}
-    assert len(cli.demo_plan(quick=False)) == 24
+    plan = demo.demo_plan(quick=True)  # the demo is a preset of the accuracy study
+    assert len(plan) == 12 and {c.group_size for c in plan} == {64}
+    assert len(demo.demo_plan(quick=False)) == 24
 
 
 def test_demo_runs_end_to_end_on_tiny_model(folder, text_file, monkeypatch, capsys, tmp_path):

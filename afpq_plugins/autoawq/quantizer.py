@@ -17,9 +17,10 @@ What changes against upstream, and nothing else:
   4-bit only) instead of ``WQLinear_*``.
 * ``clip="symmetric"`` (default) is AutoAWQ's clip search (same candidates
   ``[-max_val, max_val]``, score and tie rule) computed exactly with matmuls
-  (:meth:`_symmetric_clip`, ~10x faster on CPU); ``clip="autoawq"`` runs AutoAWQ's own
-  ``_compute_best_clip`` verbatim; ``clip="two-sided"`` shrinks the positive and the
-  negative extreme of each group independently (:meth:`_two_sided_clip`).
+  (core's :func:`~afpq_plugins.core.search.symmetric_clip`, ~10x faster on CPU);
+  ``clip="autoawq"`` runs AutoAWQ's own ``_compute_best_clip`` verbatim;
+  ``clip="two-sided"`` shrinks the positive and the negative extreme of each group
+  independently (core's :func:`~afpq_plugins.core.search.two_sided_clip`).
 * On CPU the scale search runs under :func:`~afpq_plugins.autoawq.compat.snapshot_state_dict`:
   AutoAWQ 0.2.9 otherwise piles the scales of all candidates into the weights there.
   The KV cache is off during the run (captured layer inputs would carry a growing cache).
@@ -44,9 +45,8 @@ with warnings.catch_warnings():  # AutoAWQ 0.2.9 warns at import that it is depr
 
 from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format, resolve_mode
-from ..core.quantize import (
-    check_finite, fake_quantize_groups, find_params, quantize_weight, resolve_search, round_params, search_dict,
-)
+from ..core.quantize import check_finite, fake_quantize_groups, find_params, quantize_weight, round_params
+from ..core.search import apply_two_sided_clip, resolve_search, search_dict, symmetric_clip, two_sided_clip
 from ..nn import AFPQLinear
 from .calib import calibration_token_lists
 from .compat import snapshot_state_dict
@@ -185,130 +185,22 @@ class AFPQAwqQuantizer(AwqQuantizer):
                 continue
             # two-sided: applied here; apply_clip only knows [-max, max]
             lo, hi = self._two_sided_clip(lin.weight.data, input_feat[name])
-            w = lin.weight.data
-            wg = w.reshape(w.shape[0], lo.shape[1], -1)
-            lin.weight.data = torch.maximum(torch.minimum(wg, hi.to(w.dtype)), lo.to(w.dtype)).reshape(w.shape)
+            lin.weight.data = apply_two_sided_clip(lin.weight.data, lo, hi)
         return clip_list
 
-    def _clip_setup(self, w, input_feat, n_sample_token):
-        """``(gs, ng, embed, inner)`` for AutoAWQ's clip score.
+    def _fq(self, t: torch.Tensor) -> torch.Tensor:
+        return self.pseudo_quantize_tensor(t)[0]
 
-        The score of ``d = Q(w') - w`` (``[rows, ng, gs]``) is the mean over the
-        subsampled calibration tokens of the squared error of each group's partial
-        output, ``inner(embed(d), embed(d))`` ``[rows, ng]``; ``inner(embed(a), embed(b))``
-        is the matching bilinear form. Exact, with matmuls instead of AutoAWQ's broadcast
-        products: ``a^T H b`` with ``H = X_g^T X_g / n`` when ``gs <= n`` (cheaper), else
-        ``mean((X_g a)(X_g b))``.
-        """
-        out_f, in_f = w.shape
-        gs = self.group_size if self.group_size > 0 else in_f
-        ng = in_f // gs
-        x = input_feat.reshape(-1, in_f)
-        x = x[:: max(1, x.shape[0] // n_sample_token)].to(w.device, torch.float32)
-        n = x.shape[0]
-        xg = x.view(n, ng, gs).transpose(0, 1)  # [ng, n, gs]
-        if gs <= n:
-            H = xg.transpose(1, 2) @ xg / n  # [ng, gs, gs]
+    def _symmetric_clip(self, w: torch.Tensor, input_feat: torch.Tensor, **kw) -> torch.Tensor:
+        """AutoAWQ's clip search on this grid: core's :func:`~afpq_plugins.core.search.symmetric_clip`."""
+        return symmetric_clip(w, input_feat, self._fq, self.group_size, **kw)
 
-            def embed(d):
-                return d, (d.transpose(0, 1) @ H).transpose(0, 1)
-
-            def inner(ea, eb):
-                return (ea[0] * eb[1]).sum(-1)
-        else:
-            def embed(d):
-                return xg @ d.permute(1, 2, 0)  # [ng, n, rows]
-
-            def inner(ea, eb):
-                return (ea * eb).mean(1).t()
-        return gs, ng, embed, inner
-
-    @torch.no_grad()
-    def _symmetric_clip(
-        self, w: torch.Tensor, input_feat: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5,
-        n_sample_token: int = 512, row_batch: int = 512,
-    ) -> torch.Tensor:
-        """AutoAWQ 0.2.9's clip search (``_compute_best_clip``), computed with matmuls.
-
-        Candidates ``max_val = absmax * (1 - i / n_grid)``, ``i < max_shrink * n_grid``;
-        ``w' = clamp(w, -max_val, max_val)``; the first minimum of the score wins. Returns
-        ``max_val`` ``[out, groups, 1]`` for AutoAWQ's ``apply_clip``. Same choice as
-        upstream up to float rounding of near-ties, about 10x faster on CPU (upstream
-        materialises ``[64, tokens, groups, group_size]`` products per candidate).
-        """
-        out_f, in_f = w.shape
-        gs, ng, embed, inner = self._clip_setup(w, input_feat, n_sample_token)
-        res = []
-        for r0 in range(0, out_f, row_batch):
-            wg = w[r0 : r0 + row_batch].reshape(-1, ng, gs)
-            org = wg.abs().amax(-1, keepdim=True)
-            best, best_err = org.clone(), None
-            for i in range(int(max_shrink * n_grid)):
-                mv = org * (1 - i / n_grid)
-                q = self.pseudo_quantize_tensor(torch.clamp(wg, -mv, mv))[0]
-                e = embed((q - wg).float())
-                err = inner(e, e).unsqueeze(-1)
-                if best_err is None:
-                    best_err = err
-                    continue
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best = torch.where(better, mv, best)
-            res.append(best)
-        return torch.cat(res)
-
-    @torch.no_grad()
-    def _two_sided_clip(
-        self, w: torch.Tensor, input_feat: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5,
-        n_sample_token: int = 512, row_batch: int = 512, separable: Optional[bool] = None,
-    ):
-        """Per-group clip bounds ``(lo, hi)``, each ``[out, groups, 1]``.
-
-        Candidates: ``hi = max(w, 0) * (1 - i / n_grid)``, ``lo = min(w, 0) * (1 - j / n_grid)``
-        for ``i, j < max_shrink * n_grid`` (AutoAWQ's grid, on each side independently),
-        scored like AutoAWQ's clip search (:meth:`_clip_setup`). In mode ``afpq`` the
-        positive weights depend only on ``hi`` and the negative only on ``lo``, so
-        ``d = d_pos(i) + d_neg(j)`` and ``err(i, j) = P(i) + N(j) + 2 d_pos(i)^T H d_neg(j)``:
-        the whole grid costs 2n quantizations; other modes quantize every pair
-        (``separable=False`` forces that path, for testing). Ties keep the least clipping.
-        """
+    def _two_sided_clip(self, w: torch.Tensor, input_feat: torch.Tensor, separable: Optional[bool] = None, **kw):
+        """Independent positive/negative clipping: core's :func:`~afpq_plugins.core.search.two_sided_clip`
+        (separable, 2n quantizations, in mode ``afpq``; every pair otherwise)."""
         if separable is None:
             separable = self.mode == "afpq"
-        out_f, in_f = w.shape
-        gs, ng, embed, inner = self._clip_setup(w, input_feat, n_sample_token)
-        shrink = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
-        k = len(shrink)
-        los, his = [], []
-        for r0 in range(0, out_f, row_batch):
-            wg = w[r0 : r0 + row_batch].float().reshape(-1, ng, gs)
-            pos = wg.amax(-1, keepdim=True).clamp(min=0)
-            neg = wg.amin(-1, keepdim=True).clamp(max=0)
-            if separable:
-                e_pos = [embed((self.pseudo_quantize_tensor(torch.minimum(wg, pos * r))[0] - wg) * (wg > 0))
-                         for r in shrink]
-                e_neg = [embed((self.pseudo_quantize_tensor(torch.maximum(wg, neg * r))[0] - wg) * (wg < 0))
-                         for r in shrink]
-                p_err = [inner(e, e) for e in e_pos]
-                n_err = [inner(e, e) for e in e_neg]
-                err = torch.stack([
-                    torch.stack([p_err[i] + n_err[j] + 2 * inner(e_pos[i], e_neg[j]) for j in range(k)])
-                    for i in range(k)
-                ])  # [i, j, rows, ng]
-            else:
-                def err_of(d):
-                    e = embed(d)
-                    return inner(e, e)
-
-                err = torch.stack([
-                    torch.stack([err_of(self.pseudo_quantize_tensor(wg.clamp(neg * rj, pos * ri))[0] - wg)
-                                 for rj in shrink])
-                    for ri in shrink
-                ])
-            best = err.reshape(k * k, *err.shape[2:]).argmin(0)  # first minimum: least clipping
-            sv = torch.tensor(shrink, device=w.device)
-            his.append(pos * sv[best // k].unsqueeze(-1))
-            los.append(neg * sv[best % k].unsqueeze(-1))
-        return torch.cat(los), torch.cat(his)
+        return two_sided_clip(w, input_feat, self._fq, self.group_size, separable, **kw)
 
     # -- AFPQ modules ------------------------------------------------------------------------
     def _apply_quant(self, module, named_linears: Dict[str, nn.Linear]):

@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 
 from ..core.packing import pack_gptq
-from ..core.quantize import decode, encode
+from ..core.gptq import encode_gptq
 from ..nn import AFPQLinear
 
 __all__ = ["AFPQQuantLinear", "quant_linear_class"]
@@ -54,20 +54,14 @@ class AFPQQuantLinear(AFPQLinear):
             W = W.t()
         if isinstance(linear, nn.Conv2d):
             raise NotImplementedError("AFPQQuantLinear packs nn.Linear and transformers Conv1D layers")
-        W = W.float().contiguous()
-        p1 = scales.float().t().contiguous()  # [groups, out]
-        p2 = zeros.float().t().contiguous()
         if g_idx is None:
             g_idx = self.g_idx
-        gi = g_idx.long().to(W.device)
-        # Per-column parameters [out, in]: the weights GPTQ produced re-encode to their codes.
-        c1, c2 = p1[gi].t(), p2[gi].t()
-        codes = encode(W, self.fmt, self.mode, c1, c2)
-        back = decode(codes, self.fmt, self.mode, c1, c2, linear.weight.dtype).float()
-        bad = int((back != W).sum())
-        self.pack_mismatches = bad
-        if bad:
-            log.warning("AFPQQuantLinear.pack: %d weight(s) do not decode back to GPTQ's value", bad)
+        res = encode_gptq(W.float().contiguous(), scales, zeros, g_idx, self.fmt, self.mode, self.group_size,
+                          dtype=linear.weight.dtype)
+        codes, p1, p2 = res.codes, res.scales, res.scales2
+        self.pack_mismatches = res.mismatches
+        if res.mismatches:
+            log.warning("AFPQQuantLinear.pack: %d weight(s) do not decode back to GPTQ's value", res.mismatches)
         self.qweight = pack_gptq(codes, self.bits, name="qweight").to(self.qweight.device)
         self.scales = p1.to(self.SCALE_DTYPE)
         if self.second is not None:

@@ -37,6 +37,7 @@ from typing import Optional, Tuple
 import torch
 
 from .formats import Format, get_format, resolve_mode
+from .search import ScaleSearch, resolve_search, search_dict
 
 __all__ = [
     "QuantizedWeight",
@@ -50,7 +51,7 @@ __all__ = [
     "decode",
     "decode_table",
     "fake_quantize_groups",
-    "ColumnQuantizer",
+    "ColumnQuantizer",  # defined in core.gptq, importable from here
     "fake_quantize",
     "quantize_weight",
     "dequantize_weight",
@@ -68,64 +69,6 @@ def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
 
 def _safe(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.ones_like(s), s)
-
-
-@dataclass(frozen=True)
-class ScaleSearch:
-    """Opt-in search of the group scales, beyond the paper's min/max choice.
-
-    Each candidate shrinks the min/max scale by a factor from 1 down to
-    ``min_shrink`` (``grid`` steps); per group, the factor with the smallest
-    ``sum |w - w_hat| ** norm`` wins. In mode ``afpq`` the two sides are searched
-    independently: a positive weight is quantized with s_pos only and a negative one
-    with s_neg only, so the group's error is the sum of two one-scale errors and the
-    best pair costs ``2 * grid`` evaluations, not ``grid ** 2``. Mode ``sym`` shrinks
-    its one scale, mode ``zp`` shrinks both ends of the range (GPTQ's ``mse`` search).
-    """
-
-    grid: int = 20
-    min_shrink: float = 0.5
-    norm: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.grid < 1 or not 0.0 < self.min_shrink <= 1.0 or self.norm <= 0:
-            raise ValueError(f"invalid ScaleSearch({self.grid}, {self.min_shrink}, {self.norm})")
-
-    def factors(self) -> list:
-        if self.grid == 1:
-            return [1.0]
-        step = (1.0 - self.min_shrink) / (self.grid - 1)
-        return [1.0 - i * step for i in range(self.grid)]
-
-    def to_dict(self) -> dict:
-        return {"method": "mse", "grid": self.grid, "min_shrink": self.min_shrink, "norm": self.norm}
-
-
-def resolve_search(search) -> Optional[ScaleSearch]:
-    """``None``/``"minmax"`` -> None (the paper's scales); ``"mse"`` -> the default search.
-
-    A dict (what :meth:`ScaleSearch.to_dict` and :func:`search_dict` write) is read back.
-    """
-    if search is None or search == "minmax":
-        return None
-    if search == "mse":
-        return ScaleSearch()
-    if isinstance(search, ScaleSearch):
-        return search
-    if isinstance(search, dict):
-        method = search.get("method", "mse")
-        if method == "minmax":
-            return None
-        if method != "mse":
-            raise ValueError(f"scale search {search!r}: unknown method {method!r} (expected 'minmax' or 'mse')")
-        return ScaleSearch(**{k: v for k, v in search.items() if k != "method"})
-    raise ValueError(f"scale search {search!r}: expected None, 'minmax', 'mse' or a ScaleSearch")
-
-
-def search_dict(search) -> dict:
-    """JSON form of a search setting: ``{"method": "minmax"}`` or :meth:`ScaleSearch.to_dict`."""
-    search = resolve_search(search)
-    return search.to_dict() if search is not None else {"method": "minmax"}
 
 
 def _minmax(x: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -152,36 +95,18 @@ def find_params(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-group parameters of ``x``, reducing over ``dim`` (kept, size 1).
 
-    ``search`` (``None``, ``"mse"`` or a :class:`ScaleSearch`) opts into the scale
-    search; the default is the paper's min/max scales.
+    ``search`` (``None``, a name such as ``"mse"``, or a search object; see
+    :mod:`afpq_plugins.core.search`) opts into a scale search; the default is the
+    paper's min/max scales.
     """
     f = get_format(fmt)
     mode = resolve_mode(f, mode)
     x = x.float()
-    xmax, xmin = _minmax(x, dim)
     search = resolve_search(search)
     if search is None:
+        xmax, xmin = _minmax(x, dim)
         return _params_from_range(f, mode, xmax, xmin)
-    best1 = best2 = err1 = err2 = None
-    pos = (x > 0).float()
-    for a in search.factors():
-        p1, p2 = _params_from_range(f, mode, xmax * a, xmin * a)
-        err = (x - fake_quantize_groups(x, f, mode, p1, p2, torch.float32)).abs_().pow_(search.norm)
-        if mode == "afpq":  # separable: each side depends on its own scale only
-            e1 = (err * pos).sum(dim=dim, keepdim=True)
-            e2 = (err * (1.0 - pos)).sum(dim=dim, keepdim=True)
-        else:
-            e1 = e2 = err.sum(dim=dim, keepdim=True)
-        if best1 is None:
-            best1, best2, err1, err2 = p1, p2, e1, e2
-            continue
-        take1, take2 = e1 < err1, e2 < err2
-        best1, err1 = torch.where(take1, p1, best1), torch.where(take1, e1, err1)
-        if mode == "afpq":
-            best2, err2 = torch.where(take2, p2, best2), torch.where(take2, e2, err2)
-        else:  # sym / zp: the pair moves together
-            best2 = torch.where(take1, p2, best2)
-    return best1, best2
+    return search.params(x, f, mode, dim)
 
 
 def round_params(
@@ -287,66 +212,6 @@ def decode_table(fmt, mode: Optional[str], p1: torch.Tensor, p2: torch.Tensor,
     f = get_format(fmt)
     codes = torch.arange(1 << f.bits, dtype=torch.int32, device=p1.device)
     return decode(codes, f, mode, p1.unsqueeze(-1), p2.unsqueeze(-1), dtype)
-
-
-class ColumnQuantizer:
-    """GPTQ's quantizer state for one group: parameters of every row, and a fast column path.
-
-    GPTQ (AutoGPTQ's and gptqmodel's) computes a group's parameters once
-    (``find_params`` on the group's columns) and then fake-quantizes one ``[rows, 1]``
-    column at a time, so per-call work must be a handful of small ops. Built from the
-    group's weights, this keeps ``p1`` / ``p2`` (``[rows, 1]``, storage-dtype values),
-    the safe divisors, core's float32 rounding thresholds and each row's decoded value
-    of every sorted grid position; :meth:`column` is then a division, one
-    ``torch.bucketize`` and one ``gather``, equal to ``decode(encode(x))`` bit for bit.
-    """
-
-    def __init__(self, x: torch.Tensor, fmt, mode: Optional[str] = None, scale_dtype: torch.dtype = torch.float16,
-                 perchannel: bool = True, search=None, name: str = "GPTQ weight") -> None:
-        self.fmt = f = get_format(fmt)
-        self.mode = mode = resolve_mode(f, mode)
-        rows = x.shape[0]
-        x2 = x.flatten(1) if perchannel else x.flatten().unsqueeze(0)
-        check_finite(x2, name)
-        p1, p2 = round_params(*find_params(x2, f, mode, dim=-1, search=search), mode=mode, dtype=scale_dtype,
-                              name=name)
-        if not perchannel:
-            p1, p2 = p1.expand(rows, 1), p2.expand(rows, 1)
-        self.p1 = p1.reshape(rows, 1).clone()
-        self.p2 = p2.reshape(rows, 1).clone()
-        self._div1, self._div2 = _safe(self.p1), _safe(self.p2)
-        self._uniform = mode == "zp" and f.uniform_int
-        self.table = decode_table(f, mode, self.p1.squeeze(1), self.p2.squeeze(1))  # [rows, 2**bits]
-        if not self._uniform:
-            dev = self.p1.device
-            self._thresholds = f.thresholds(mode, dev)
-            self._sorted_table = self.table.index_select(1, f.code_of_sorted(dev).long()).contiguous()
-
-    @property
-    def rows(self) -> int:
-        return self.p1.shape[0]
-
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        return encode(x, self.fmt, self.mode, self.p1, self.p2)
-
-    def column(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantized ``[rows, 1]`` column (float32)."""
-        x = x.float()
-        if self._uniform:
-            return torch.gather(self.table, 1, self.codes(x).long())
-        if self.mode == "afpq":
-            y = x / torch.where(x >= 0, self._div1, self._div2)  # w >= 0: s_pos, w < 0: s_neg
-        elif self.mode == "sym":
-            y = x / self._div1
-        else:
-            y = (x / self._div1).add_(self.p2)
-        return torch.gather(self._sorted_table, 1, torch.bucketize(y, self._thresholds))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` (``x``'s dtype): the column path for ``[rows, 1]``, else decode(encode())."""
-        if x.dim() == 2 and x.shape[1] == 1 and x.shape[0] == self.rows:
-            return self.column(x).to(x.dtype)
-        return decode(self.codes(x), self.fmt, self.mode, self.p1, self.p2, x.dtype)
 
 
 def group_count(in_features: int, group_size: int, name: str = "weight") -> int:
@@ -498,3 +363,12 @@ def dequantize_weight(
         return w.reshape(out_f, in_f)
     gi = g_idx.long()
     return decode(codes, f, mode, scales[gi].t(), p2[gi].t(), dtype)
+
+
+def __getattr__(name):
+    # ColumnQuantizer (GPTQ's column path) lives in core.gptq, which imports this module
+    if name == "ColumnQuantizer":
+        from .gptq import ColumnQuantizer
+
+        return ColumnQuantizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,7 +39,9 @@ from optimum.gptq import quantizer as _oq
 
 from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format, resolve_mode
-from ..core.quantize import ColumnQuantizer, QuantizedWeight, decode, encode
+from ..core.gptq import GridQuantizerMixin, encode_gptq
+from ..core.quantize import QuantizedWeight
+from ..core.search import resolve_search, search_dict
 from ..nn import AFPQLinear
 from . import compat
 
@@ -64,45 +66,23 @@ def _gptqmodel_classes():
     from gptqmodel.quantization.gptq import GPTQ
     from gptqmodel.quantization.quantizer import Quantizer
 
-    class AFPQGptqModelQuantizer(Quantizer):
-        """gptqmodel's ``Quantizer`` contract on an AFPQ grid (``.scale`` = s_pos, ``.zero`` = s_neg)."""
+    class AFPQGptqModelQuantizer(GridQuantizerMixin, Quantizer):
+        """gptqmodel's ``Quantizer`` contract on an AFPQ grid: core's :class:`~afpq_plugins.core.gptq.GridQuantizerMixin`."""
 
         fmt = "nf4"
         mode = None
         scale_dtype = torch.float16
+        search = None
 
         def __init__(self, qcfg, shape=1, name=None):
             super().__init__(qcfg, shape=shape, name=name)
-            self.fmt = get_format(type(self).fmt)
-            self.mode = resolve_mode(self.fmt, type(self).mode)
-            self._ready = False
-            self.perchannel = True
+            cls = type(self)
+            self._grid_init(cls.fmt, cls.mode, cls.scale_dtype, cls.search)
 
         def configure(self, perchannel=False, grid=100, maxshrink=0.8, trits=False, bits=None, sym=None):
-            bits = self.fmt.bits if bits is None else int(bits)
-            if bits != self.fmt.bits:
-                raise ValueError(f"AFPQ: format {self.fmt.name!r} has {self.fmt.bits} bits, asked for {bits}")
-            if trits:
-                raise NotImplementedError("AFPQ: trits are not supported")
+            bits = self._check_bits(bits, trits)
             self.maxq = torch.tensor(2 ** bits - 1)
             self.perchannel, self.grid, self.maxshrink = perchannel, grid, maxshrink
-
-        def find_params(self, x, weight=False):
-            if not weight:
-                raise NotImplementedError("AFPQ quantizes weights only (weight=True)")
-            self._q = ColumnQuantizer(x, self.fmt, self.mode, type(self).scale_dtype, self.perchannel)
-            self.scale, self.zero = self._q.p1, self._q.p2
-            self._ready = True
-
-        def quantize(self, x):
-            # GPTQ's [rows, 1] columns take core's fast column path (ColumnQuantizer)
-            return self._q(x) if self._ready else x
-
-        def enabled(self):
-            return True
-
-        def ready(self):
-            return self._ready
 
     class AFPQGptqModelGPTQ(GPTQ):
         """gptqmodel's GPTQ (unchanged algorithm) whose ``create_quantizer`` hook gives the AFPQ grid."""
@@ -119,12 +99,12 @@ def _gptqmodel_classes():
 _GPTQMODEL_CLASSES = None
 
 
-def _bound_gptq_class(fmt: str, mode: str, scale_dtype: torch.dtype) -> type:
-    """The per-layer GPTQ class for the installed backend, with the grid bound."""
+def _bound_gptq_class(fmt: str, mode: str, scale_dtype: torch.dtype, search=None) -> type:
+    """The per-layer GPTQ class for the installed backend, with the grid (and scale search) bound."""
     if uses_gptqmodel():
         qcls, gcls = _gptqmodel_classes()
         bound_q = type(qcls.__name__, (qcls,), {"fmt": fmt, "mode": mode, "scale_dtype": scale_dtype,
-                                                 "__module__": __name__})
+                                                 "search": resolve_search(search), "__module__": __name__})
         return type(gcls.__name__, (gcls,), {"quantizer_cls": bound_q, "__module__": __name__})
     try:
         from ..autogptq.quantizer import AFPQGPTQ
@@ -133,7 +113,7 @@ def _bound_gptq_class(fmt: str, mode: str, scale_dtype: torch.dtype) -> type:
             "AFPQGPTQQuantizer on optimum without gptqmodel needs auto-gptq and afpq_plugins.autogptq "
             f"(the AutoGPTQ adapter): {exc}"
         ) from exc
-    return AFPQGPTQ.bind(fmt, mode, scale_dtype)
+    return AFPQGPTQ.bind(fmt, mode, scale_dtype, search)
 
 
 # -- the optimum subclass ------------------------------------------------------------------------
@@ -144,6 +124,9 @@ class AFPQGPTQQuantizer(GPTQQuantizer):
     to 0.01 (AutoGPTQ's default, so both stacks run the same GPTQ). On optimum 2.3.0,
     gptqmodel's group-aware reordering (``act_group_aware``) is off unless asked for.
     ``layout="awq"`` packs 4-bit results in the AWQ GEMM layout (no act-order).
+    ``scale_search`` (``None``/``"minmax"``, ``"mse"`` or a search object, see
+    :mod:`afpq_plugins.core.search`) searches each group's scales inside GPTQ, as the
+    AutoGPTQ adapter does.
     """
 
     def __init__(
@@ -158,9 +141,14 @@ class AFPQGPTQQuantizer(GPTQQuantizer):
         scale_dtype: str = "float16",
         layout: str = "gptq",
         modules_to_not_convert: Sequence[str] = ("lm_head",),
+        scale_search=None,
         **kwargs,
     ) -> None:
         f = get_format(fmt)
+        try:
+            self.scale_search = search_dict(scale_search)  # JSON form, stored in the checkpoint
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"AFPQGPTQQuantizer: scale_search: {exc}") from None
         if damp_percent is None:
             damp_percent = 0.01
         kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: optimum's default
@@ -198,12 +186,12 @@ class AFPQGPTQQuantizer(GPTQQuantizer):
             "modules_in_block_to_quantize") if getattr(cfg, k, None) is not None}
         return cls(bits=qc.bits, fmt=qc.format, group_size=qc.group_size, mode=qc.mode, desc_act=qc.desc_act,
                    scale_dtype=qc.scale_dtype, layout=qc.layout, modules_to_not_convert=qc.modules_to_not_convert,
-                   **kw)
+                   scale_search=qc.extra.get("scale_search"), **kw)
 
     # -- quantize ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _hooks(self) -> Iterator[None]:
-        gcls = _bound_gptq_class(self.fmt, self.mode, _SCALE_DTYPES[self.scale_dtype])
+        gcls = _bound_gptq_class(self.fmt, self.mode, _SCALE_DTYPES[self.scale_dtype], self.scale_search)
         with contextlib.ExitStack() as stack:
             stack.enter_context(compat.gptq_class(gcls))
             if not uses_gptqmodel():
@@ -243,22 +231,13 @@ class AFPQGPTQQuantizer(GPTQQuantizer):
         if type(lin).__name__ == "Conv1D":
             W = W.t()
         W = W.detach().to("cpu", torch.float32).contiguous()
-        out_f, in_f = W.shape
-        p1 = scale.detach().to("cpu", torch.float32).t().contiguous()  # [groups, out]
-        p2 = zero.detach().to("cpu", torch.float32).t().contiguous()
-        if g_idx is None:
-            gs = in_f if self.group_size == -1 else self.group_size
-            g_idx = torch.arange(in_f, dtype=torch.int32) // gs
-        gi = g_idx.detach().to("cpu").long()
-        c1, c2 = p1[gi].t(), p2[gi].t()  # per-column parameters [out, in]
-        codes = encode(W, f, self.mode, c1, c2)
-        back = decode(codes, f, self.mode, c1, c2, lin.weight.dtype).float()
-        bad = int((back != W).sum())
-        if bad:
-            log.warning("%s: %d weight(s) do not decode back to GPTQ's value", name, bad)
+        res = encode_gptq(W, scale.detach().cpu(), zero.detach().cpu(), None if g_idx is None else g_idx.cpu(),
+                          f, self.mode, self.group_size, dtype=lin.weight.dtype)
+        if res.mismatches:
+            log.warning("%s: %d weight(s) do not decode back to GPTQ's value", name, res.mismatches)
         qw = QuantizedWeight(
-            codes=codes, scales=p1.to(sdt), scales2=None if self.mode == "sym" else p2.to(sdt),
-            g_idx=gi.to(torch.int32), fmt=f, mode=self.mode, group_size=self.group_size,
+            codes=res.codes, scales=res.scales.to(sdt), scales2=None if self.mode == "sym" else res.scales2.to(sdt),
+            g_idx=res.g_idx.to(torch.int32), fmt=f, mode=self.mode, group_size=self.group_size,
         )
         bias = lin.bias.detach().cpu() if getattr(lin, "bias", None) is not None else None
         return AFPQLinear.from_quantized(qw, bias, self.layout, name=name)
@@ -274,6 +253,8 @@ class AFPQGPTQQuantizer(GPTQQuantizer):
     def checkpoint_config(self) -> AFPQConfigDict:
         extra = {"damp_percent": self.damp_percent, "true_sequential": self.true_sequential,
                  "quantizer": "optimum"}
+        if self.scale_search != {"method": "minmax"}:  # (min/max: not written, as before the option)
+            extra["scale_search"] = self.scale_search
         return AFPQConfigDict(
             format=self.fmt, bits=self.bits, group_size=self.group_size, mode=self.mode, layout=self.layout,
             desc_act=bool(self.desc_act), scale_dtype=self.scale_dtype, method="gptq",

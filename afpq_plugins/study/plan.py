@@ -90,9 +90,13 @@ class Settings:
     gptq_desc_act: bool = False
     gptq_true_sequential: bool = False
     awq_clip: str = "symmetric"
+    backend: Optional[str] = None  # the engine of GPTQ/AWQ cells (None: the venv's default)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["backend"] is None:  # keys of results written before the option stay the same
+            del d["backend"]
+        return d
 
     def key(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

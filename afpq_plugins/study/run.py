@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 import os
 import time
@@ -17,25 +18,16 @@ from .store import _run_section, load_results, save_results
 
 
 def adapters_with_search() -> List[str]:
-    """The calibrated methods whose adapter here accepts ``scale_search`` (imports them; none on a stack without them)."""
-    import inspect
+    """The calibrated methods that can run here (every registered method takes a scale search)."""
+    from ..methods import MethodUnavailable, get_method
 
     out = []
-    with _quiet_upstream():
+    for m in ("gptq", "awq"):
         try:
-            from ..autogptq.api import gptq_quantize
-
-            if "scale_search" in inspect.signature(gptq_quantize).parameters:
-                out.append("gptq")
-        except Exception:  # not installed on this stack
-            pass
-        try:
-            from ..autoawq.quantizer import AFPQAwqQuantizer
-
-            if "scale_search" in inspect.signature(AFPQAwqQuantizer.__init__).parameters:
-                out.append("awq")
-        except Exception:
-            pass
+            get_method(m)
+        except MethodUnavailable:  # not installed on this stack
+            continue
+        out.append(m)
     return out
 
 
@@ -74,16 +66,17 @@ def check_groups(model: torch.nn.Module, groups: Iterable[int]) -> None:
                 raise ValueError(f"group size {g} does not fit this model (input widths {widths}): {exc}") from None
 
 
+def _spec(cell: Cell, settings: Settings):
+    from ..methods import FormatSpec
+
+    return FormatSpec(cell.fmt, cell.group_size, cell.mode, settings.scale_dtype, scale_search=cell.search)
+
+
 def _rtn(model, cell: Cell, settings: Settings) -> None:
     """RTN as fake quantization: the weight ``quantize_model_rtn`` stores, decoded once."""
-    from ..core.quantize import fake_quantize
-    from ..model import find_linears
+    from ..methods import quantize
 
-    dtype = getattr(torch, settings.scale_dtype)
-    with torch.no_grad():
-        for name, lin in find_linears(model).items():
-            lin.weight.copy_(fake_quantize(lin.weight, cell.fmt, cell.group_size, cell.mode, scale_dtype=dtype,
-                                           name=name, search=cell.search))
+    quantize(model, None, "rtn", _spec(cell, settings), fake=True, progress=False)
 
 
 @contextlib.contextmanager
@@ -97,36 +90,37 @@ def _quiet_upstream():
 def _quiet_loggers() -> None:
     # after the upstream import: auto_gptq sets its loggers' levels when imported
     for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("auto_gptq", "awq")):
+        if name.startswith(("auto_gptq", "awq", "gptqmodel", "llmcompressor")):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _search_kwargs(cell: Cell) -> dict:
-    return {} if cell.search is None else {"scale_search": cell.search}
+def _options(method: str, settings: Settings) -> dict:
+    """The study's settings as the method's options (the same names on every engine)."""
+    if method == "gptq":
+        return {"desc_act": settings.gptq_desc_act, "true_sequential": settings.gptq_true_sequential,
+                "damp_percent": settings.gptq_damp}
+    if method == "awq":
+        return {"clip": settings.awq_clip}
+    return {}
 
 
-def _gptq(model, tok, cell: Cell, settings: Settings) -> None:
+def quantize_cell(model, tok, cell: Cell, settings: Settings) -> str:
+    """Quantize ``model`` in place as ``cell`` says (through the methods registry); returns the engine."""
+    from ..methods import Calibration, get_method, quantize
+
+    if cell.method == "rtn":
+        _rtn(model, cell, settings)
+        return "core"
+    backend = getattr(settings, "backend", None)
     with _quiet_upstream():
-        from ..autogptq.api import gptq_quantize
-
+        m = get_method(cell.method, backend)
+        for mod in m.requires:  # import first: auto_gptq sets its loggers' levels when imported
+            importlib.import_module(mod)
         _quiet_loggers()
-        gptq_quantize(model, tok, cell.fmt, cell.group_size, cell.mode, scale_dtype=settings.scale_dtype,
-                      desc_act=settings.gptq_desc_act, true_sequential=settings.gptq_true_sequential,
-                      damp_percent=settings.gptq_damp, nsamples=settings.nsamples, seqlen=settings.calib_seqlen,
-                      seed=settings.seed, **_search_kwargs(cell))
-
-
-def _awq(model, tok, cell: Cell, settings: Settings) -> None:
-    with _quiet_upstream():
-        from ..autoawq.io import awq_quantize, wrap_for_awq
-        from ..data import calibration_samples
-
-        _quiet_loggers()
-        samples = calibration_samples(tok, settings.nsamples, settings.calib_seqlen, seed=settings.seed)
-        awq_quantize(wrap_for_awq(model), tok, cell.fmt, cell.group_size, cell.mode, clip=settings.awq_clip,
-                     calib_data=[s.tolist() for s in samples], n_samples=settings.nsamples,
-                     seqlen=settings.calib_seqlen, scale_dtype=getattr(torch, settings.scale_dtype),
-                     progress=False, **_search_kwargs(cell))
+        quantize(model, tok, cell.method, _spec(cell, settings),
+                 Calibration(settings.nsamples, settings.calib_seqlen, settings.seed), backend=backend,
+                 progress=False, **_options(cell.method, settings))
+    return m.engine
 
 
 def run_cell(cell: Cell, model, tok, ids, settings: Settings) -> dict:
@@ -135,14 +129,7 @@ def run_cell(cell: Cell, model, tok, ids, settings: Settings) -> dict:
 
     m = copy.deepcopy(model)
     t0, c0 = time.perf_counter(), time.process_time()
-    if cell.method == "rtn":
-        _rtn(m, cell, settings)
-    elif cell.method == "gptq":
-        _gptq(m, tok, cell, settings)
-    elif cell.method == "awq":
-        _awq(m, tok, cell, settings)
-    else:
-        raise ValueError(f"unknown method {cell.method!r}")
+    quantize_cell(m, tok, cell, settings)
     tq = time.perf_counter() - t0
     r = perplexity(m, ids, seqlen=settings.seqlen, windows=settings.windows, progress=False)
     del m

@@ -235,3 +235,38 @@ def test_int_gptq_in_the_same_process_is_unaffected(quantized, tok):
         tiny_llama(vocab_size=len(tok)), tok)
     again = _int_gptq_run(tok)
     assert set(after) == set(again) and all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_scale_search_goes_through_optimum(tok):
+    """``scale_search="mse"`` reaches the engine's per-layer quantizer (it once silently did not):
+    every group's parameters are core's searched ones for the block GPTQ hands over, and
+    the checkpoint records the search."""
+    from afpq_plugins.core.gptq import GridQuantizerMixin
+    from afpq_plugins.core.quantize import find_params, round_params
+
+    afpq_optimum = _backend_or_skip()
+    seen = []
+    orig = GridQuantizerMixin.find_params
+
+    def spy(self, x, weight=False):
+        orig(self, x, weight)
+        # independent of the quantizer's state: core's search on the same block
+        want = round_params(*find_params(x.flatten(1), "nf3", "afpq", search="mse"), mode="afpq")
+        plain = round_params(*find_params(x.flatten(1), "nf3", "afpq"), mode="afpq")
+        seen.append((torch.equal(self.scale, want[0]) and torch.equal(self.zero, want[1]),
+                     not (torch.equal(want[0], plain[0]) and torch.equal(want[1], plain[1]))))
+
+    model = tiny_llama(vocab_size=len(tok))
+    q = afpq_optimum.AFPQGPTQQuantizer(fmt="nf3", group_size=32, dataset=_texts()[:2], model_seqlen=SEQLEN,
+                                       scale_search="mse")
+    GridQuantizerMixin.find_params = spy
+    try:
+        q.quantize_model(model, tok)
+    finally:
+        GridQuantizerMixin.find_params = orig
+    assert seen and all(ok for ok, _ in seen)
+    assert any(changed for _, changed in seen)  # the search moved some group's scales
+    assert q.checkpoint_config.extra["scale_search"]["method"] == "mse"
+    assert "scale_search" not in afpq_optimum.AFPQGPTQQuantizer(fmt="nf3").checkpoint_config.extra  # as before
+    with pytest.raises(ValueError, match="scale_search"):
+        afpq_optimum.AFPQGPTQQuantizer(fmt="nf3", scale_search="best")
