@@ -129,8 +129,22 @@ def _triton_can(x: torch.Tensor, layer) -> Tuple[bool, str]:
     return True, ""
 
 
+def _cpu_can(x: torch.Tensor, layer) -> Tuple[bool, str]:
+    from . import cpu  # builds the native kernel on first use
+
+    return cpu.can_implement(x, layer)
+
+
+def _cpu_apply(x: torch.Tensor, layer) -> torch.Tensor:
+    from . import cpu
+
+    return cpu.linear(x, layer)
+
+
 def _register_builtin() -> None:
     if "torch" in _KERNELS:
         return
     _KERNELS["torch"] = Kernel("torch", 0, lambda x, layer: (True, ""), torch_ref.linear)
+    # Native CPU kernel (C++, AVX-512/AVX2/portable); falls back to torch with one warning.
+    _KERNELS["cpu"] = Kernel("cpu", 50, _cpu_can, _cpu_apply)
     _KERNELS["triton"] = Kernel("triton", 100, _triton_can, lambda x, layer: _triton_linear()(x, layer))

@@ -1,0 +1,480 @@
+// Native CPU kernel for AFPQ linear layers: y = x @ W.T straight from packed 4-bit codes.
+//
+// Weight layout (built once per layer by repack.py, "lanes" L = 8 for AVX2 / scalar, 16 for AVX-512):
+//   the input dimension is reordered so every group is contiguous (act-order g_idx) and padded to a
+//   multiple of L (padding inputs read x = 0), then cut into *steps* of L inputs. For output column n,
+//   codes[n] is a row of int32 words; chunk c holds 8 steps: word (c, j) keeps, in nibble i, the code of
+//   input k' = (8c + i) * L + j. So step i of a chunk is one vector shift of the chunk's L words, and the
+//   inputs of a step are L consecutive floats of the (reordered) activation row.
+//   gstep[g] .. gstep[g + 1] are the steps of group g; p1 / p2 are [N, G] float32 group parameters
+//   (s_pos / s_neg for afpq, s / unused for sym, s / zero for zp).
+//
+// Decode: per (group, column) the 2**bits decoded values form a table built with the same float32
+// operations as core's decode (afpq: v * (v < 0 ? s_neg : s_pos); sym: v * s; zp: (v - z) * s), so a
+// weight is one table lookup: a register permute (AVX-512: one vpermps over 16 floats; AVX2: two 8-entry
+// permutes and a blend on the code's top bit). Compiled with -ffp-contract=off, so decoded weights are
+// bit-identical to core's.
+//
+// Paths: GEMV (small M: decode in registers, fused multiply-add into per-row accumulators) and, for
+// large M, decode column tiles into a buffer and multiply with at::mm. ISA chosen at run time.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define AFPQ_X86 1
+#include <immintrin.h>
+#else
+#define AFPQ_X86 0
+#endif
+
+namespace afpq_cpu {
+
+enum Mode : int64_t { AFPQ = 0, SYM = 1, ZP = 2 };
+enum Isa : int64_t { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+
+struct Problem {
+  const float* x;         // [M, Kp] activations (reordered, padded), row stride ldx
+  int64_t ldx;
+  const int32_t* codes;   // [N, Kp / 8]
+  const float* p1;        // [N, G]
+  const float* p2;        // [N, G]
+  const float* lut;       // [16] grid value of each code (zero-padded)
+  const int32_t* gstep;   // [G + 1]
+  int64_t N, G, Kp, lanes, mode;
+  float* y;               // [M, N] float32
+  int64_t ldy;
+  int64_t words() const { return Kp / 8; }
+  int64_t steps() const { return Kp / lanes; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Portable path (any lane count; also decodes the AVX-512 layout on machines without AVX-512).
+
+static inline float table_entry(int64_t mode, float v, float a, float b) {
+  if (mode == AFPQ) return v * (std::signbit(v) ? b : a);
+  if (mode == SYM) return v * a;
+  return (v - b) * a;
+}
+
+static void build_table_scalar(const Problem& P, int64_t n, int64_t g, float* tab) {
+  const float a = P.p1[n * P.G + g], b = P.p2[n * P.G + g];
+  for (int e = 0; e < 16; ++e) tab[e] = table_entry(P.mode, P.lut[e], a, b);
+}
+
+// Calls f(step, code_of_lane(j), table) for every step of column n.
+template <typename F>
+static inline void walk_column_scalar(const Problem& P, int64_t n, F&& f) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(P.codes) + n * P.words();
+  const int64_t L = P.lanes, steps = P.steps();
+  float tab[16];
+  int64_t g = -1, gend = 0;
+  for (int64_t t = 0; t < steps; ++t) {
+    if (t >= gend) {
+      do { ++g; gend = P.gstep[g + 1]; } while (t >= gend);
+      build_table_scalar(P, n, g, tab);
+    }
+    const uint32_t* cw = w + (t >> 3) * L;
+    const int sh = 4 * int(t & 7);
+    f(t, cw, sh, tab);
+  }
+}
+
+static void decode_col_scalar(const Problem& P, int64_t n, float* out) {
+  const int64_t L = P.lanes;
+  walk_column_scalar(P, n, [&](int64_t t, const uint32_t* cw, int sh, const float* tab) {
+    for (int64_t j = 0; j < L; ++j) out[t * L + j] = tab[(cw[j] >> sh) & 15u];
+  });
+}
+
+static void gemv_scalar(const Problem& P, int64_t n, int64_t m0, int64_t mr) {
+  const int64_t L = P.lanes;
+  float acc[4][16] = {};
+  walk_column_scalar(P, n, [&](int64_t t, const uint32_t* cw, int sh, const float* tab) {
+    for (int64_t j = 0; j < L; ++j) {
+      const float w = tab[(cw[j] >> sh) & 15u];
+      for (int64_t r = 0; r < mr; ++r) acc[r][j] += P.x[(m0 + r) * P.ldx + t * L + j] * w;
+    }
+  });
+  for (int64_t r = 0; r < mr; ++r) {
+    float s = 0.f;
+    for (int64_t j = 0; j < L; ++j) s += acc[r][j];
+    P.y[(m0 + r) * P.ldy + n] = s;
+  }
+}
+
+#if AFPQ_X86
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA: 8 lanes; a 16-entry table is two registers (entries 0-7, 8-15).
+
+#define AFPQ_AVX2 __attribute__((target("avx2,fma")))
+
+struct Tab8 { __m256 lo, hi; };
+
+AFPQ_AVX2 static inline Tab8 build_table_avx2(const Problem& P, int64_t n, int64_t g) {
+  const __m256 a = _mm256_set1_ps(P.p1[n * P.G + g]);
+  const __m256 b = _mm256_set1_ps(P.p2[n * P.G + g]);
+  const __m256 llo = _mm256_loadu_ps(P.lut), lhi = _mm256_loadu_ps(P.lut + 8);
+  Tab8 t;
+  if (P.mode == AFPQ) {  // v * (v < 0 ? s_neg : s_pos); blendv reads the sign bit of v
+    t.lo = _mm256_mul_ps(llo, _mm256_blendv_ps(a, b, llo));
+    t.hi = _mm256_mul_ps(lhi, _mm256_blendv_ps(a, b, lhi));
+  } else if (P.mode == SYM) {
+    t.lo = _mm256_mul_ps(llo, a);
+    t.hi = _mm256_mul_ps(lhi, a);
+  } else {
+    t.lo = _mm256_mul_ps(_mm256_sub_ps(llo, b), a);
+    t.hi = _mm256_mul_ps(_mm256_sub_ps(lhi, b), a);
+  }
+  return t;
+}
+
+template <bool T16>
+AFPQ_AVX2 static inline __m256 lookup_avx2(const Tab8& t, __m256i w, int i) {
+  const __m256i idx = _mm256_srli_epi32(w, 4 * i);  // vpermps reads the low 3 bits
+  const __m256 lo = _mm256_permutevar8x32_ps(t.lo, idx);
+  if (!T16) return lo;
+  const __m256 hi = _mm256_permutevar8x32_ps(t.hi, idx);
+  const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(w, 28 - 4 * i));  // code bit 3 -> sign
+  return _mm256_blendv_ps(lo, hi, sel);
+}
+
+AFPQ_AVX2 static inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <bool T16>
+AFPQ_AVX2 static void decode_col_avx2(const Problem& P, int64_t n, float* out) {
+  const int32_t* w = P.codes + n * P.words();
+  const int64_t chunks = P.words() / 8;
+  Tab8 tab{};
+  int64_t g = -1, gend = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m256i wc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 8));
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const int64_t t = c * 8 + i;
+      if (t >= gend) {
+        do { ++g; gend = P.gstep[g + 1]; } while (t >= gend);
+        tab = build_table_avx2(P, n, g);
+      }
+      _mm256_storeu_ps(out + t * 8, lookup_avx2<T16>(tab, wc, i));
+    }
+  }
+}
+
+// MR rows x NC columns: codes decoded once per step, multiplied into every row.
+template <bool T16, int MR, int NC>
+AFPQ_AVX2 static void gemv_avx2(const Problem& P, int64_t n0, int64_t m0) {
+  const int64_t words = P.words(), chunks = words / 8;
+  __m256 acc[MR][NC];
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NC; ++q) acc[r][q] = _mm256_setzero_ps();
+  Tab8 tab[NC];
+  for (int q = 0; q < NC; ++q) tab[q] = Tab8{_mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t g = -1, gend = 0;
+  const float* x0 = P.x + m0 * P.ldx;
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m256i wc[NC];
+    for (int q = 0; q < NC; ++q)
+      wc[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P.codes + (n0 + q) * words + c * 8));
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const int64_t t = c * 8 + i;
+      if (t >= gend) {
+        do { ++g; gend = P.gstep[g + 1]; } while (t >= gend);
+        for (int q = 0; q < NC; ++q) tab[q] = build_table_avx2(P, n0 + q, g);
+      }
+      __m256 xv[MR];
+      for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_ps(x0 + r * P.ldx + t * 8);
+      for (int q = 0; q < NC; ++q) {
+        const __m256 v = lookup_avx2<T16>(tab[q], wc[q], i);
+        for (int r = 0; r < MR; ++r) acc[r][q] = _mm256_fmadd_ps(xv[r], v, acc[r][q]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NC; ++q) P.y[(m0 + r) * P.ldy + n0 + q] = hsum_avx2(acc[r][q]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512F: 16 lanes; the whole 16-entry table is one register, a lookup is one vpermps.
+// (Compiled everywhere, run only where the CPU reports AVX-512F.)
+
+#define AFPQ_AVX512 __attribute__((target("avx512f")))
+
+AFPQ_AVX512 static inline __m512 build_table_avx512(const Problem& P, int64_t n, int64_t g) {
+  const __m512 a = _mm512_set1_ps(P.p1[n * P.G + g]);
+  const __m512 b = _mm512_set1_ps(P.p2[n * P.G + g]);
+  const __m512 l = _mm512_loadu_ps(P.lut);
+  if (P.mode == AFPQ) {
+    const __mmask16 neg = _mm512_cmplt_epi32_mask(_mm512_castps_si512(l), _mm512_setzero_si512());
+    return _mm512_mul_ps(l, _mm512_mask_blend_ps(neg, a, b));
+  }
+  if (P.mode == SYM) return _mm512_mul_ps(l, a);
+  return _mm512_mul_ps(_mm512_sub_ps(l, b), a);
+}
+
+AFPQ_AVX512 static inline __m512 lookup_avx512(__m512 tab, __m512i w, int i) {
+  return _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4 * i), tab);  // reads the low 4 bits
+}
+
+AFPQ_AVX512 static void decode_col_avx512(const Problem& P, int64_t n, float* out) {
+  const int32_t* w = P.codes + n * P.words();
+  const int64_t chunks = P.words() / 16;
+  __m512 tab = _mm512_setzero_ps();
+  int64_t g = -1, gend = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512i wc = _mm512_loadu_si512(w + c * 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const int64_t t = c * 8 + i;
+      if (t >= gend) {
+        do { ++g; gend = P.gstep[g + 1]; } while (t >= gend);
+        tab = build_table_avx512(P, n, g);
+      }
+      _mm512_storeu_ps(out + t * 16, lookup_avx512(tab, wc, i));
+    }
+  }
+}
+
+template <int MR, int NC>
+AFPQ_AVX512 static void gemv_avx512(const Problem& P, int64_t n0, int64_t m0) {
+  const int64_t words = P.words(), chunks = words / 16;
+  __m512 acc[MR][NC];
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NC; ++q) acc[r][q] = _mm512_setzero_ps();
+  __m512 tab[NC];
+  for (int q = 0; q < NC; ++q) tab[q] = _mm512_setzero_ps();
+  int64_t g = -1, gend = 0;
+  const float* x0 = P.x + m0 * P.ldx;
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512i wc[NC];
+    for (int q = 0; q < NC; ++q) wc[q] = _mm512_loadu_si512(P.codes + (n0 + q) * words + c * 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const int64_t t = c * 8 + i;
+      if (t >= gend) {
+        do { ++g; gend = P.gstep[g + 1]; } while (t >= gend);
+        for (int q = 0; q < NC; ++q) tab[q] = build_table_avx512(P, n0 + q, g);
+      }
+      __m512 xv[MR];
+      for (int r = 0; r < MR; ++r) xv[r] = _mm512_loadu_ps(x0 + r * P.ldx + t * 16);
+      for (int q = 0; q < NC; ++q) {
+        const __m512 v = lookup_avx512(tab[q], wc[q], i);
+        for (int r = 0; r < MR; ++r) acc[r][q] = _mm512_fmadd_ps(xv[r], v, acc[r][q]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NC; ++q) P.y[(m0 + r) * P.ldy + n0 + q] = _mm512_reduce_add_ps(acc[r][q]);
+}
+#endif  // AFPQ_X86
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch.
+
+static int64_t isa_supported_impl() {
+#if AFPQ_X86 && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+#endif
+  return SCALAR;
+}
+
+int64_t isa_supported() {
+  static const int64_t isa = isa_supported_impl();
+  return isa;
+}
+
+static void check_isa(int64_t isa, int64_t lanes) {
+  TORCH_CHECK(isa >= SCALAR && isa <= isa_supported(), "afpq_cpu: ISA ", isa,
+              " is not supported by this CPU (best: ", isa_supported(), ")");
+  TORCH_CHECK(isa == SCALAR || lanes == (isa == AVX512 ? 16 : 8), "afpq_cpu: the weights were repacked for ",
+              lanes, " lanes, which ISA ", isa, " cannot read");
+  TORCH_CHECK(lanes == 8 || lanes == 16, "afpq_cpu: lanes must be 8 or 16, got ", lanes);
+}
+
+static void decode_col(const Problem& P, int64_t isa, bool t16, int64_t n, float* out) {
+#if AFPQ_X86
+  if (isa == AVX512) return decode_col_avx512(P, n, out);
+  if (isa == AVX2) return t16 ? decode_col_avx2<true>(P, n, out) : decode_col_avx2<false>(P, n, out);
+#endif
+  decode_col_scalar(P, n, out);
+}
+
+constexpr int NCOLS = 4;  // columns per GEMV tile
+constexpr int MROWS = 4;  // rows per GEMV pass
+
+#if AFPQ_X86
+template <bool T16, int NC>
+static void gemv_rows_avx2(const Problem& P, int64_t n0, int64_t m0, int64_t mr) {
+  switch (mr) {
+    case 1: return gemv_avx2<T16, 1, NC>(P, n0, m0);
+    case 2: return gemv_avx2<T16, 2, NC>(P, n0, m0);
+    case 3: return gemv_avx2<T16, 3, NC>(P, n0, m0);
+    default: return gemv_avx2<T16, 4, NC>(P, n0, m0);
+  }
+}
+template <int NC>
+static void gemv_rows_avx512(const Problem& P, int64_t n0, int64_t m0, int64_t mr) {
+  switch (mr) {
+    case 1: return gemv_avx512<1, NC>(P, n0, m0);
+    case 2: return gemv_avx512<2, NC>(P, n0, m0);
+    case 3: return gemv_avx512<3, NC>(P, n0, m0);
+    default: return gemv_avx512<4, NC>(P, n0, m0);
+  }
+}
+#endif
+
+// Columns [n0, n0 + nc) (nc <= NCOLS), rows [m0, m0 + mr) (mr <= MROWS).
+static void gemv_tile(const Problem& P, int64_t isa, bool t16, int64_t n0, int64_t nc, int64_t m0, int64_t mr) {
+#if AFPQ_X86
+  if (isa == AVX2 || isa == AVX512) {
+    if (nc == NCOLS) {
+      if (isa == AVX512) return gemv_rows_avx512<NCOLS>(P, n0, m0, mr);
+      return t16 ? gemv_rows_avx2<true, NCOLS>(P, n0, m0, mr) : gemv_rows_avx2<false, NCOLS>(P, n0, m0, mr);
+    }
+    for (int64_t q = 0; q < nc; ++q) {
+      if (isa == AVX512) gemv_rows_avx512<1>(P, n0 + q, m0, mr);
+      else if (t16) gemv_rows_avx2<true, 1>(P, n0 + q, m0, mr);
+      else gemv_rows_avx2<false, 1>(P, n0 + q, m0, mr);
+    }
+    return;
+  }
+#endif
+  for (int64_t q = 0; q < nc; ++q) gemv_scalar(P, n0 + q, m0, mr);
+}
+
+static Problem make_problem(const at::Tensor& codes, const at::Tensor& p1, const at::Tensor& p2,
+                            const at::Tensor& lut, const at::Tensor& gstep, int64_t mode, int64_t lanes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kInt && codes.is_contiguous(),
+              "afpq_cpu: codes must be a contiguous int32 [N, Kp/8] tensor");
+  TORCH_CHECK(p1.scalar_type() == at::kFloat && p1.is_contiguous() && p1.dim() == 2 && p1.size(0) == codes.size(0),
+              "afpq_cpu: p1 must be a contiguous float32 [N, G] tensor");
+  TORCH_CHECK(p2.sizes() == p1.sizes() && p2.scalar_type() == at::kFloat && p2.is_contiguous(),
+              "afpq_cpu: p2 must match p1");
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.is_contiguous() && lut.numel() == 16, "afpq_cpu: lut must be 16 float32 values");
+  TORCH_CHECK(gstep.scalar_type() == at::kInt && gstep.is_contiguous() && gstep.numel() == p1.size(1) + 1,
+              "afpq_cpu: gstep must be int32 [G + 1]");
+  TORCH_CHECK(mode >= AFPQ && mode <= ZP, "afpq_cpu: unknown mode ", mode);
+  Problem P{};
+  P.codes = codes.data_ptr<int32_t>();
+  P.p1 = p1.data_ptr<float>();
+  P.p2 = p2.data_ptr<float>();
+  P.lut = lut.data_ptr<float>();
+  P.gstep = gstep.data_ptr<int32_t>();
+  P.N = codes.size(0);
+  P.G = p1.size(1);
+  P.Kp = codes.size(1) * 8;
+  P.lanes = lanes;
+  P.mode = mode;
+  TORCH_CHECK(P.Kp % (8 * lanes) == 0, "afpq_cpu: Kp ", P.Kp, " is not a whole number of chunks");
+  TORCH_CHECK(P.gstep[P.G] == P.steps(), "afpq_cpu: gstep must end at ", P.steps());
+  return P;
+}
+
+// W' [N, Kp]: the decoded weight in the kernel's input order (tests; the large-M path decodes tiles).
+at::Tensor decode(const at::Tensor& codes, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& lut,
+                  const at::Tensor& gstep, int64_t mode, int64_t nent, int64_t lanes, int64_t isa) {
+  check_isa(isa, lanes);
+  Problem P = make_problem(codes, p1, p2, lut, gstep, mode, lanes);
+  at::Tensor out = at::empty({P.N, P.Kp}, codes.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const bool t16 = nent > 8;
+  at::parallel_for(0, P.N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) decode_col(P, isa, t16, n, o + n * P.Kp);
+  });
+  return out;
+}
+
+// Activations in the kernel's input order, float32 [M, Kp]; kmap[k'] = source column or -1 (zero).
+static at::Tensor gather_x(const at::Tensor& x, const at::Tensor& kmap, int64_t Kp) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (kmap.numel() == 0 && K == Kp && x.scalar_type() == at::kFloat) return x;
+  at::Tensor xp = at::empty({M, Kp}, x.options().dtype(at::kFloat));
+  float* o = xp.data_ptr<float>();
+  const int32_t* km = kmap.numel() ? kmap.data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "afpq_cpu_gather", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        const scalar_t* s = src + m * K;
+        float* d = o + m * Kp;
+        if (km) {
+          for (int64_t k = 0; k < Kp; ++k) d[k] = km[k] >= 0 ? static_cast<float>(s[km[k]]) : 0.f;
+        } else {
+          for (int64_t k = 0; k < K; ++k) d[k] = static_cast<float>(s[k]);
+          for (int64_t k = K; k < Kp; ++k) d[k] = 0.f;
+        }
+      }
+    });
+  });
+  return xp;
+}
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& p1, const at::Tensor& p2,
+                  const at::Tensor& lut, const at::Tensor& gstep, const at::Tensor& kmap,
+                  const c10::optional<at::Tensor>& bias, int64_t mode, int64_t nent, int64_t lanes, int64_t isa,
+                  int64_t m_gemv) {
+  check_isa(isa, lanes);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "afpq_cpu.linear: x must be a 2-D CPU tensor");
+  Problem P = make_problem(codes, p1, p2, lut, gstep, mode, lanes);
+  TORCH_CHECK(kmap.numel() == 0 || kmap.numel() == P.Kp, "afpq_cpu.linear: kmap must be empty or [Kp]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor xp = gather_x(x, kmap, P.Kp);
+  at::Tensor y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
+  if (M > 0 && P.N > 0) {
+    P.x = xp.data_ptr<float>();
+    P.ldx = P.Kp;
+    P.y = y.data_ptr<float>();
+    P.ldy = P.N;
+    const bool t16 = nent > 8;
+    if (M <= m_gemv) {
+      const int64_t tiles = (P.N + NCOLS - 1) / NCOLS;
+      // About 64k weights per task: small layers stay on one thread.
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (NCOLS * P.Kp));
+      at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
+        for (int64_t tile = b; tile < e; ++tile) {
+          const int64_t n0 = tile * NCOLS, nc = std::min<int64_t>(NCOLS, P.N - n0);
+          for (int64_t m0 = 0; m0 < M; m0 += MROWS) gemv_tile(P, isa, t16, n0, nc, m0, std::min<int64_t>(MROWS, M - m0));
+        }
+      });
+    } else {
+      // Decode column tiles (about 2 MB each) in parallel, multiply each with at::mm.
+      const int64_t nt = std::min<int64_t>(P.N, std::max<int64_t>(16, ((int64_t(1) << 19) / P.Kp) / 16 * 16));
+      at::Tensor wbuf = at::empty({nt, P.Kp}, y.options());
+      float* wb = wbuf.data_ptr<float>();
+      for (int64_t n0 = 0; n0 < P.N; n0 += nt) {
+        const int64_t nc = std::min(nt, P.N - n0);
+        at::parallel_for(0, nc, 8, [&](int64_t b, int64_t e) {
+          for (int64_t q = b; q < e; ++q) decode_col(P, isa, t16, n0 + q, wb + q * P.Kp);
+        });
+        y.narrow(1, n0, nc).copy_(at::mm(xp, wbuf.narrow(0, 0, nc).t()));
+      }
+    }
+  }
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+TORCH_LIBRARY(afpq_cpu, m) {
+  m.def("isa_supported() -> int", &isa_supported);
+  m.def("decode(Tensor codes, Tensor p1, Tensor p2, Tensor lut, Tensor gstep, int mode, int nent, int lanes, "
+        "int isa) -> Tensor", &decode);
+  m.def("linear(Tensor x, Tensor codes, Tensor p1, Tensor p2, Tensor lut, Tensor gstep, Tensor kmap, "
+        "Tensor? bias, int mode, int nent, int lanes, int isa, int m_gemv) -> Tensor", &linear);
+}
+
+}  // namespace afpq_cpu

@@ -1,0 +1,205 @@
+"""The native CPU kernel (afpq_plugins.kernels.cpu) against core's decode and float64 maths.
+
+References: the decoded weight must equal core's ``QuantizedWeight.dequantize`` bit for bit
+(the kernel builds its per-group tables with the same float32 operations); the forward is
+compared with float64 ``x @ W.T + b`` (W = core's decode) and with the torch reference kernel.
+
+Stated bound, from the accumulation order: the kernel accumulates K float32 products in SIMD
+lanes (or at::mm), so |y - y64| <= K * 2**-24 * (|x| @ |W|.T + |b|) (the classic gamma_K
+bound, u = 2**-24), plus the output rounding (2**-8 relative for bfloat16 outputs).
+
+Every ISA path this machine can run is covered (``AFPQ_CPU_ISA``); the AVX-512 layout
+(16 lanes) is also decoded by the portable path, so its repack is checked here even on
+machines without AVX-512.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from afpq_plugins.core.formats import get_format
+from afpq_plugins.core.quantize import QuantizedWeight, default_g_idx
+from afpq_plugins.kernels import choose_kernel, cpu, explain, torch_ref
+from afpq_plugins.kernels.cpu import build
+from afpq_plugins.kernels.cpu.repack import build_pack, get_pack
+from afpq_plugins.nn import AFPQLinear
+
+OK, WHY = cpu.available()
+needs_kernel = pytest.mark.skipif(not OK, reason=f"native CPU kernel unavailable: {WHY}")
+ISAS = [name for name, code in cpu.ISAS.items() if OK and code <= cpu._supported()]
+
+# (layout, fmt, mode, group_size, act_order, in_features, out_features)
+CASES = [
+    ("gptq", "nf4", "afpq", 64, False, 192, 72),
+    ("gptq", "nf4", "afpq", 32, True, 128, 40),
+    ("gptq", "fp4", "afpq", -1, False, 136, 24),
+    ("gptq", "fp4", "sym", 12, False, 96, 20),      # groups not a multiple of the SIMD width
+    ("gptq", "int4", "zp", 128, True, 256, 17),
+    ("gptq", "nf3", "afpq", 64, False, 192, 40),     # 3-bit words spill across int32 boundaries
+    ("gptq", "nf3", "afpq", 32, True, 96, 24),
+    ("gptq", "fp3", "sym", -1, False, 160, 12),
+    ("gptq", "int3", "zp", 16, False, 64, 33),
+    ("gptq", "int2", "zp", 16, True, 80, 24),
+    ("gptq", "int2", "zp", -1, False, 48, 9),
+    ("awq", "nf4", "afpq", 40, False, 200, 40),
+    ("awq", "fp4", "zp", 32, False, 96, 24),
+    ("awq", "int4", "zp", -1, False, 72, 16),
+]
+IDS = [f"{c[0]}-{c[1]}-{c[2]}-g{c[3]}{'-act' if c[4] else ''}-{c[5]}x{c[6]}" for c in CASES]
+
+
+def _layer(layout, fmt, mode, gs, act, in_f, out_f, seed=0):
+    g = np.random.default_rng(seed)
+    f = get_format(fmt)
+    codes = torch.from_numpy(g.integers(0, 2**f.bits, (out_f, in_f))).to(torch.uint8)
+    g_idx = default_g_idx(in_f, gs)
+    if act:
+        g_idx = g_idx[torch.from_numpy(g.permutation(in_f))]
+    groups = 1 if gs == -1 else in_f // gs
+    scales = torch.from_numpy(g.uniform(0.01, 0.2, (groups, out_f))).half()
+    if mode == "afpq":
+        scales2 = torch.from_numpy(g.uniform(0.01, 0.2, (groups, out_f))).half()
+    elif mode == "zp":
+        scales2 = torch.from_numpy(g.integers(0, 2**f.bits, (groups, out_f)).astype(np.float64)).half()
+    else:
+        scales2 = None
+    qw = QuantizedWeight(codes, scales, scales2, g_idx, f, mode, gs)
+    bias = torch.from_numpy(g.normal(0, 0.1, out_f)).float()
+    return AFPQLinear.from_quantized(qw, bias=bias, layout=layout), qw
+
+
+def _check(y, x, w, bias):
+    """|y - y64| within the stated bound (see the module docstring)."""
+    x64, w64, b64 = x.double(), w.double(), bias.double()
+    ref = x64 @ w64.T + b64
+    k = x.shape[-1]
+    bound = (x64.abs() @ w64.abs().T + b64.abs()) * (k * 2**-24)
+    if y.dtype == torch.bfloat16:
+        bound = bound + ref.abs() * 2**-8
+    err = (y.double() - ref).abs()
+    assert (err <= bound + 1e-30).all(), f"max err {err.max().item():.3g}, bound at it {bound.flatten()[err.argmax()]:.3g}"
+    return bound
+
+
+@pytest.fixture
+def isa_env(monkeypatch):
+    def use(name):
+        monkeypatch.setenv("AFPQ_CPU_ISA", name)
+    return use
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_decoded_weight_equals_core_decode(case):
+    layer, qw = _layer(*case)
+    ref = qw.dequantize(torch.float32)
+    assert torch.equal(layer.dequantize(), ref)
+    for isa in ISAS:
+        lanes = cpu.lanes_of(isa)
+        pack = build_pack(layer, lanes)
+        assert torch.equal(cpu.decode_packed(pack, layer.in_features, isa), ref), isa
+    if "avx512" not in ISAS:  # the 16-lane (AVX-512) layout, decoded by the portable path
+        pack = build_pack(layer, 16)
+        assert torch.equal(cpu.decode_packed(pack, layer.in_features, "scalar"), ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_matches_float64_and_torch_path(case, dtype, isa_env):
+    layer, qw = _layer(*case)
+    w = qw.dequantize(torch.float32)
+    torch.manual_seed(0)
+    for isa in ISAS:
+        isa_env(isa)
+        for m in (1, 3, 17, 257):
+            x = torch.randn(m, layer.in_features).to(dtype)
+            with torch.no_grad():
+                assert cpu.can_implement(x, layer) == (True, "")
+                y = cpu.linear(x, layer)
+                assert y.dtype == dtype and y.shape == (m, layer.out_features)
+                bound = _check(y, x, w, layer.bias)
+                y_ref = torch_ref.linear(x, layer)
+            err = (y.double() - y_ref.double()).abs()
+            assert (err <= 2 * bound + 1e-30).all(), f"{isa} M={m}: max diff to the torch path {err.max():.3g}"
+
+
+@needs_kernel
+def test_threads_do_not_change_the_result():
+    layer, _ = _layer("gptq", "nf4", "afpq", 32, True, 256, 96)
+    x = torch.randn(3, 256)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = cpu.linear(x, layer)
+        torch.set_num_threads(2)
+        y2 = cpu.linear(x, layer)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(y1, y2)  # every output column is summed by one thread in a fixed order
+
+
+@needs_kernel
+def test_registry_picks_cpu_kernel_and_env_forces_torch(monkeypatch):
+    layer, qw = _layer("gptq", "nf4", "afpq", 64, False, 192, 72)
+    x = torch.randn(2, 192)
+    with torch.no_grad():
+        assert choose_kernel(x, layer)[0].name == "cpu"
+        y = layer(x)
+        monkeypatch.setenv("AFPQ_KERNEL", "torch")
+        assert choose_kernel(x, layer)[0].name == "torch"
+        y_torch = layer(x)
+    _check(y, x, qw.dequantize(), layer.bias)
+    _check(y_torch, x, qw.dequantize(), layer.bias)
+    monkeypatch.delenv("AFPQ_KERNEL")
+    # Inputs that need autograd or live elsewhere go to the torch path, with the reason.
+    xg = x.clone().requires_grad_()
+    assert "no backward" in explain(xg, layer)
+    assert cpu.can_implement(torch.empty(1, 192, device="meta"), layer) == (False, "input on meta")
+
+
+@needs_kernel
+def test_pack_is_cached_and_rebuilt_when_buffers_change():
+    layer, qw = _layer("gptq", "fp4", "afpq", 32, False, 64, 16)
+    lanes = cpu.lanes_of(cpu.isa()[0])
+    p = get_pack(layer, lanes)
+    assert get_pack(layer, lanes) is p
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        layer.scales.mul_(2)  # in place: the pack must notice
+        y = layer(x)
+    assert get_pack(layer, lanes) is not p
+    qw2 = QuantizedWeight(qw.codes, qw.scales * 2, qw.scales2, qw.g_idx, qw.fmt, qw.mode, qw.group_size)
+    _check(y, x, qw2.dequantize(), layer.bias)
+
+
+@needs_kernel
+def test_unsupported_isa_request_is_refused_with_reason(isa_env):
+    layer, _ = _layer("gptq", "nf4", "afpq", 64, False, 192, 72)
+    isa_env("sse9")
+    assert "not one of" in cpu.can_implement(torch.randn(1, 192), layer)[1]
+    if "avx512" not in ISAS:
+        isa_env("avx512")
+        ok, why = cpu.can_implement(torch.randn(1, 192), layer)
+        assert not ok and "avx512" in why
+
+
+def test_without_compiler_falls_back_to_torch_with_one_warning(monkeypatch):
+    layer, qw = _layer("gptq", "nf4", "afpq", 64, False, 192, 72)
+    monkeypatch.setattr(build, "load", lambda: (False, "no C++ compiler ('c++' not found on PATH)"))
+    monkeypatch.setattr(cpu, "_warned", False)
+    x = torch.randn(2, 192)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            k, skipped = choose_kernel(x, layer)
+            y = layer(x)
+            layer(x)
+    assert k.name == "torch" and ("cpu", "no C++ compiler ('c++' not found on PATH)") in skipped
+    msgs = [str(w.message) for w in caught if "native CPU kernel" in str(w.message)]
+    assert len(msgs) == 1 and "no C++ compiler" in msgs[0]
+    _check(y, x, qw.dequantize(), layer.bias)
