@@ -1,13 +1,15 @@
 # make demo : create the legacy venv and run the main job on the embedded default
 # make accuracy-quick / accuracy : the accuracy study (afpq bench accuracy [--quick])
 # make test : create both venvs and run every test (what CI runs)
+# make gpu-check [DRY=1] : the one-shot GPU check of the Triton kernels (benchmarks/gpu_check.py;
+#   results under $OUT or benchmarks/out/gpu_check); DRY=1: its CPU dry run (interpreter, tiny shapes)
 PYTHON ?= python3
 LEGACY := .venv-legacy
 MODERN := .venv-modern
 export GPTQMODEL_CPU_WORKERS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo demo-full accuracy-quick accuracy test test-core test-legacy test-modern venvs clean-venvs bench
+.PHONY: demo demo-full accuracy-quick accuracy test test-core test-legacy test-modern venvs clean-venvs bench gpu-check
 
 $(LEGACY)/.done: pyproject.toml requirements/legacy.txt requirements/constraints-legacy.txt
 	$(PYTHON) -m venv $(LEGACY)
@@ -46,6 +48,11 @@ test: venvs
 
 bench: $(LEGACY)/.done
 	$(LEGACY)/bin/python benchmarks/bench_core.py
+
+# A GPU machine's own python3 (torch + CUDA + Triton); the dry run uses the legacy venv.
+GPU_PYTHON ?= $(if $(DRY),$(LEGACY)/bin/python,python3)
+gpu-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py $(if $(DRY),--dry-run) $(GPU_CHECK_ARGS)
 
 clean-venvs:
 	rm -rf $(LEGACY) $(MODERN)

@@ -1,288 +1,460 @@
-"""GPU kernel benchmark: the fused AFPQ Triton kernels next to fp16, torch's INT4 and the torch reference.
+"""Kernel benchmark: the fused AFPQ Triton kernels next to fp16 cuBLAS, torch's INT4 kernel
+and the torch reference path. Used by ``benchmarks/gpu_check.py`` (which also runs the
+CUDA tests and the end-to-end decode); runnable alone:
 
-    python benchmarks/bench_kernels.py [--quick] [--fmt nf4] [--layout gptq] [--act-order]
-                                       [--sweep] [--no-flush] [--json benchmarks/out/kernels.json]
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py [--ms 1,16] [--shapes 4096x4096] [--fmts nf4,fp4]
+                                                      [--sweep] [--json out.json]
 
-For every M in {1, 4, 16, 128, 2048} and every layer shape (in x out) 4096x4096,
-4096x11008, 11008x4096, 5120x13824 at group size 128, the median time (CUDA events, L2
-flushed before every repeat, as in ``triton.testing.do_bench``) of
+Each row is one (layer shape in x out, M, format) at group size 128, layout gptq, mode afpq:
 
-* ``afpq``      AFPQ Triton kernel (``afpq_plugins.kernels.triton.linear``), fp16 activations
-* ``afpq_bf16`` the same with bf16 activations (the INT4 kernel below takes bf16 only)
-* ``fp16``      torch fp16 ``F.linear`` with the dequantized weight (cuBLAS)
-* ``int4``      torch's built-in INT4 kernel (tinygemm): ``aten._weight_int4pack_mm(x_bf16,
-                aten._convert_weight_to_int4pack(w_uint8[n, k/2], innerKTiles=8), 128,
-                scales_and_zeros[k/128, n, 2] bf16)``, random codes (its speed does not
-                depend on them)
+* ``afpq``      the Triton kernel (``afpq_plugins.kernels.triton.linear``), fp16 activations
+* ``afpq_bf16`` the same with bf16 activations (what torch's INT4 kernel takes)
+* ``fp16``      ``F.linear`` with the dequantized weight in fp16 (cuBLAS)
+* ``int4``      ``aten._weight_int4pack_mm`` (tinygemm), group 128, bf16, random codes
 * ``torch_ref`` the AFPQ torch reference (LUT dequantize, then matmul, every call)
 
-and the ratios ``fp16 / afpq`` and ``int4 / afpq_bf16`` (> 1: AFPQ faster), plus the
-AFPQ kernel's achieved memory bandwidth (packed codes + scales + activations + output)
-against the device copy bandwidth measured in the same run.
+Timing (CUDA): every candidate runs inside a CUDA graph that calls it once per weight copy,
+with enough copies (2.5x the L2 cache, at least 2) that the weights stream from device
+memory as in decoding; the replay is timed with CUDA events and the median over repeats is
+divided by the number of copies. Capture failing is reported as an error of that row (the
+decode path must be capturable). ``torch_ref`` is timed eagerly. Achieved bandwidth = bytes
+the AFPQ kernel must read and write (codes, scales, activations, output) over its time,
+against a device-to-device copy measured in the same run (bytes read + written).
 
-Targets (issue 6): M = 1: ``fp16 / afpq >= 3`` and ``int4 / afpq_bf16 >= 0.9``;
-M = 2048: ``fp16 / afpq >= 0.8``.
-
-``--sweep`` also times a grid of kernel configurations (paths, tiles, split-K) per row
-and reports the best next to the planner's default: the data to retune
-``afpq_plugins.kernels.triton.plan_matmul``. Results go to ``--json`` and a markdown table on stdout.
+``--sweep`` also times a grid of kernel configurations per row (see :func:`sweep_configs`):
+the data the planner's defaults (``afpq_plugins/kernels/triton/planning.py``) are tuned from.
+On CPU (``--dry-run``: Triton's interpreter, tiny shapes) the same code runs with wall-clock
+timing; its figures mean nothing, it only keeps the script alive.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import json
+import math
 import os
-import platform
 import statistics
 import sys
 import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 MS = (1, 4, 16, 128, 2048)
-SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824))  # (in, out)
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672))  # (in, out)
+DRY_MS = (1, 17)
+DRY_SHAPES = ((128, 64),)
 GROUP = 128
-TARGETS = {1: {"fp16": 3.0, "int4": 0.9}, 2048: {"fp16": 0.8}}
-DEVICE = "cuda"
+#: Issue targets, ratios measured side by side: {(fmt, M): {baseline: ratio}}.
+TARGETS = {
+    ("nf4", 1): {"fp16": 3.0, "int4": 0.9}, ("fp4", 1): {"fp16": 3.0, "int4": 0.9}, ("nf3", 1): {"fp16": 3.5},
+    ("nf4", 16): {"fp16": 2.5}, ("nf4", 2048): {"fp16": 0.8},
+}
+BW_TARGET = 0.6  # M = 1, the two largest shapes: achieved / copy bandwidth
 
 
-def _require_gpu():
-    if not torch.cuda.is_available():
-        sys.exit("bench_kernels.py needs a CUDA GPU: torch.cuda.is_available() is False here, nothing measured.")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        sys.exit("bench_kernels.py: unset TRITON_INTERPRET (the interpreter's timings mean nothing).")
-    try:
-        from afpq_plugins.kernels import triton as triton_kernels
-    except ImportError as exc:
-        sys.exit(f"bench_kernels.py needs triton: {exc}")
-    return triton_kernels
+# -- timing ---------------------------------------------------------------------------------
 
+class Bench:
+    """Times lists of calls (one per weight copy); CUDA graphs + events on CUDA, wall clock on CPU."""
 
-class Timer:
-    """Median of CUDA-event times, L2 flushed before each repeat (cold weights, as in decoding)."""
-
-    def __init__(self, reps: int, flush: bool):
+    def __init__(self, device: torch.device, reps: int = 30):
+        self.device = device
+        self.cuda = device.type == "cuda"
         self.reps = reps
-        self.cache = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda") if flush else None
+        self.l2 = torch.cuda.get_device_properties(device).L2_cache_size if self.cuda else 0
 
-    def __call__(self, fn, reps=None) -> float:
+    def copies(self, nbytes: int, cap: int = 32) -> int:
+        """Weight copies for one graph so that the set is 2.5x the L2 cache (at least 2)."""
+        if not self.cuda:
+            return 1
+        return int(min(cap, max(2, math.ceil(2.5 * self.l2 / max(nbytes, 1)))))
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def eager(self, calls: Sequence[Callable], reps: Optional[int] = None) -> float:
+        """Median us per call, each repeat running every call once, no graph."""
         reps = reps or self.reps
-        fn()  # compile / warm up
-        torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for s, e in zip(starts, ends):
-            if self.cache is not None:
-                self.cache.zero_()  # also gives the CPU time to queue the launch ahead of the GPU
+        if self.cuda:  # warm-up (the interpreter has nothing to warm)
+            for f in calls:
+                f()
+            self.sync()
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                for f in calls:
+                    f()
+                e.record()
+                e.synchronize()
+                times.append(s.elapsed_time(e) * 1e3 / len(calls))
+            else:
+                t0 = time.perf_counter()
+                for f in calls:
+                    f()
+                times.append((time.perf_counter() - t0) * 1e6 / len(calls))
+        return statistics.median(times)
+
+    def graph(self, calls: Sequence[Callable], reps: Optional[int] = None) -> float:
+        """Median us per call over replays of one CUDA graph holding every call once.
+        Raises when capture fails. On CPU: :meth:`eager`."""
+        if not self.cuda:
+            return self.eager(calls, reps)
+        reps = reps or self.reps
+        for f in calls:  # warm-up: compilation, workspaces, cached checks
+            f()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for f in calls:
+                f()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for f in calls:
+                f()
+        g.replay()
+        self.sync()
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for s, e in ev:
             s.record()
-            fn()
+            g.replay()
             e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3  # us
+        self.sync()
+        del g
+        return statistics.median(s.elapsed_time(e) for s, e in ev) * 1e3 / len(calls)
 
 
-def copy_bandwidth(timer: Timer) -> float:
-    """Device-to-device copy bandwidth in GB/s (read + write), 1 GiB buffers."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(bench: Bench) -> Optional[float]:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers."""
+    if not bench.cuda:
+        return None
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=bench.device).random_()
     b = torch.empty_like(a)
-    t = timer(lambda: b.copy_(a), reps=20)
+    t = bench.eager([lambda: b.copy_(a)], reps=20)
+    del a, b
     return 2 * (1 << 30) / (t * 1e-6) / 1e9
 
 
-def int4_baseline(K: int, N: int, device):
-    """torch's tinygemm INT4 kernel on random codes; None where this torch/GPU lacks it."""
-    try:
-        codes = torch.randint(0, 16, (N, K), dtype=torch.int32, device=device)
-        w_uint8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # [n, k/2], high nibble first
-        packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8, 8)
-        sz = torch.empty(K // GROUP, N, 2, dtype=torch.bfloat16, device=device)
-        sz[..., 0].uniform_(0.005, 0.02)
-        sz[..., 1].zero_()
+# -- the things timed -----------------------------------------------------------------------
 
-        def run(x):
-            return torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, sz)
+def make_layer(K: int, N: int, fmt: str, device, seed: int = 0):
+    """An AFPQLinear (mode afpq, layout gptq, group 128, no bias) quantized from a random Linear."""
+    from afpq_plugins.nn import AFPQLinear
 
-        run(torch.randn(1, K, device=device, dtype=torch.bfloat16))
-        return run
-    except Exception as exc:  # pragma: no cover - depends on the torch build and GPU
-        print(f"  (torch INT4 kernel unavailable: {type(exc).__name__}: {exc})", file=sys.stderr)
-        return None
+    torch.manual_seed(seed)
+    w = torch.randn(N, K, device=device) * 0.02
+    lin = torch.nn.Linear(K, N, bias=False, device=device)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    del w
+    return AFPQLinear.from_linear(lin, fmt, GROUP, layout="gptq")
 
 
-def afpq_bytes(layer, M: int, act_bytes: int) -> int:
+def afpq_bytes(layer, M: int, act_bytes: int = 2) -> int:
     n = layer.qweight.numel() * 4 + layer.scales.numel() * layer.scales.element_size()
     if layer.second is not None:
         n += layer.second.numel() * layer.second.element_size()
-    if layer.g_idx is not None and not layer.has_default_order():
-        n += layer.g_idx.numel() * 4
-    if layer.bias is not None:
-        n += layer.bias.numel() * layer.bias.element_size()
     return n + M * (layer.in_features + layer.out_features) * act_bytes
 
 
-def sweep_configs(M: int):
-    """Kernel configurations tried by --sweep (overrides for afpq_plugins.kernels.triton.linear)."""
-    if M <= 16:
-        for bn, split in itertools.product((32, 64, 128), (1, 2, 4, 8, 16)):
-            yield {"path": "gemv", "block_m": 16, "block_n": bn, "split_k": split}  # tensor cores
-            if M <= 4:  # CUDA-core FMAs
-                yield {"path": "gemv", "block_m": 1 << (M - 1).bit_length(), "block_n": bn, "split_k": split}
-    else:
-        for bm, bn, split in itertools.product((32, 64, 128), (64, 128), (1, 2, 4)):
+def int4_weight(K: int, N: int, device):
+    """(packed weight, scales_and_zeros) for torch's tinygemm INT4 kernel, random codes;
+    (None, reason) where this torch/device lacks it."""
+    try:
+        codes = torch.randint(0, 16, (N, K), dtype=torch.int32, device=device)
+        sz = torch.empty(K // GROUP, N, 2, dtype=torch.bfloat16, device=device)
+        sz[..., 0].uniform_(0.001, 0.004)
+        sz[..., 1].uniform_(-0.01, 0.01)
+        if device.type == "cuda":
+            w_uint8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # [n, k/2]
+            packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8, 8)
+            mm = torch.ops.aten._weight_int4pack_mm
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        x = torch.randn(1, K, device=device, dtype=torch.bfloat16)
+        mm(x, packed, GROUP, sz)
+        return (packed, sz, mm), ""
+    except Exception as exc:  # depends on the torch build and the device
+        return None, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y = y.double()
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def sweep_configs(M: int, fmt: str, cuda: bool) -> List[Dict]:
+    """Kernel configurations timed by --sweep (keyword overrides of ``linear``)."""
+    cpb = 32 if fmt.endswith("3") else 8  # codes per block along K (gptq)
+    if not cuda:  # dry run: two configurations, enough to exercise the plumbing
+        return [{"path": "gemv" if M <= 16 else "gemm", "block_n": 32, "split_k": 2},
+                {"path": "gemv" if M <= 16 else "gemm", "block_n": 64, "split_k": 1}]
+    out = []
+    if M == 1 and cpb == 8:
+        for bn, br, w, s, split in itertools.product((32, 64, 128), (16, 32, 64), (4, 8), (1, 3), (None, 1)):
+            cfg = {"path": "gemv", "block_m": 1, "block_n": bn, "block_r": br, "num_warps": w, "num_stages": s}
+            if split:
+                cfg["split_k"] = split
+            out.append(cfg)
+        for bn, br, s in itertools.product((32, 64, 128), (16, 32), (1, 2)):
+            out.append({"path": "gemv", "block_m": 16, "block_n": bn, "block_r": br, "num_warps": 4, "num_stages": s})
+        out += [{"fold": False}, {"fold": False, "num_warps": 8}, {"fold": False, "block_n": 128}]
+    elif M == 1:  # 3 bits: 32 codes per block
+        for bn, br, w, s in itertools.product((64, 128), (4, 8), (4, 8), (1, 2)):
+            out.append({"path": "gemv", "block_m": 1, "block_n": bn, "block_r": br, "num_warps": w, "num_stages": s})
+    elif M <= 16:
+        for bn, br, w, s, split in itertools.product((32, 64, 128), (16, 32), (4, 8), (1, 2, 3), (None, 1)):
+            cfg = {"path": "gemv", "block_m": 16, "block_n": bn, "block_r": br, "num_warps": w, "num_stages": s}
+            if split:
+                cfg["split_k"] = split
+            out.append(cfg)
+        out += [{"fold": False}, {"fold": False, "num_stages": 1}]
+    elif M < 1024:
+        for bm, bn, br, w in itertools.product((32, 64, 128), (64, 128), (16, 32), (4, 8)):
             if bm <= max(32, M):
-                yield {"path": "gemm", "block_m": bm, "block_n": bn, "split_k": split}
-        if M >= 128:
-            yield {"path": "dequant"}
+                out.append({"path": "gemm", "block_m": bm, "block_n": bn, "block_r": br, "num_warps": w,
+                            "num_stages": 3})
+    else:
+        for bn, br in itertools.product((64, 128), (16, 32)):
+            out.append({"path": "dequant", "block_n": bn, "block_r": br})
+        for bm, bn, br in ((128, 128, 16), (128, 128, 32), (128, 256, 16)):
+            out.append({"path": "gemm", "block_m": bm, "block_n": bn, "block_r": br, "num_warps": 8, "num_stages": 3})
+    return out
 
 
-def bench_row(tk, timer, K, N, M, args, int4_fn):
+def split_configs(base: Dict) -> List[Dict]:
+    """Split-K variants of a (best) configuration."""
+    return [dict(base, split_k=s) for s in (1, 2, 4, 8, 16, 32)]
+
+
+@dataclasses.dataclass
+class Subject:
+    """Everything built once per (shape, fmt): the layer, copies, baselines."""
+
+    K: int
+    N: int
+    fmt: str
+    layer: object
+    copies: List[object]
+    w16: Optional[List[torch.Tensor]] = None
+    int4: Optional[List[tuple]] = None
+    int4_error: str = ""
+
+
+def build_subject(bench: Bench, K: int, N: int, fmt: str, baselines: bool) -> Subject:
+    layer = make_layer(K, N, fmt, bench.device)
+    c = bench.copies(afpq_bytes(layer, 0))
+    copies = [layer] + [copy.deepcopy(layer) for _ in range(c - 1)]
+    sub = Subject(K, N, fmt, layer, copies)
+    if baselines:
+        w16 = layer.dequantize(torch.float16)
+        sub.w16 = [w16] + [w16.clone() for _ in range(bench.copies(w16.numel() * 2) - 1)]
+        i4, sub.int4_error = int4_weight(K, N, bench.device)
+        if i4 is not None:
+            packed, sz, mm = i4
+            n = bench.copies(packed.numel() * packed.element_size())
+            sub.int4 = [(packed, sz, mm)] + [(packed.clone(), sz.clone(), mm) for _ in range(n - 1)]
+    return sub
+
+
+def _time(bench: Bench, calls, reps=None) -> Tuple[Optional[float], str]:
+    try:
+        return bench.graph(calls, reps), ""
+    except Exception as exc:  # capture failure, out of resources...
+        return None, f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def bench_row(bench: Bench, tk, sub: Subject, M: int, copy_bw: Optional[float], baselines: bool,
+              ref_reps: int = 3) -> Dict:
     from afpq_plugins.kernels import torch_ref
-    from afpq_plugins.nn import AFPQLinear
 
-    dev = torch.device(DEVICE)
-    torch.manual_seed(0)
-    lin = nn.Linear(K, N, bias=False, device=dev, dtype=torch.float32)
-    layer = AFPQLinear.from_linear(lin, args.fmt, GROUP, layout=args.layout)
-    if args.act_order:
-        g = torch.arange(K, device=dev, dtype=torch.int32) // GROUP
-        layer.g_idx.copy_(g[torch.randperm(K, device=dev)])
-    w16 = layer.dequantize(torch.float16)  # [out, in]
-    x16 = torch.randn(M, K, device=dev, dtype=torch.float16)
+    dev = bench.device
+    torch.manual_seed(M)
+    x16 = torch.randn(M, sub.K, device=dev, dtype=torch.float16)
     xbf = x16.to(torch.bfloat16)
+    layer = sub.layer
+    ref = x16.double() @ layer.dequantize(torch.float32).double().t()
+    row = {"in": sub.K, "out": sub.N, "M": M, "fmt": sub.fmt, "group": GROUP, "errors": {}}
+    sms, cap = tk.device_info(dev)
+    plan = tk.plan_matmul(M, sub.N, sub.K, bits=layer.bits, layout="gptq", group_size=GROUP, dtype=torch.float16,
+                          on_cuda=bench.cuda, sms=sms, capability=cap)
+    row["plan"] = {k: v for k, v in dataclasses.asdict(plan).items() if k != "grid"}
+    row["rel_err"] = rel_err(tk.linear(x16, layer), ref)
+    row["rel_err_bf16"] = rel_err(tk.linear(xbf, layer), ref)
+    row["copies"] = len(sub.copies)
+    row["afpq_us"], e = _time(bench, [lambda L=L: tk.linear(x16, L) for L in sub.copies])
+    if e:
+        row["errors"]["afpq"] = e
+    if baselines:
+        row["afpq_bf16_us"], e = _time(bench, [lambda L=L: tk.linear(xbf, L) for L in sub.copies])
+        if e:
+            row["errors"]["afpq_bf16"] = e
+        row["fp16_us"], e = _time(bench, [lambda w=w: torch.nn.functional.linear(x16, w) for w in sub.w16])
+        if e:
+            row["errors"]["fp16"] = e
+        if sub.int4 is not None:
+            row["int4_us"], e = _time(bench, [lambda p=p: p[2](xbf, p[0], GROUP, p[1]) for p in sub.int4])
+            if e:
+                row["errors"]["int4"] = e
+        else:
+            row["int4_us"] = None
+            row["errors"]["int4"] = sub.int4_error
+        try:
+            row["torch_ref_us"] = bench.eager([lambda: torch_ref.linear(x16, layer)], reps=ref_reps)
+        except Exception as exc:  # out of memory at large M, say
+            row["torch_ref_us"] = None
+            row["errors"]["torch_ref"] = f"{type(exc).__name__}: {str(exc)[:200]}"
 
-    # Correctness first: a fast wrong kernel is not a result.
-    y = tk.linear(x16, layer).float()
-    ref = x16.float() @ layer.dequantize(torch.float32).t()
-    rel_err = ((y - ref).norm() / ref.norm()).item()
+        def ratio(a, b):
+            return a / b if a and b else None
 
-    row = {"in": K, "out": N, "M": M, "fmt": args.fmt, "mode": layer.mode, "layout": args.layout,
-           "act_order": args.act_order, "group": GROUP, "rel_err_vs_fp32": rel_err}
-    sms, cap = tk._device_info(dev)
-    plan = tk.plan_matmul(M, N, K, bits=layer.bits, layout=args.layout, group_size=GROUP, act_order=args.act_order,
-                          dtype=torch.float16, on_cuda=dev.type == "cuda", sms=sms, capability=cap)
-    row["plan"] = dataclasses.asdict(plan)
-    row["afpq_us"] = timer(lambda: tk.linear(x16, layer))
-    row["afpq_bf16_us"] = timer(lambda: tk.linear(xbf, layer))
-    row["fp16_us"] = timer(lambda: torch.nn.functional.linear(x16, w16))
-    row["int4_us"] = timer(lambda: int4_fn(xbf)) if int4_fn is not None else None
-    row["torch_ref_us"] = timer(lambda: torch_ref.linear(x16, layer), reps=max(5, args.reps // 4))
-    row["fp16_over_afpq"] = row["fp16_us"] / row["afpq_us"]
-    row["int4_over_afpq"] = row["int4_us"] / row["afpq_bf16_us"] if row["int4_us"] else None
-    row["ref_over_afpq"] = row["torch_ref_us"] / row["afpq_us"]
-    nbytes = afpq_bytes(layer, M, 2)
+        row["fp16_over_afpq"] = ratio(row["fp16_us"], row["afpq_us"])
+        row["int4_over_afpq"] = ratio(row["int4_us"], row["afpq_bf16_us"])
+        row["ref_over_afpq"] = ratio(row["torch_ref_us"], row["afpq_us"])
+    nbytes = afpq_bytes(layer, M)
     row["afpq_bytes"] = nbytes
-    row["afpq_GBps"] = nbytes / (row["afpq_us"] * 1e-6) / 1e9
-    row["fp16_GBps"] = (w16.numel() * 2 + M * (K + N) * 2) / (row["fp16_us"] * 1e-6) / 1e9
-    if args.sweep:
-        best = None
-        for cfg in sweep_configs(M):
-            try:
-                t = timer(lambda: tk.linear(x16, layer, **cfg), reps=max(10, args.reps // 3))
-            except Exception as exc:  # out of resources etc.
-                print(f"  sweep {cfg}: {type(exc).__name__}", file=sys.stderr)
-                continue
-            if best is None or t < best[0]:
-                best = (t, cfg)
-        if best:
-            row["sweep_best_us"], row["sweep_best_cfg"] = best
+    if row["afpq_us"]:
+        row["afpq_GBps"] = nbytes / (row["afpq_us"] * 1e-6) / 1e9
+        row["bw_fraction"] = row["afpq_GBps"] / copy_bw if copy_bw else None
+    row["targets"] = check_targets(row)
     return row
 
 
-def check_targets(row) -> list:
+def sweep_row(bench: Bench, tk, sub: Subject, M: int, configs: Iterable[Dict], reps: int,
+              deadline: float) -> List[Dict]:
+    """Each configuration's time (us per call) or error; stops at ``deadline`` (time.time())."""
+    torch.manual_seed(M)
+    x16 = torch.randn(M, sub.K, device=bench.device, dtype=torch.float16)
+    ref = x16.double() @ sub.layer.dequantize(torch.float32).double().t()
     out = []
-    for key, need in TARGETS.get(row["M"], {}).items():
-        got = row["fp16_over_afpq"] if key == "fp16" else row["int4_over_afpq"]
+    for cfg in configs:
+        if time.time() > deadline:
+            out.append({"cfg": cfg, "us": None, "error": "skipped: time budget"})
+            continue
+        try:
+            err = rel_err(tk.linear(x16, sub.layer, **cfg), ref)
+        except Exception as exc:
+            out.append({"cfg": cfg, "us": None, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        us, e = _time(bench, [lambda L=L: tk.linear(x16, L, **cfg) for L in sub.copies], reps)
+        out.append({"cfg": cfg, "us": us, "rel_err": err, **({"error": e} if e else {})})
+    return out
+
+
+def check_targets(row: Dict) -> List[str]:
+    out = []
+    for key, need in TARGETS.get((row["fmt"], row["M"]), {}).items():
+        got = row.get("fp16_over_afpq") if key == "fp16" else row.get("int4_over_afpq")
         if got is not None:
             out.append(f"{key}>={need}:{'PASS' if got >= need else 'MISS'}")
     return out
 
 
-def fmt_us(v):
+# -- tables -----------------------------------------------------------------------------------
+
+def _us(v):
     return "-" if v is None else f"{v:.1f}"
 
 
-def fmt_x(v):
+def _x(v):
     return "-" if v is None else f"{v:.2f}x"
+
+
+def kernel_table(rows: List[Dict]) -> str:
+    head = ("| fmt | in x out | M | plan | AFPQ fp16 us | fp16 us | fp16/AFPQ | AFPQ bf16 us | INT4 us | INT4/AFPQ "
+            "| torch ref us | AFPQ GB/s | of copy | rel err | targets |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        p = r["plan"]
+        plan = f"{p['path']} {p['block_m']}x{p['block_n']}x{p['block_r']} w{p['num_warps']} s{p['num_stages']} k{p['split_k']}"
+        bw = r.get("bw_fraction")
+        lines.append(
+            f"| {r['fmt']} | {r['in']}x{r['out']} | {r['M']} | {plan} | {_us(r.get('afpq_us'))} | {_us(r.get('fp16_us'))} "
+            f"| {_x(r.get('fp16_over_afpq'))} | {_us(r.get('afpq_bf16_us'))} | {_us(r.get('int4_us'))} "
+            f"| {_x(r.get('int4_over_afpq'))} | {_us(r.get('torch_ref_us'))} | {r.get('afpq_GBps', 0):.0f} "
+            f"| {'-' if bw is None else f'{100 * bw:.0f}%'} | {r['rel_err']:.1e} | {' '.join(r['targets']) or '-'} |")
+    return "\n".join(lines)
+
+
+def sweep_table(sweeps: List[Dict]) -> str:
+    lines = ["| fmt | in x out | M | default us | best us | best config | configs timed |", "|---|---|---|---|---|---|---|"]
+    for s in sweeps:
+        ok = [c for c in s["results"] if c.get("us")]
+        best = min(ok, key=lambda c: c["us"]) if ok else None
+        lines.append(f"| {s['fmt']} | {s['in']}x{s['out']} | {s['M']} | {_us(s.get('default_us'))} "
+                     f"| {_us(best['us'] if best else None)} | {best['cfg'] if best else '-'} | {len(ok)} |")
+    return "\n".join(lines)
+
+
+def kernels_for(dry: bool):
+    """The Triton kernels package, built for the interpreter on CPU (dry run)."""
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("unset TRITON_INTERPRET for a GPU run (the interpreter's timings mean nothing)")
+    from afpq_plugins.kernels import triton as tk
+
+    if dry and not tk.INTERPRET:
+        sys.exit("dry run: triton was imported before TRITON_INTERPRET=1 could be set")
+    if dry:  # the interpreter multiplies bf16 dot operands as raw bits: shim for this process
+        import triton_dev
+
+        global _BF16_SHIM
+        _BF16_SHIM = triton_dev.patch_interpreter_bf16()
+    return tk
+
+
+_BF16_SHIM = None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fmt", default="nf4", help="AFPQ format (default nf4, mode afpq: the paper's NF4-asym)")
-    ap.add_argument("--layout", default="gptq", choices=("gptq", "awq"))
-    ap.add_argument("--act-order", action="store_true", help="random act-order g_idx (gptq layout)")
-    ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated batch sizes M")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="in x out, comma-separated")
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--quick", action="store_true", help="first shape only, 15 repeats")
-    ap.add_argument("--sweep", action="store_true", help="also time a grid of kernel configurations")
-    ap.add_argument("--no-flush", action="store_true", help="keep L2 warm between repeats")
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "kernels.json"))
+    ap.add_argument("--fmts", default="nf4")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "out", "kernels.json"))
     args = ap.parse_args(argv)
-    if args.act_order and args.layout != "gptq":
-        ap.error("--act-order needs --layout gptq")
-    tk = _require_gpu()
-    import triton
-
-    ms = [int(m) for m in args.ms.split(",")]
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    if args.quick:
-        shapes, args.reps = shapes[:1], 15
-    timer = Timer(args.reps, flush=not args.no_flush)
-    bw = copy_bandwidth(timer)
-    props = torch.cuda.get_device_properties(0)
-    print(f"# {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}")
-    print(f"# device copy bandwidth {bw:.0f} GB/s; {args.fmt} afpq, {args.layout} layout, group {GROUP}"
-          f"{', act-order' if args.act_order else ''}; L2 {'warm' if args.no_flush else 'flushed'}; times in us\n")
-
-    rows = []
-    for K, N in shapes:
-        int4_fn = int4_baseline(K, N, torch.device(DEVICE))
-        for M in ms:
-            t0 = time.time()
-            row = bench_row(tk, timer, K, N, M, args, int4_fn)
-            row["bw_fraction"] = row["afpq_GBps"] / bw
-            row["targets"] = check_targets(row)
-            rows.append(row)
-            print(f"  {K}x{N} M={M}: afpq {row['afpq_us']:.1f} us, fp16 {row['fp16_us']:.1f} us "
-                  f"({time.time() - t0:.0f} s)", file=sys.stderr)
-        del int4_fn
-        torch.cuda.empty_cache()
-
-    head = ("| in x out | M | path | AFPQ fp16 | fp16 | fp16/AFPQ | AFPQ bf16 | INT4 | INT4/AFPQ | torch ref "
-            "| AFPQ GB/s | of copy BW | rel err | targets |")
-    print(head)
-    print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
-    for r in rows:
-        print(f"| {r['in']}x{r['out']} | {r['M']} | {r['plan']['path']} s{r['plan']['split_k']} | {fmt_us(r['afpq_us'])} "
-              f"| {fmt_us(r['fp16_us'])} | {fmt_x(r['fp16_over_afpq'])} | {fmt_us(r['afpq_bf16_us'])} "
-              f"| {fmt_us(r['int4_us'])} | {fmt_x(r['int4_over_afpq'])} | {fmt_us(r['torch_ref_us'])} "
-              f"| {r['afpq_GBps']:.0f} | {100 * r['bw_fraction']:.0f}% | {r['rel_err_vs_fp32']:.1e} "
-              f"| {' '.join(r['targets']) or '-'} |")
-    if args.sweep:
-        print("\n| in x out | M | default us | best us | best config |\n|---|---|---|---|---|")
-        for r in rows:
-            if "sweep_best_us" in r:
-                print(f"| {r['in']}x{r['out']} | {r['M']} | {r['afpq_us']:.1f} | {r['sweep_best_us']:.1f} "
-                      f"| {r['sweep_best_cfg']} |")
-    print("\nTargets: M=1: fp16/AFPQ >= 3x and INT4/AFPQ(bf16) >= 0.9x; M=2048: fp16/AFPQ >= 0.8x.")
-
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU (the CPU dry run is benchmarks/gpu_check.py --dry-run)")
+    tk = kernels_for(False)
+    bench = Bench(torch.device("cuda"), args.reps)
+    bw = copy_bandwidth(bench)
+    rows, sweeps = [], []
+    for fmt in args.fmts.split(","):
+        for K, N in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):
+            sub = build_subject(bench, K, N, fmt, True)
+            for M in (int(m) for m in args.ms.split(",")):
+                rows.append(bench_row(bench, tk, sub, M, bw, True))
+                if args.sweep:
+                    res = sweep_row(bench, tk, sub, M, sweep_configs(M, fmt, True), 10, float("inf"))
+                    sweeps.append({"fmt": fmt, "in": K, "out": N, "M": M, "default_us": rows[-1]["afpq_us"],
+                                   "results": res})
+            del sub
+            torch.cuda.empty_cache()
+    print(f"# {torch.cuda.get_device_name()}, copy {bw:.0f} GB/s\n")
+    print(kernel_table(rows))
+    if sweeps:
+        print("\n" + sweep_table(sweeps))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    meta = {
-        "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-        "triton": triton.__version__, "python": platform.python_version(), "copy_GBps": bw,
-        "l2_flushed": not args.no_flush, "reps": args.reps, "targets": {str(k): v for k, v in TARGETS.items()},
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"\nwrote {args.json}")
+    with open(args.json + ".tmp", "w") as f:
+        json.dump({"copy_GBps": bw, "rows": rows, "sweeps": sweeps}, f, indent=1)
+    os.replace(args.json + ".tmp", args.json)
     return 0
 
 

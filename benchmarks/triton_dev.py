@@ -31,13 +31,14 @@ SHARED_LIMIT = {8: 166912, 9: 232448}
 def aot_compile(
     plan, *, bits: int, layout: str, mode: str, group_size: int, K: int, has_bias: bool = True,
     dtype: torch.dtype = torch.float16, scale_dtype: torch.dtype = torch.float16,
-    capability: Tuple[int, int] = (9, 0), tk=None,
+    capability: Tuple[int, int] = (9, 0), tk=None, aligned_ints: bool = True,
 ):
     """Compile the kernel ``plan`` launches for ``sm_{capability}`` without a GPU.
 
     For contiguous operands (unit strides specialised as at run time). ``tk`` is the
     kernels package (default :mod:`afpq_plugins.kernels.triton`), built without
-    TRITON_INTERPRET. Returns Triton's compiled kernel (``.metadata.shared``, ``.asm``).
+    TRITON_INTERPRET. ``aligned_ints``: sizes and strides are multiples of 16, as for
+    LLaMA-class layers (Triton specialises on that at run time). Returns Triton's compiled kernel (``.metadata.shared``, ``.asm``).
     """
     if tk is None:
         from afpq_plugins.kernels import triton as tk
@@ -58,6 +59,7 @@ def aot_compile(
     else:
         kernel = tk.afpq_mm_kernel
         ptrs = dict(x_ptr=_TL_NAME[dtype], qw_ptr="i32", s1_ptr=st, s2_ptr=st, gidx_ptr="i32", lut_ptr="fp32",
+                    lut2_ptr="i32" if plan.use_dot else "i64",
                     bias_ptr=st, out_ptr=_TL_NAME[dtype], ws_ptr="fp32", cnt_ptr="i32")
         const = dict(stride_xk=1, stride_qn=1, stride_sn=1, stride_on=1)
         const.update(tk.mm_constexprs(plan, bits=bits, layout=layout, mode=mode, group_size=group_size, K=K,
@@ -71,6 +73,8 @@ def aot_compile(
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
+            if aligned_ints and name not in ("M", "iters_per_split"):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as Triton specialises multiples of 16 at run time
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
     return triton.compile(ASTSource(kernel, signature, const, attrs), target=target,
                           options={"num_warps": plan.num_warps, "num_stages": plan.num_stages})

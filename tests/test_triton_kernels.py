@@ -148,6 +148,13 @@ CASES = [
     ("nf4", "afpq", "gptq", 256, 40, 64, 9, torch.float16, False, True, {"split_k": 2}),
     ("fp4", "afpq", "awq", 128, 24, 64, 9, torch.bfloat16, False, True, {"split_k": 2}),
     ("nf3", "zp", "gptq", 64, 40, 16, 9, torch.float32, False, True, {"split_k": 2}),
+    # fold (group parameters applied per K-tile): forced off on CUDA cores; on tensor cores
+    # (one group per K-tile: group 128 = 16 code blocks of 8) in each mode
+    ("nf4", "afpq", "gptq", 128, 40, 32, 1, torch.float16, False, True, {"fold": False}),
+    ("nf4", "afpq", "gptq", 256, 40, 128, 5, torch.float16, False, True, {}),
+    ("fp4", "sym", "awq", 256, 40, 128, 3, torch.bfloat16, False, True, {"block_r": 16}),
+    ("int4", "zp", "gptq", 256, 40, 128, 9, torch.float16, False, False, {"split_k": 2}),
+    ("nf4", "afpq", "gptq", 256, 40, 128, 1, torch.bfloat16, False, True, {"block_m": 16, "path": "gemv"}),
     # M = 17: tiled GEMM
     ("nf4", "afpq", "gptq", 128, 72, 32, 17, torch.float16, False, True, {}),
     ("nf4", "afpq", "gptq", 128, 40, 32, 17, torch.bfloat16, True, True, {}),
@@ -186,6 +193,10 @@ def test_matmul_matches_references(tk, case):
         layout=layout, mode=mode, group_size=gs, g_idx=layer.g_idx, bias=layer.bias, out=out, **kw,
     )
     assert y is out and y.dtype == dtype and y.shape == (M, N)
+    if gs == 128 and K == 256 and (M > 1 or kw.get("block_m") == 16):
+        plan = tk.plan_matmul(M, N, K, bits=layer.bits, layout=layout, group_size=gs, dtype=dtype, on_cuda=False,
+                              sms=4, **{k: v for k, v in kw.items()})
+        assert plan.fold and plan.use_dot, plan  # the tensor-core fold is what this case checks
     ref = _ref64(x, layer)
     _assert_close(y, ref, dtype, "vs float64")
     _assert_close(y, torch_ref.linear(x, layer).double(), dtype, "vs torch_ref")

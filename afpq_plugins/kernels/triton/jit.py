@@ -128,17 +128,94 @@ def _weight_slice(
 # --------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _folded_tile(
+    w0, w1, w2, p1, p2, lut2_ptr, x_row, offs_r, offs_n, r_mask, stride_xk,
+    AWQ: tl.constexpr, BITS: tl.constexpr, CPB: tl.constexpr, MODE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One K-tile of a single-row GEMV with the group parameters applied once per tile.
+
+    ``lut2`` holds, per code, two float32 bit patterns in one int64 (one gather): afpq
+    ``(max(v, 0), min(v, 0))``, sym ``(v, 0)``, zp ``(v, 1)``. The tile's sums ``tp = sum x
+    * lo`` and ``tn = sum x * hi`` over the code positions of each code block are scaled at
+    the end: afpq ``tp * s_pos + tn * s_neg``, sym ``tp * s``, zp ``(tp - tn * z) * s`` --
+    the same products as decoding each weight, a few float32 roundings apart, for about
+    half the instructions per weight. Needs group parameters constant per code block
+    (GROUP_MODE 0 or 1).
+    """
+    tp = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+    tn = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+    for j in tl.static_range(CPB):
+        if AWQ:
+            shift = (((offs_n % 8) // 2) + (offs_n % 2) * 4) * 4
+            code = (w0 >> shift[None, :]) & 0xF
+        else:
+            code = _gptq_code(w0, w1, w2, j, BITS)
+        e = tl.load(lut2_ptr + code)
+        lo = e.to(tl.int32).to(tl.float32, bitcast=True)
+        hi = (e >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        xk = tl.load(x_row + (offs_r * CPB + j) * stride_xk, mask=r_mask, other=0.0).to(tl.float32)
+        tp += xk[:, None] * lo
+        if MODE != 1:
+            tn += xk[:, None] * hi
+    if MODE == 0:
+        return tp * p1 + tn * p2
+    elif MODE == 1:
+        return tp * p1
+    else:
+        return (tp - tn * p2) * p1
+
+
+@triton.jit
+def _folded_dot_tile(
+    w0, w1, w2, p1, p2, lut2_ptr, x_ptr, rows, m_mask, offs_r, offs_n, r_mask, stride_xm, stride_xk,
+    AWQ: tl.constexpr, BITS: tl.constexpr, CPB: tl.constexpr, MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One K-tile on tensor cores with the group parameters applied once per tile
+    (GROUP_MODE 0: one group per tile). ``lut2`` holds per code two 16-bit values in the
+    activation dtype in one int32 (low half as :func:`_folded_tile`'s ``lo``, high half
+    ``hi``): no per-weight scale select or multiply, two products per K-tile instead."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    tp = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    tn = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for j in tl.static_range(CPB):
+        if AWQ:
+            shift = (((offs_n % 8) // 2) + (offs_n % 2) * 4) * 4
+            code = (w0 >> shift[None, :]) & 0xF
+        else:
+            code = _gptq_code(w0, w1, w2, j, BITS)
+        e = tl.load(lut2_ptr + code)
+        xk = tl.load(x_ptr + rows[:, None] * stride_xm + (offs_r * CPB + j)[None, :] * stride_xk,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        tp = tl.dot(xk, e.to(tl.int16).to(DT, bitcast=True), tp)
+        if MODE != 1:
+            tn = tl.dot(xk, (e >> 16).to(tl.int16).to(DT, bitcast=True), tn)
+    if MODE == 0:
+        return tp * p1 + tn * p2
+    elif MODE == 1:
+        return tp * p1
+    else:
+        return (tp - tn * p2) * p1
+
+
 @triton.jit(do_not_specialize=["iters_per_split"])
 def afpq_mm_kernel(
-    x_ptr, qw_ptr, s1_ptr, s2_ptr, gidx_ptr, lut_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qw_ptr, s1_ptr, s2_ptr, gidx_ptr, lut_ptr, lut2_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, R, iters_per_split,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on,
     AWQ: tl.constexpr, BITS: tl.constexpr, CPB: tl.constexpr, WPB: tl.constexpr,
     MODE: tl.constexpr, GROUP_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
+    FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out = x @ W.T (+ bias)``. Grid ``(tiles, splits)``.
+
+    ``FOLD``: the group parameters are applied per K-tile instead of per weight, on CUDA
+    cores (``BLOCK_M == 1``, GROUP_MODE 0/1: :func:`_folded_tile` into a ``[BLOCK_R,
+    BLOCK_N]`` accumulator) or tensor cores (GROUP_MODE 0: :func:`_folded_dot_tile`).
 
     With ``ATOMIC`` (split-K) every split adds its float32 partial tile into the zeroed
     workspace ``ws`` (``[M, N]`` contiguous) and bumps the tile's counter in ``cnt``; the
@@ -165,8 +242,11 @@ def afpq_mm_kernel(
 
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    elif FOLD:
+        acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), tl.float32)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm  # FOLD: the one row of this program
 
     n_iters = tl.cdiv(R, BLOCK_R)
     it_lo = pid_k * iters_per_split
@@ -179,23 +259,32 @@ def afpq_mm_kernel(
             stride_qk, stride_qn, stride_sg, stride_sn,
             AWQ, CPB, WPB, MODE, GROUP_MODE, GROUP_SIZE, BLOCK_R,
         )
-        for j in tl.static_range(CPB):
-            w, k = _weight_slice(
-                w0, w1, w2, p1, p2, lut_ptr, gidx_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
-                stride_sg, stride_sn, j, AWQ, BITS, CPB, MODE, GROUP_MODE,
-            )
-            xk = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            if USE_DOT:
-                if IEEE:
-                    acc = tl.dot(xk, w, acc, input_precision="ieee")
+        if FOLD and USE_DOT:
+            acc += _folded_dot_tile(w0, w1, w2, p1, p2, lut2_ptr, x_ptr, rows, m_mask, offs_r, offs_n, r_mask,
+                                    stride_xm, stride_xk, AWQ, BITS, CPB, MODE, BLOCK_M, BLOCK_R, BLOCK_N)
+        elif FOLD:
+            acc += _folded_tile(w0, w1, w2, p1, p2, lut2_ptr, x_row, offs_r, offs_n, r_mask, stride_xk,
+                                AWQ, BITS, CPB, MODE, BLOCK_R, BLOCK_N)
+        else:
+            for j in tl.static_range(CPB):
+                w, k = _weight_slice(
+                    w0, w1, w2, p1, p2, lut_ptr, gidx_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
+                    stride_sg, stride_sn, j, AWQ, BITS, CPB, MODE, GROUP_MODE,
+                )
+                xk = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                if USE_DOT:
+                    if IEEE:
+                        acc = tl.dot(xk, w, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(xk, w.to(xk.dtype), acc)
                 else:
-                    acc = tl.dot(xk, w.to(xk.dtype), acc)
-            else:
-                acc += xk.to(tl.float32)[:, :, None] * w[None, :, :]
+                    acc += xk.to(tl.float32)[:, :, None] * w[None, :, :]
 
     if USE_DOT:
         res = acc
+    elif FOLD:
+        res = tl.sum(acc, axis=0)[None, :]
     else:
         res = tl.sum(acc, axis=1)
     o_mask = m_mask[:, None] & n_mask[None, :]

@@ -73,6 +73,34 @@ def _launch(kernel, grid, *args, **kwargs):
 _WORKSPACES: Dict[Tuple[torch.device, int], List[Tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
 
 
+# (lut pointer, mode, device) -> (lut kept alive, its version, lut2)
+_LUT2: Dict[tuple, Tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+
+def _lut2(lut: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
+    """The folded GEMV's table, built on the device from ``lut`` and cached: per code two
+    values, float32 bit patterns in one int64 (``dtype`` float32, ``jit._folded_tile``) or
+    fp16/bf16 ones in one int32 (``jit._folded_dot_tile``)."""
+    key = (lut.data_ptr(), mode, lut.device, dtype)
+    hit = _LUT2.get(key)
+    if hit is not None and hit[1] == lut._version:
+        return hit[2]
+    if lut.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("AFPQ Triton GEMV: run the layer once eagerly before capturing a CUDA graph (warm-up)")
+    v = lut.float()
+    zero = torch.zeros_like(v)
+    if mode == "afpq":
+        lo, hi = torch.where(v > 0, v, zero), torch.where(v > 0, zero, v)
+    elif mode == "sym":
+        lo, hi = v, zero
+    else:
+        lo, hi = v, torch.ones_like(v)
+    pair = torch.stack([lo, hi], -1).to(dtype).contiguous()
+    lut2 = pair.view(torch.int64 if dtype == torch.float32 else torch.int32).reshape(-1)
+    _LUT2[key] = (lut, lut._version, lut2)
+    return lut2
+
+
 def _gemv_workspace(device: torch.device, M: int, N: int, tiles: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Zeroed float32 ``[M, N]`` workspace and ``tiles`` int32 counters for split-K GEMVs.
 
@@ -213,6 +241,7 @@ def afpq_matmul(
             return torch.addmm(bias.to(x.dtype), x, w_t, out=out)
         return torch.mm(x, w_t, out=out)
 
+    lut2 = _lut2(lut, mode, x.dtype if plan.use_dot else torch.float32) if plan.fold else lut
     tiles = plan.grid[0]
     if not plan.atomic:
         ws = cnt = out  # stand-ins, never read
@@ -228,7 +257,7 @@ def afpq_matmul(
     gidx = qweight if gidx is None else gidx
     _launch(
         afpq_mm_kernel, plan.grid,
-        x, qweight, scales, s2, gidx, lut, b, out, ws, cnt,
+        x, qweight, scales, s2, gidx, lut, lut2, b, out, ws, cnt,
         M, N, K // geometry(bits, layout)[0], plan.iters_per_split,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),

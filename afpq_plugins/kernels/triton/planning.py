@@ -77,6 +77,7 @@ class MatmulPlan:
     num_warps: int
     num_stages: int
     grid: Tuple[int, int]
+    fold: bool = False  # single-row GEMV with the group parameters applied per K-tile
 
     @property
     def atomic(self) -> bool:
@@ -90,6 +91,7 @@ def plan_matmul(
     capability: Tuple[int, int] = (9, 0),
     block_m: Optional[int] = None, block_n: Optional[int] = None, block_r: Optional[int] = None,
     split_k: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+    fold: Optional[bool] = None,
 ) -> MatmulPlan:
     """Choose path, tiles and split-K for an ``[M, K] x [K, N]`` product (keywords override).
 
@@ -165,8 +167,13 @@ def plan_matmul(
     split_k = max(1, min(int(split_k), n_iters))
     per_split = triton.cdiv(n_iters, split_k)
     split_k = triton.cdiv(n_iters, per_split)  # no empty splits
-    return MatmulPlan(path, bm, bn, br, use_dot, group_mode(gs, cpb, br, act_order), split_k, per_split,
-                      warps, stages, (tiles, split_k))
+    gmode = group_mode(gs, cpb, br, act_order)
+    can_fold = path == "gemv" and (gmode == 0 and dtype != torch.float32 if use_dot else bm == 1 and gmode != 2)
+    if fold and not can_fold:
+        raise ValueError("fold needs the gemv path, no act-order, and on tensor cores fp16/bf16 activations with "
+                         "one group per K-tile (block_r * codes per block dividing the group size)")
+    fold = can_fold if fold is None else fold
+    return MatmulPlan(path, bm, bn, br, use_dot, gmode, split_k, per_split, warps, stages, (tiles, split_k), fold)
 
 
 def mm_constexprs(plan: MatmulPlan, *, bits: int, layout: str, mode: str, group_size: int, K: int,
@@ -176,7 +183,7 @@ def mm_constexprs(plan: MatmulPlan, *, bits: int, layout: str, mode: str, group_
     return dict(
         AWQ=layout == "awq", BITS=bits, CPB=cpb, WPB=wpb, MODE=MODE_ID[mode], GROUP_MODE=plan.group_mode,
         GROUP_SIZE=K if group_size == -1 else group_size, HAS_BIAS=has_bias, USE_DOT=plan.use_dot,
-        IEEE=dtype == torch.float32, ATOMIC=plan.atomic, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        IEEE=dtype == torch.float32, ATOMIC=plan.atomic, FOLD=plan.fold, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_R=plan.block_r, GROUP_M=8,
     )
 
