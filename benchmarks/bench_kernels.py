@@ -197,12 +197,24 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def sweep_configs(M: int, fmt: str, cuda: bool) -> List[Dict]:
-    """Kernel configurations timed by --sweep (keyword overrides of ``linear``)."""
+def sweep_configs(M: int, fmt: str, cuda: bool, full: bool = False) -> List[Dict]:
+    """Kernel configurations timed by the sweep (keyword overrides of ``linear``): around
+    the planner's choice by default, the wide grid the defaults were tuned from with ``full``."""
     cpb = 32 if fmt.endswith("3") else 8  # codes per block along K (gptq)
     if not cuda:  # dry run: two configurations, enough to exercise the plumbing
         return [{"path": "gemv" if M <= 16 else "gemm", "block_n": 32, "split_k": 2},
                 {"path": "gemv" if M <= 16 else "gemm", "block_n": 64, "split_k": 1}]
+    if not full:
+        if M == 1 and cpb == 8:
+            return [{}, {"prefetch": False}, {"block_n": 32}, {"block_n": 64}, {"block_n": 32, "prefetch": False},
+                    {"block_n": 64, "prefetch": False}, {"split_k": 1}, {"num_warps": 8}, {"block_r": 32},
+                    {"path": "gemv", "block_m": 16}]
+        if M == 1:
+            return [{}, {"prefetch": False}, {"block_n": 64}, {"split_k": 8}]
+        if M <= 16:
+            return [{}, {"path": "gemv"}, {"path": "gemv", "num_warps": 8}, {"path": "gemv", "block_n": 64},
+                    {"path": "gemv", "num_stages": 3}, {"path": "gemv", "fold": False}, {"path": "gemv", "split_k": 1}]
+        return [{}, {"path": "gemm"}, {"path": "gemm", "block_m": 64}, {"path": "gemm", "block_m": 128}]
     out = []
     if M == 1 and cpb == 8:
         for bn, br, w, s, split in itertools.product((32, 64, 128), (16, 32, 64), (4, 8), (1, 3), (None, 1)):

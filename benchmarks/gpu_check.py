@@ -17,8 +17,8 @@ tables) and ``gpu_check.log``. Steps, within ``--budget`` seconds overall:
    kernel and the torch reference, with achieved bandwidth against a measured copy;
 3. ``bench_decode``: 8 LLaMA-2-7B-shaped decoder layers, batch 1, 128-token prompt, 128
    new tokens, fp16 vs AFPQ nf4 g128 vs INT4, eager and CUDA graphs;
-4. ``--sweep`` (default on a GPU): a grid of kernel configurations per row, until the
-   budget runs out, to tune the planner.
+4. a sweep (unless ``--no-sweep``): variations around the planner's choice per row
+   (``--full-sweep``: the wide grid the defaults were tuned from), until the budget runs out.
 
 Partial results are written after every step, so a run stopped by a time limit still
 leaves its figures. The dry run executes the same code on tiny shapes with the
@@ -100,7 +100,7 @@ def start_tests(dry: bool, workers: int, log_path: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 
-def plan_items(dry: bool, sweep: bool) -> List[Dict]:
+def plan_items(dry: bool, sweep: bool, full: bool = False) -> List[Dict]:
     """Every (fmt, shape, M, activation dtype, config) the timing steps call."""
     import bench_kernels as bk
 
@@ -118,7 +118,7 @@ def plan_items(dry: bool, sweep: bool) -> List[Dict]:
     if sweep:
         for K, N in shapes:
             for fmt, M in sweep_rows(dry):
-                for cfg in bk.sweep_configs(M, fmt, not dry):
+                for cfg in bk.sweep_configs(M, fmt, not dry, full):
                     items.append({"fmt": fmt, "K": K, "N": N, "M": M, "dt": "fp16", "cfg": cfg})
     return items
 
@@ -131,10 +131,10 @@ def other_ms(dry: bool):
 def sweep_rows(dry: bool):
     if dry:
         return [("nf4", 1)]
-    return [("nf4", 1), ("nf4", 16), ("nf4", 2048), ("nf3", 1), ("fp4", 1), ("nf4", 128)]
+    return [("nf4", 1), ("nf4", 4), ("nf4", 16), ("nf3", 1), ("nf4", 128)]
 
 
-def warm_worker(index: int, count: int, dry: bool, sweep: bool) -> int:
+def warm_worker(index: int, count: int, dry: bool, sweep: bool, full: bool = False) -> int:
     """Compile (by calling once) every item ``index::count`` into Triton's cache."""
     import torch
     import bench_kernels as bk
@@ -143,7 +143,7 @@ def warm_worker(index: int, count: int, dry: bool, sweep: bool) -> int:
     tk = bk.kernels_for(dry)
     dev = torch.device("cpu" if dry else "cuda")
     # Items that compile the same kernel (shape aside) go to the same worker.
-    everything = plan_items(dry, sweep)
+    everything = plan_items(dry, sweep, full)
     keys = sorted({json.dumps([it["fmt"], it["M"], it["dt"], it["cfg"]], sort_keys=True) for it in everything})
     mine = set(keys[index::count])
     items = [it for it in everything if json.dumps([it["fmt"], it["M"], it["dt"], it["cfg"]], sort_keys=True) in mine]
@@ -166,11 +166,12 @@ def warm_worker(index: int, count: int, dry: bool, sweep: bool) -> int:
     return 0
 
 
-def start_workers(n: int, dry: bool, sweep: bool, log_path: str) -> List[subprocess.Popen]:
+def start_workers(n: int, dry: bool, sweep: bool, full: bool, log_path: str) -> List[subprocess.Popen]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     out = open(log_path, "w")
     return [subprocess.Popen([sys.executable, __file__, "--warm", f"{i}/{n}"] + (["--dry-run"] if dry else [])
-                             + ([] if sweep else ["--no-sweep"]), cwd=ROOT, env=env, stdout=out,
+                             + ([] if sweep else ["--no-sweep"]) + (["--full-sweep"] if full else []),
+                             cwd=ROOT, env=env, stdout=out,
                              stderr=subprocess.STDOUT) for i in range(n)]
 
 
@@ -266,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "out", "gpu_check"))
     ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run (sweeps stop first)")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--full-sweep", action="store_true", help="the wide tuning grid (minutes) instead of "
+                    "variations around the planner's choices")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--workers", type=int, default=0, help="compile workers (default: CPUs - 6, at most 10)")
     ap.add_argument("--reps", type=int, default=0)
@@ -275,7 +278,7 @@ def main(argv=None) -> int:
     sweep = not args.no_sweep
     if args.warm:
         i, n = (int(v) for v in args.warm.split("/"))
-        return warm_worker(i, n, dry, sweep)
+        return warm_worker(i, n, dry, sweep, args.full_sweep)
 
     t_start = time.time()
     deadline = t_start + args.budget
@@ -302,19 +305,19 @@ def main(argv=None) -> int:
 
     # 1. tests and compile workers, side by side
     ncpu = os.cpu_count() or 2
-    nw = args.workers or (0 if dry else max(1, min(10, ncpu - 6)))
+    nw = args.workers or (0 if dry else max(1, min(6, ncpu - 10)))
     test_log, warm_log = os.path.join(args.out, "tests.log"), os.path.join(args.out, "warm.log")
-    tests = None if args.skip_tests else start_tests(dry, 0 if dry else max(2, min(6, ncpu // 3)), test_log)
-    workers = start_workers(nw, dry, sweep, warm_log) if nw else []
+    tests = None if args.skip_tests else start_tests(dry, 0 if dry else max(2, min(8, ncpu // 2)), test_log)
+    workers = start_workers(nw, dry, sweep, args.full_sweep, warm_log) if nw else []
     for w in workers:
         try:
-            w.wait(timeout=max(10.0, deadline - 200 - time.time()))
+            w.wait(timeout=max(10.0, deadline - 170 - time.time()))
         except subprocess.TimeoutExpired:
             w.kill()
     log(f"compile workers done ({nw}) at {time.time() - t_start:.0f} s")
     if tests is not None:
         try:
-            tests.wait(timeout=max(10.0, deadline - 180 - time.time()))
+            tests.wait(timeout=max(10.0, deadline - 120 - time.time()))
         except subprocess.TimeoutExpired:
             tests.kill()
             tests.wait()
@@ -375,10 +378,10 @@ def main(argv=None) -> int:
                     sub.copies += [_copy.deepcopy(sub.layer) for _ in range(bench.copies(bk.afpq_bytes(sub.layer, 0)) - 1)]
                 default = next((r.get("afpq_us") for r in result["kernels"]["rows"]
                                 if (r["fmt"], r["in"], r["out"], r["M"]) == (fmt, K, N, M)), None)
-                cfgs = bk.sweep_configs(M, fmt, not dry)
+                cfgs = bk.sweep_configs(M, fmt, not dry, args.full_sweep)
                 res = bk.sweep_row(bench, tk, sub, M, cfgs, 1 if dry else 10, deadline - 25)
                 ok = [c for c in res if c.get("us")]
-                if ok and M <= 16 and not dry and time.time() < deadline - 40:  # split-K variants of the best tile
+                if ok and M <= 16 and args.full_sweep and time.time() < deadline - 40:  # split-K variants of the best
                     best = min(ok, key=lambda c: c["us"])["cfg"]
                     res += bk.sweep_row(bench, tk, sub, M, bk.split_configs(best), 2 if dry else 10, deadline - 25)
                 result["sweeps"].append({"fmt": fmt, "in": K, "out": N, "M": M, "default_us": default, "results": res})

@@ -151,6 +151,10 @@ CASES = [
     # fold (group parameters applied per K-tile): forced off on CUDA cores; on tensor cores
     # (one group per K-tile: group 128 = 16 code blocks of 8) in each mode
     ("nf4", "afpq", "gptq", 128, 40, 32, 1, torch.float16, False, True, {"fold": False}),
+    # folded CUDA-core GEMV with the next K-tile prefetched: several K-tiles per split, both group modes
+    ("nf4", "afpq", "gptq", 512, 40, 128, 1, torch.float16, False, True, {"split_k": 2}),
+    ("fp4", "zp", "gptq", 256, 40, 32, 1, torch.bfloat16, False, True, {"split_k": 1}),
+    ("nf4", "sym", "gptq", 512, 40, 128, 1, torch.float16, False, True, {"split_k": 1, "prefetch": False}),
     ("nf4", "afpq", "gptq", 256, 40, 128, 5, torch.float16, False, True, {}),
     ("fp4", "sym", "awq", 256, 40, 128, 3, torch.bfloat16, False, True, {"block_r": 16}),
     ("int4", "zp", "gptq", 256, 40, 128, 9, torch.float16, False, False, {"split_k": 2}),
@@ -348,16 +352,18 @@ for M, K, N, bits, layout, mode, act, dtype, cap, path in json.loads(sys.argv[1]
 print(json.dumps(results))
 """
 
-# The plans afpq_matmul picks for LLaMA-sized layers, compiled down to cubins.
+# Plans for LLaMA-sized layers (the planner's auto choice, and each fused path forced),
+# compiled down to cubins.
 _AOT_CASES = [
     (1, 4096, 4096, 4, "gptq", "afpq", False, "fp16", (9, 0), "auto"),      # gemv, CUDA cores, split-K
-    (16, 4096, 4096, 4, "gptq", "afpq", False, "bf16", (9, 0), "auto"),     # gemv, tensor cores, split-K
-    (128, 4096, 11008, 4, "gptq", "afpq", True, "fp16", (9, 0), "auto"),    # gemm, act-order
-    (512, 5120, 13824, 4, "awq", "zp", False, "bf16", (9, 0), "auto"),      # gemm, awq
+    (16, 4096, 4096, 4, "gptq", "afpq", False, "bf16", (9, 0), "gemv"),     # gemv, tensor cores, split-K
+    (128, 4096, 11008, 4, "gptq", "afpq", True, "fp16", (9, 0), "gemm"),    # gemm, act-order
+    (512, 5120, 13824, 4, "awq", "zp", False, "bf16", (9, 0), "gemm"),      # gemm, awq
     (1, 4096, 4096, 3, "gptq", "afpq", False, "fp16", (9, 0), "auto"),      # 3-bit gemv (spills)
-    (64, 4096, 4096, 4, "gptq", "sym", False, "fp32", (9, 0), "auto"),      # fp32, ieee dot
+    (64, 4096, 4096, 4, "gptq", "sym", False, "fp32", (9, 0), "gemm"),      # fp32, ieee dot
     (2048, 4096, 4096, 4, "gptq", "afpq", False, "fp16", (9, 0), "auto"),   # dequant kernel
-    (256, 4096, 4096, 4, "gptq", "afpq", False, "bf16", (8, 0), "auto"),    # A100
+    (256, 4096, 4096, 4, "gptq", "afpq", False, "bf16", (8, 0), "gemm"),    # A100
+    (16, 4096, 4096, 4, "gptq", "afpq", False, "bf16", (9, 0), "auto"),     # dequant from M = 2 on CUDA
 ]
 
 
@@ -383,7 +389,7 @@ def test_compiled_path_builds_for_sm90_and_sm80():
     for case, (path, use_dot, atomic, shared, limit, cubin) in zip(_AOT_CASES, results):
         assert cubin > 0, case
         assert shared <= limit, f"{case}: {shared} bytes of shared memory > {limit}"
-    assert [r[0] for r in results] == ["gemv", "gemv", "gemm", "gemm", "gemv", "gemm", "dequant", "gemm"]
+    assert [r[0] for r in results] == ["gemv", "gemv", "gemm", "gemm", "gemv", "gemm", "dequant", "gemm", "dequant"]
     assert [r[1] for r in results[:2]] == [False, True] and results[0][2]  # M=1: CUDA cores, split-K
 
 
@@ -416,8 +422,12 @@ def test_compiled_on_cuda(M, fmt, mode, layout, gs, act):
         out = torch.full((M, 328), float("nan"), device="cuda", dtype=dtype)
         real.afpq_matmul(x, layer.qweight, layer.scales, layer.second, lut, bias=layer.bias, out=out, **kw)
         _assert_close(out, ref, dtype, f"compiled afpq_matmul, poisoned out, {dtype}")
-        if M <= 16:
-            _assert_close(real.linear(x, layer, split_k=1), ref, dtype, f"compiled, no split, {dtype}")
+        if M <= 16:  # the fused GEMV (auto from M = 2 on CUDA is dequant + cuBLAS)
+            _assert_close(real.linear(x, layer, path="gemv"), ref, dtype, f"compiled gemv, {dtype}")
+            _assert_close(real.linear(x, layer, path="gemv", split_k=1), ref, dtype, f"compiled, no split, {dtype}")
         if M >= 17:
             _assert_close(real.linear(x, layer, path="gemm"), ref, dtype, f"compiled fused gemm, {dtype}")
+        for _ in range(3):  # split-K hand-over between programs: a race would show as a moving error
+            _assert_close(real.linear(x, layer, path="gemv" if M <= 16 else "gemm", split_k=4), ref, dtype,
+                          f"compiled split-K x4 repeated, {dtype}")
     assert torch.equal(real.dequantize_layer(layer, torch.float32), layer.dequantize(torch.float32).t())

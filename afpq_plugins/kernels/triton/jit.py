@@ -129,6 +129,15 @@ def _weight_slice(
 
 
 @triton.jit
+def _fence(x):
+    """``fence.acq_rel.gpu`` in every thread that holds an element of ``x`` (returned
+    unchanged): orders this thread's earlier global writes and atomics before, and its
+    later reads after, the split-K counter's release/acquire (CUDA only)."""
+    return tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _folded_tile(
     w0, w1, w2, p1, p2, lut2_ptr, x_row, offs_r, offs_n, r_mask, stride_xk,
     AWQ: tl.constexpr, BITS: tl.constexpr, CPB: tl.constexpr, MODE: tl.constexpr,
@@ -208,7 +217,7 @@ def afpq_mm_kernel(
     AWQ: tl.constexpr, BITS: tl.constexpr, CPB: tl.constexpr, WPB: tl.constexpr,
     MODE: tl.constexpr, GROUP_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
-    FOLD: tl.constexpr,
+    FOLD: tl.constexpr, FENCE: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out = x @ W.T (+ bias)``. Grid ``(tiles, splits)``.
@@ -216,12 +225,18 @@ def afpq_mm_kernel(
     ``FOLD``: the group parameters are applied per K-tile instead of per weight, on CUDA
     cores (``BLOCK_M == 1``, GROUP_MODE 0/1: :func:`_folded_tile` into a ``[BLOCK_R,
     BLOCK_N]`` accumulator) or tensor cores (GROUP_MODE 0: :func:`_folded_dot_tile`).
+    ``PREFETCH`` (folded CUDA-core GEMV only): software pipelining by hand, the next
+    K-tile's words and parameters are loaded before this one is decoded (Triton's own
+    pipeliner leaves loops without ``tl.dot`` alone).
 
     With ``ATOMIC`` (split-K) every split adds its float32 partial tile into the zeroed
     workspace ``ws`` (``[M, N]`` contiguous) and bumps the tile's counter in ``cnt``; the
     last split of a tile reads the sum, writes ``out`` and leaves the workspace and the
     counter zeroed again, so one launch does everything and the buffers can be reused by
-    the next launch (no memset, no copy kernel; capturable in a CUDA graph).
+    the next launch (no memset, no copy kernel; capturable in a CUDA graph). ``FENCE``
+    (compiled kernels; the interpreter runs programs one by one) puts a gpu-scope fence
+    in every thread around that hand-over: a CTA barrier alone does not wait for other
+    threads' atomics to be performed (without it, seen on an H200: wrong sums).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -251,35 +266,55 @@ def afpq_mm_kernel(
     n_iters = tl.cdiv(R, BLOCK_R)
     it_lo = pid_k * iters_per_split
     it_hi = tl.minimum(it_lo + iters_per_split, n_iters)
-    for it in range(it_lo, it_hi):
-        offs_r = it * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
+    if PREFETCH:  # folded CUDA-core GEMV, next K-tile's words and parameters loaded ahead
+        offs_r = it_lo * BLOCK_R + tl.arange(0, BLOCK_R)
         w0, w1, w2, p1, p2 = _load_block(
-            it, qw_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
+            it_lo, qw_ptr, s1_ptr, s2_ptr, offs_r, offs_n, offs_r < R, n_mask,
             stride_qk, stride_qn, stride_sg, stride_sn,
             AWQ, CPB, WPB, MODE, GROUP_MODE, GROUP_SIZE, BLOCK_R,
         )
-        if FOLD and USE_DOT:
-            acc += _folded_dot_tile(w0, w1, w2, p1, p2, lut2_ptr, x_ptr, rows, m_mask, offs_r, offs_n, r_mask,
-                                    stride_xm, stride_xk, AWQ, BITS, CPB, MODE, BLOCK_M, BLOCK_R, BLOCK_N)
-        elif FOLD:
-            acc += _folded_tile(w0, w1, w2, p1, p2, lut2_ptr, x_row, offs_r, offs_n, r_mask, stride_xk,
+        for it in range(it_lo, it_hi):
+            offs_r = it * BLOCK_R + tl.arange(0, BLOCK_R)
+            nxt_r = offs_r + BLOCK_R
+            n0, n1, n2, q1, q2 = _load_block(
+                it + 1, qw_ptr, s1_ptr, s2_ptr, nxt_r, offs_n, nxt_r < R, n_mask & (offs_n * 0 + it + 1 < it_hi),
+                stride_qk, stride_qn, stride_sg, stride_sn,
+                AWQ, CPB, WPB, MODE, GROUP_MODE, GROUP_SIZE, BLOCK_R,
+            )
+            acc += _folded_tile(w0, w1, w2, p1, p2, lut2_ptr, x_row, offs_r, offs_n, offs_r < R, stride_xk,
                                 AWQ, BITS, CPB, MODE, BLOCK_R, BLOCK_N)
-        else:
-            for j in tl.static_range(CPB):
-                w, k = _weight_slice(
-                    w0, w1, w2, p1, p2, lut_ptr, gidx_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
-                    stride_sg, stride_sn, j, AWQ, BITS, CPB, MODE, GROUP_MODE,
-                )
-                xk = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                if USE_DOT:
-                    if IEEE:
-                        acc = tl.dot(xk, w, acc, input_precision="ieee")
+            w0, w1, w2, p1, p2 = n0, n1, n2, q1, q2
+    else:
+        for it in range(it_lo, it_hi):
+            offs_r = it * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < R
+            w0, w1, w2, p1, p2 = _load_block(
+                it, qw_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
+                stride_qk, stride_qn, stride_sg, stride_sn,
+                AWQ, CPB, WPB, MODE, GROUP_MODE, GROUP_SIZE, BLOCK_R,
+            )
+            if FOLD and USE_DOT:
+                acc += _folded_dot_tile(w0, w1, w2, p1, p2, lut2_ptr, x_ptr, rows, m_mask, offs_r, offs_n, r_mask,
+                                        stride_xm, stride_xk, AWQ, BITS, CPB, MODE, BLOCK_M, BLOCK_R, BLOCK_N)
+            elif FOLD:
+                acc += _folded_tile(w0, w1, w2, p1, p2, lut2_ptr, x_row, offs_r, offs_n, r_mask, stride_xk,
+                                    AWQ, BITS, CPB, MODE, BLOCK_R, BLOCK_N)
+            else:
+                for j in tl.static_range(CPB):
+                    w, k = _weight_slice(
+                        w0, w1, w2, p1, p2, lut_ptr, gidx_ptr, s1_ptr, s2_ptr, offs_r, offs_n, r_mask, n_mask,
+                        stride_sg, stride_sn, j, AWQ, BITS, CPB, MODE, GROUP_MODE,
+                    )
+                    xk = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                                 mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                    if USE_DOT:
+                        if IEEE:
+                            acc = tl.dot(xk, w, acc, input_precision="ieee")
+                        else:
+                            acc = tl.dot(xk, w.to(xk.dtype), acc)
                     else:
-                        acc = tl.dot(xk, w.to(xk.dtype), acc)
-                else:
-                    acc += xk.to(tl.float32)[:, :, None] * w[None, :, :]
+                        acc += xk.to(tl.float32)[:, :, None] * w[None, :, :]
+
 
     if USE_DOT:
         res = acc
@@ -292,9 +327,13 @@ def afpq_mm_kernel(
     if ATOMIC:
         ws_ptrs = ws_ptr + rows[:, None] * N + offs_n[None, :]
         tl.atomic_add(ws_ptrs, res, mask=o_mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial sums are in before the counter moves
+        if FENCE:  # each thread's partial sums are performed before the counter moves
+            res = _fence(res)
+        tl.debug_barrier()
         done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
         if done == tl.num_programs(1) - 1:  # the last split of this tile: finish it
+            if FENCE:
+                res = _fence(res)
             tot = tl.load(ws_ptrs, mask=o_mask, other=0.0, cache_modifier=".cg")
             tl.store(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), mask=o_mask)
             tl.store(cnt_ptr + pid, 0)

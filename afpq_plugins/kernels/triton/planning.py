@@ -14,16 +14,19 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from .jit import MODE_ID
+from .jit import INTERPRET, MODE_ID
 
 __all__ = ["PATHS", "GEMV_MAX_M", "DEQUANT_MIN_M", "MatmulPlan", "plan_matmul", "mm_constexprs",
            "geometry", "group_mode", "device_info"]
 
 PATHS = ("auto", "gemv", "gemm", "dequant")
-#: Largest M served by the split-K GEMV path.
+#: Largest M served by the split-K GEMV path (without CUDA: the interpreter).
 GEMV_MAX_M = 16
-#: Smallest M for which "auto" dequantizes once and calls cuBLAS (CUDA only).
-DEQUANT_MIN_M = 1024
+#: Smallest M for which "auto" dequantizes once and calls cuBLAS (CUDA only). Measured on
+#: an H200 (benchmarks/RESULTS.md, GPU): from M = 2 on, writing ``W.T`` once and calling
+#: cuBLAS beat the fused tensor-core kernels at every LLaMA shape (M = 4/16: 1.1-1.9x;
+#: M = 128: 4-16x), the fused kernels being bound by the per-weight decode instructions.
+DEQUANT_MIN_M = 2
 
 
 def geometry(bits: int, layout: str) -> Tuple[int, int]:
@@ -78,6 +81,7 @@ class MatmulPlan:
     num_stages: int
     grid: Tuple[int, int]
     fold: bool = False  # single-row GEMV with the group parameters applied per K-tile
+    prefetch: bool = False  # folded CUDA-core GEMV: next K-tile loaded ahead by hand
 
     @property
     def atomic(self) -> bool:
@@ -91,15 +95,19 @@ def plan_matmul(
     capability: Tuple[int, int] = (9, 0),
     block_m: Optional[int] = None, block_n: Optional[int] = None, block_r: Optional[int] = None,
     split_k: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-    fold: Optional[bool] = None,
+    fold: Optional[bool] = None, prefetch: Optional[bool] = None,
 ) -> MatmulPlan:
     """Choose path, tiles and split-K for an ``[M, K] x [K, N]`` product (keywords override).
 
-    The defaults are not tuned on a GPU yet: they were chosen from ``ptxas`` register
-    and shared-memory reports (:func:`aot_compile`; for LLaMA shapes no spills on sm_90,
-    8-24 bytes on sm_80 for act-order 64x64 and 3-bit tiles; 3-bit tiles run
-    unpipelined to stay within shared memory) and from occupancy arithmetic (split K
-    until the grid covers the SMs). Retune with ``benchmarks/bench_kernels.py --sweep``.
+    Tuned from the sweep of ``benchmarks/gpu_check.py`` on an H200 (LLaMA-7B/13B/70B
+    shapes, group 128; figures in benchmarks/RESULTS.md, GPU): M = 1 runs the folded
+    CUDA-core GEMV, 16 code blocks x 64 columns (32 when K > 4096) per step, unpipelined,
+    split K to about 8 programs per SM (3 bits: 128 columns, up to 32 splits); other M on
+    CUDA dequantize once and call cuBLAS. Forced ``gemv`` (2..16 rows) uses 16 x 128
+    tensor-core tiles, unpipelined (pipelining turns the table gathers into async copies
+    through shared memory: more instructions); forced ``gemm`` 32 x 128 tiles up to M =
+    128. Without CUDA (interpreter) "auto" keeps gemv / gemm. Retune with
+    ``python3 benchmarks/gpu_check.py`` (its sweep section).
     """
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
@@ -107,10 +115,10 @@ def plan_matmul(
     gs = K if group_size == -1 else group_size
     awq = layout == "awq"
     if path == "auto":
-        if M <= GEMV_MAX_M:
-            path = "gemv"
-        elif M >= DEQUANT_MIN_M and on_cuda:
+        if M >= DEQUANT_MIN_M and on_cuda:
             path = "dequant"
+        elif M <= GEMV_MAX_M:
+            path = "gemv"
         else:
             path = "gemm"
     R = K // cpb
@@ -122,27 +130,29 @@ def plan_matmul(
     three_bit = bits == 3 and not awq
     if path == "gemv" and (block_m or (1 if M == 1 else 16)) < 16:
         # CUDA-core FMAs (M == 1 by default; block_m < 16 forces it for tiny M).
-        bm, bn, use_dot = block_m or 1, 64, False
+        bm, use_dot = block_m or 1, False
+        bn = 128 if three_bit else 64 if K <= 4096 else 32
         br = 32 if awq else max(1, 128 // cpb)  # 128 input columns per iteration (gptq)
-        warps, stages = 4, 3
+        warps, stages = 4, 1
     elif path == "gemv":
-        bm, bn, use_dot = 16, 64, True
+        bm, bn, use_dot = 16, 128 if N >= 128 else 64, True
         br = 32 if awq else max(16, 128 // cpb)  # tl.dot needs K >= 16
-        warps, stages = 4, 1 if three_bit else 3
+        warps, stages = 4, 1
     elif dtype == torch.float32:  # exact fp32 dot (FMA loops): small tiles or it spills
         bm, bn, br = 32, 64, 32 if awq else 16
         warps, stages = 4, 2
     else:
-        bm = 32 if M <= 32 else 64 if (M <= 64 or capability[0] < 9) else 128
+        bm = 32 if M <= 128 else 64 if (M <= 256 or capability[0] < 9) else 128
         bn = 64 if (N < 128 or three_bit) else 128
-        # Mid-size M: smaller tiles before leaving SMs idle.
-        while triton.cdiv(M, bm) * triton.cdiv(N, bn) < sms and max(bm, bn) > 64 and not (block_m or block_n):
+        # Mid-size M: smaller tiles before leaving SMs idle (measured: not below 32 x 128).
+        while (triton.cdiv(M, bm) * triton.cdiv(N, bn) < sms and max(bm, bn) > 64 and bm > 32
+               and not (block_m or block_n)):
             if bm >= bn:
                 bm //= 2
             else:
                 bn //= 2
         br = 32 if awq else 16
-        warps = 8 if bm * bn >= 64 * 64 else 4
+        warps = 8 if bm * bn >= 32 * 128 else 4
         stages = 1 if three_bit else 3
     bm = block_m or bm
     bn = block_n or bn
@@ -160,8 +170,8 @@ def plan_matmul(
     if split_k is None:
         split_k = 1
         # Too few tiles to keep every SM streaming weights: split K (float32 atomics).
-        if path == "gemv" and tiles < 2 * sms:
-            split_k = min(triton.cdiv(4 * sms, tiles), 16)
+        if path == "gemv" and tiles < 8 * sms:
+            split_k = min(triton.cdiv(16 * sms, tiles), 32) if three_bit else min(triton.cdiv(8 * sms, tiles), 8)
         elif path == "gemm" and tiles < sms:
             split_k = min(triton.cdiv(2 * sms, tiles), 4)
     split_k = max(1, min(int(split_k), n_iters))
@@ -173,7 +183,9 @@ def plan_matmul(
         raise ValueError("fold needs the gemv path, no act-order, and on tensor cores fp16/bf16 activations with "
                          "one group per K-tile (block_r * codes per block dividing the group size)")
     fold = can_fold if fold is None else fold
-    return MatmulPlan(path, bm, bn, br, use_dot, gmode, split_k, per_split, warps, stages, (tiles, split_k), fold)
+    prefetch = (fold and not use_dot) if prefetch is None else bool(prefetch and fold and not use_dot)
+    return MatmulPlan(path, bm, bn, br, use_dot, gmode, split_k, per_split, warps, stages, (tiles, split_k), fold,
+                      prefetch)
 
 
 def mm_constexprs(plan: MatmulPlan, *, bits: int, layout: str, mode: str, group_size: int, K: int,
@@ -183,7 +195,9 @@ def mm_constexprs(plan: MatmulPlan, *, bits: int, layout: str, mode: str, group_
     return dict(
         AWQ=layout == "awq", BITS=bits, CPB=cpb, WPB=wpb, MODE=MODE_ID[mode], GROUP_MODE=plan.group_mode,
         GROUP_SIZE=K if group_size == -1 else group_size, HAS_BIAS=has_bias, USE_DOT=plan.use_dot,
-        IEEE=dtype == torch.float32, ATOMIC=plan.atomic, FOLD=plan.fold, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        IEEE=dtype == torch.float32, ATOMIC=plan.atomic, FOLD=plan.fold, FENCE=not INTERPRET,
+        PREFETCH=plan.prefetch,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_R=plan.block_r, GROUP_M=8,
     )
 
