@@ -65,7 +65,12 @@ def isa() -> Tuple[str, str]:
     ok, why = build.load()
     if not ok:
         return "", why
-    want = os.environ.get("AFPQ_CPU_ISA", "auto").strip().lower() or "auto"
+    return _resolve_isa(os.environ.get("AFPQ_CPU_ISA", "auto"))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_isa(want: str) -> Tuple[str, str]:
+    want = want.strip().lower() or "auto"
     best = _supported()
     if want == "auto":
         return _NAMES[best], ""
@@ -114,12 +119,12 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     """``layer(x)`` with the native kernel (call :func:`can_implement` first)."""
     code, lanes = _run_isa()
     pack = get_pack(layer, lanes)
-    x2 = x.reshape(-1, layer.in_features)
+    flat = x.dim() != 2
     y = torch.ops.afpq_cpu.linear(
-        x2, pack.codes, pack.p1, pack.p2, pack.lut, pack.gstep, pack.kmap, pack.bias,
+        x.reshape(-1, layer.in_features) if flat else x, pack.codes, pack.p1, pack.p2, pack.lut, pack.gstep, pack.kmap, pack.bias,
         pack.mode, pack.nent, lanes, code, GEMV_MAX_ROWS,
     )
-    return y.reshape(*x.shape[:-1], layer.out_features)
+    return y.reshape(*x.shape[:-1], layer.out_features) if flat else y
 
 
 def decode_packed(pack: Pack, in_features: int, isa_name: str = "scalar") -> torch.Tensor:

@@ -28,6 +28,10 @@ SOURCE = Path(__file__).with_name("afpq_cpu.cpp")
 #: Compile flags: no FMA contraction (decoded weights bit-identical to core's float32 decode);
 #: ISA-specific code is compiled per function (target attributes), never with -march=native.
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+if torch.backends.openmp.is_available():
+    # at::parallel_for is inline (OpenMP pragmas): without -fopenmp it runs on one thread. The
+    # GOMP symbols resolve to the OpenMP runtime torch already loaded (no second runtime).
+    CFLAGS.append("-fopenmp")
 
 
 def cache_root() -> Path:

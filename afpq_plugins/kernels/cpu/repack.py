@@ -40,6 +40,7 @@ class Pack:
     gstep: torch.Tensor   # int32 [G + 1]
     kmap: torch.Tensor    # int32 [Kp] or empty
     bias: Optional[torch.Tensor]
+    keep: Tuple           # the layer's buffers the key was taken from (their ids stay valid)
     mode: int
     nent: int
     lanes: int
@@ -53,15 +54,16 @@ class Pack:
 def _tensor_key(t: Optional[torch.Tensor]):
     if t is None:
         return None
-    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+    # Inference tensors (created under torch.inference_mode) keep no version counter: for them
+    # only a new tensor or new storage is noticed.
+    return (id(t), None if t.is_inference() else t._version)
 
 
 def layer_key(layer, lanes: int) -> Tuple:
     """Identity of the buffers a pack was built from: in-place edits (``_version``), new
-    tensors (``data_ptr``), device moves, and the layer's format all invalidate it."""
+    tensors (``id``; the pack keeps the old ones alive, so ids are not reused), and the layer's format all invalidate it."""
     return (
-        lanes, layer.fmt.name, layer.mode, layer.bits, layer.layout, layer.group_size,
-        layer.in_features, layer.out_features,
+        lanes, layer.mode, layer.bits, layer.layout, layer.group_size,
         _tensor_key(layer.qweight), _tensor_key(layer.scales), _tensor_key(layer.second),
         _tensor_key(getattr(layer, "g_idx", None)), _tensor_key(layer.bias),
     )
@@ -139,7 +141,8 @@ def build_pack(layer, lanes: int) -> Pack:
     return Pack(
         codes=codes, p1=p1, p2=p2, lut=lut, gstep=gstep,
         kmap=kmap.to(torch.int32) if kmap is not None else torch.empty(0, dtype=torch.int32),
-        bias=bias, mode=MODES[layer.mode], nent=1 << bits, lanes=lanes, key=layer_key(layer, lanes),
+        bias=bias, keep=(layer.qweight, layer.scales, layer.second, getattr(layer, "g_idx", None), layer.bias),
+        mode=MODES[layer.mode], nent=1 << bits, lanes=lanes, key=layer_key(layer, lanes),
     )
 
 
