@@ -38,8 +38,13 @@ demo-full: $(LEGACY)/.done
 accuracy-quick: $(LEGACY)/.done
 	$(LEGACY)/bin/afpq bench accuracy --quick
 
-accuracy: $(LEGACY)/.done
-	$(LEGACY)/bin/afpq bench accuracy
+# the peer formats' packages (bitsandbytes, hqq: the bench extra), torch kept at our pin
+$(LEGACY)/.bench: $(LEGACY)/.done
+	$(LEGACY)/bin/pip install -q -c requirements/constraints-legacy.txt torch==2.13.0 bitsandbytes==0.50.2 hqq==0.2.8.post1
+	touch $@
+
+accuracy: $(LEGACY)/.bench
+	$(LEGACY)/bin/afpq bench accuracy --peers
 
 test: venvs
 	$(MODERN)/bin/python -m pytest -q tests

@@ -199,8 +199,19 @@ def cmd_bench_accuracy(args) -> int:
     search = args.search_adapters
     if search is None:  # default: the full run adds GPTQ/AWQ + scale search where the adapter has it
         search = [] if args.quick or args.methods == ["rtn"] else acc.adapters_with_search()
+    peers = preset["peers"] if args.peers is None else args.peers
     plan = acc.build_plan(args.methods, groups, rtn_bits=args.bits, calibrated_rows=preset["calibrated_rows"],
-                          search_methods=[m for m in search if m in args.methods])
+                          search_methods=[m for m in search if m in args.methods], rtn_rows=preset["rtn_rows"],
+                          peers=peers, extra=[c for c in preset["extra"] if c.group_size in groups],
+                          search_rows=preset["search_rows"])
+    if peers:
+        from .study.peers import peer_available
+
+        skipped = [(c, peer_available(c.family)) for c in plan if c.method == "peer"]
+        for c, why in skipped:
+            if why:
+                print(f"note: peer {c.family} skipped: {why}")
+        plan = [c for c in plan if c.method != "peer" or not peer_available(c.family)]
     if not plan:
         return _err("nothing to run: no cell matches --methods/--bits")
     settings = acc.Settings(
@@ -268,9 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layout", choices=LAYOUTS, default="gptq", help="packing layout of qweight")
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="module names kept in float")
     q.add_argument("--scale-dtype", choices=sorted(_SCALE_DTYPES), default="float16")
-    q.add_argument("--scale-search", choices=["minmax", "mse"], default="minmax",
+    q.add_argument("--scale-search", choices=["minmax", "mse", "output"], default="minmax",
                    help="minmax = the paper's scales; mse = search per-side shrink factors minimising each group's "
-                        "weight error (rtn, gptq and awq)")
+                        "weight error; output = minimising the layer-output error on calibration inputs "
+                        "(diag(X^T X)-weighted; RTN calibrates with --nsamples/--calib-seqlen, default 32 x 512)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     g = q.add_argument_group("gptq", "options of --method gptq (calibration: the Austen novels but Pride and Prejudice)")
@@ -327,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--search-adapters", nargs="*", choices=["gptq", "awq"], default=None,
                    help="GPTQ/AWQ cells with NF3 AFPQ + scale search (default: none with --quick, else every "
                         "adapter that accepts scale_search; give no value for none)")
+    a.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                   help="also the cells of the peer formats (NVFP4, MXFP4, bitsandbytes NF4, HQQ; their "
+                        "blocks of 16-64 columns must divide the model's widths; off by default)")
     a.add_argument("--threads", type=int, default=None)
     a.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
     a.add_argument("--report-only", action="store_true", help="only rewrite the markdown and plots from the JSON")

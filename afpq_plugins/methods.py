@@ -68,9 +68,17 @@ class Calibration:
         return replace(self, nsamples=self.nsamples or n, seqlen=self.seqlen or s)
 
     def samples(self, tokenizer):
+        """The windows (memoised per tokenizer: tokenizing the five novels takes tens of seconds)."""
         from .data import calibration_samples
 
-        return calibration_samples(tokenizer, self.nsamples, self.seqlen, seed=self.seed)
+        key = (tokenizer, self.nsamples, self.seqlen, self.seed)
+        if key not in _SAMPLES:
+            _SAMPLES.clear()  # keep one set
+            _SAMPLES[key] = calibration_samples(tokenizer, self.nsamples, self.seqlen, seed=self.seed)
+        return [s.clone() for s in _SAMPLES[key]]
+
+
+_SAMPLES: Dict[tuple, list] = {}
 
 
 @dataclass(frozen=True)
@@ -161,10 +169,11 @@ def _rtn(model, tokenizer, spec: FormatSpec, calib: Calibration, progress: bool 
     packed modules decode to, bit for bit; faster to evaluate on CPU)."""
     from .model import quantize_model_rtn
 
+    layer_searches = _rtn_output_searches(model, tokenizer, spec, calib, progress)
     if not fake:
         return quantize_model_rtn(model, spec.fmt, spec.group_size, spec.mode, spec.layout or "gptq",
                                   skip=list(spec.skip), scale_dtype=spec.torch_scale_dtype(), progress=progress,
-                                  scale_search=spec.scale_search)
+                                  scale_search=spec.scale_search, layer_searches=layer_searches)
     import torch
 
     from .core.checkpoint import AFPQConfigDict
@@ -178,11 +187,34 @@ def _rtn(model, tokenizer, spec: FormatSpec, calib: Calibration, progress: bool 
     with torch.no_grad():
         for name, lin in linears.items():
             lin.weight.copy_(fake_quantize(lin.weight, f, spec.group_size, mode, scale_dtype=spec.torch_scale_dtype(),
-                                           name=name, search=spec.scale_search))
+                                           name=name, search=(layer_searches or {}).get(name, spec.scale_search)))
     return AFPQConfigDict(format=f.name, bits=f.bits, group_size=spec.group_size, mode=mode,
                           layout=spec.layout or "gptq", scale_dtype=spec.scale_dtype, method="rtn",
                           modules_to_not_convert=list(spec.skip), quantized_modules=list(linears),
                           extra={"scale_search": search_dict(spec.scale_search), "fake": True})
+
+
+#: RTN's calibration for the output search when none is given (nsamples x seqlen tokens).
+RTN_OUTPUT_CALIBRATION = (32, 512)
+
+
+def _rtn_output_searches(model, tokenizer, spec: FormatSpec, calib: Calibration, progress: bool):
+    """For ``scale_search="output"``: the search bound to each Linear's input energies
+    ``diag(X^T X)`` over the calibration samples (forward hooks); None for other searches."""
+    from .core.output_search import bind_layers, input_energies, is_output_search
+    from .core.search import resolve_search
+    from .model import find_linears
+
+    search = resolve_search(spec.scale_search)
+    if not is_output_search(search):
+        return None
+    if tokenizer is None:
+        raise ValueError("RTN with scale search 'output' needs calibration activations: pass the tokenizer")
+    calib = replace(calib, nsamples=calib.nsamples or RTN_OUTPUT_CALIBRATION[0],
+                    seqlen=calib.seqlen or RTN_OUTPUT_CALIBRATION[1])
+    linears = find_linears(model, spec.skip)
+    energies = input_energies(model, linears, calib.samples(tokenizer), progress=progress)
+    return bind_layers(search, energies, spec.group_size)
 
 
 # -- AutoGPTQ 0.7.1 / AutoAWQ 0.2.9 (legacy venv) ------------------------------------------------

@@ -77,11 +77,14 @@ def quantize_model_rtn(
     scale_dtype: torch.dtype = torch.float16,
     progress: bool = True,
     scale_search=None,
+    layer_searches: Optional[dict] = None,
 ) -> AFPQConfigDict:
     """Replace the model's Linears with round-to-nearest :class:`AFPQLinear` (in place).
 
     ``scale_search`` (``None`` = the paper's min/max scales, ``"mse"`` or a
-    :class:`~afpq_plugins.core.quantize.ScaleSearch`) opts into the scale search.
+    :class:`~afpq_plugins.core.quantize.ScaleSearch`) opts into the scale search;
+    ``layer_searches`` (layer name -> search object) overrides it per layer (the output
+    search bound to each layer's calibration energies).
     """
     f = get_format(fmt)
     mode = resolve_mode(f, mode)
@@ -99,7 +102,8 @@ def quantize_model_rtn(
     with torch.no_grad():
         for name, lin in it:
             _set_module(model, name, AFPQLinear.from_linear(
-                lin, f, group_size, mode, layout, scale_dtype, name=name, search=search))
+                lin, f, group_size, mode, layout, scale_dtype, name=name,
+                search=(layer_searches or {}).get(name, search)))
     dtype_name = str(scale_dtype).replace("torch.", "")
     return AFPQConfigDict(
         format=f.name, bits=f.bits, group_size=group_size, mode=mode, layout=layout,

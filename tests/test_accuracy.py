@@ -224,7 +224,7 @@ def test_cli_end_to_end_and_resume(folder, text_file, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(argv) == 0
     out2 = capsys.readouterr().out
-    assert "10 already in" in out2 and ", 0 to run" in out2  # all 10 cells were already there
+    assert "13 already in" in out2 and ", 0 to run" in out2  # all 13 cells (3 with the output search) were there
     assert cli.main(argv + ["--report-only", "--no-histogram"]) == 0
 
 

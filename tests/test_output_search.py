@@ -211,3 +211,67 @@ def test_input_energies_against_a_hand_computed_forward():
     H = torch.arange(16.0).reshape(4, 4)
     torch.testing.assert_close(grouped_blocks(H, 2), torch.stack([H[:2, :2], H[2:, 2:]]))
     torch.testing.assert_close(grouped_energies(torch.arange(4.0), -1), torch.arange(4.0).reshape(1, 4))
+
+
+def test_bound_and_column_cursor_searches_see_the_right_energies():
+    """RTN's bound search on [rows, groups, gs] chunks and GPTQ's column walk over consecutive
+    blocks give the same parameters as the search on each group with its own energies."""
+    f = get_format("nf3")
+    w = _groups(seed=4, rows=6, groups=3, gs=8)
+    h = torch.rand(24) ** 3
+    want = [find_params_output(w[:, g], f, "afpq", energies=h[8 * g:8 * g + 8]) for g in range(3)]
+    b1, b2 = OutputSearch().bind(grouped_energies(h, 8)).params(w, f, "afpq")
+    cur = __import__("afpq_plugins.core.output_search", fromlist=["x"]).ColumnCursorSearch(OutputSearch(), h)
+    wide = w.reshape(6, 24)
+    cur.params(wide, f, "afpq")  # AutoGPTQ's first call on all columns restarts the walk
+    for g in range(3):
+        torch.testing.assert_close(b1[:, g], want[g][0], rtol=0, atol=0)
+        torch.testing.assert_close(b2[:, g], want[g][1], rtol=0, atol=0)
+        c1, c2 = cur.params(wide[:, 8 * g:8 * g + 8], f, "afpq")
+        torch.testing.assert_close(c1, want[g][0], rtol=0, atol=0)
+        torch.testing.assert_close(c2, want[g][1], rtol=0, atol=0)
+    assert cur.pos == 0
+    with pytest.raises(ValueError, match="calibration"):
+        OutputSearch().params(w, f, "afpq")
+
+
+def test_rtn_output_search_through_the_methods_registry(tmp_path):
+    """RTN with ``scale_search="output"``: the fake path equals the packed modules' decode, each
+    layer's weights equal core's search bound to a float64 hand-computed diag(X^T X) of that
+    layer's inputs, and the checkpoint config records the search."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from _tiny import tiny_llama_folder
+
+    from afpq_plugins.core.quantize import fake_quantize
+    from afpq_plugins.data import load_model_and_tokenizer
+    from afpq_plugins.methods import Calibration, FormatSpec, quantize
+    from afpq_plugins.model import find_linears
+
+    model, tok = load_model_and_tokenizer(tiny_llama_folder(str(tmp_path / "m")))
+    fake, packed = copy.deepcopy(model), copy.deepcopy(model)
+    spec, calib = FormatSpec("nf3", 32, scale_search="output"), Calibration(2, 16, seed=1)
+    samples = calib.samples(tok)
+    lin = find_linears(model)["model.layers.0.mlp.down_proj"]
+    seen = []
+    h = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for s in samples:
+            model(s.reshape(1, -1))
+    h.remove()
+    x = torch.cat(seen)
+    energies = (x * x).sum(0).float()  # float64 reference, one layer
+    qc = quantize(fake, tok, "rtn", spec, calib, fake=True, progress=False)
+    quantize(packed, tok, "rtn", spec, calib, progress=False)
+    assert qc.extra["scale_search"]["method"] == "output"
+    want = fake_quantize(lin.weight.detach(), "nf3", 32, search=OutputSearch().bind(grouped_energies(energies, 32)))
+    got = fake.get_submodule("model.layers.0.mlp.down_proj").weight.detach()
+    assert (got != want).float().mean() < 0.01  # float32 sums vs the float64 reference may flip a rare tie
+    assert not torch.equal(got, fake_quantize(lin.weight.detach(), "nf3", 32))
+    for name in qc.quantized_modules:
+        a, b = fake.get_submodule(name), packed.get_submodule(name)
+        with torch.no_grad():
+            torch.testing.assert_close(a.weight, b(torch.eye(a.in_features)).t(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs calibration activations"):
+        quantize(copy.deepcopy(model), None, "rtn", spec, fake=True, progress=False)

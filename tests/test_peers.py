@@ -151,3 +151,32 @@ def test_apply_peer_and_availability():
     assert peer_available("nvfp4") is None
     with pytest.raises(ValueError, match="unknown peer"):
         apply_peer(model, "fp8")
+
+
+def test_peers_table_states_the_winner_per_budget():
+    from afpq_plugins.study.peers import peers_table
+
+    def cell(method, fmt, ppl):
+        return {"method": method, "format": fmt, "ppl": ppl}
+
+    cells = {
+        "peer/nvfp4/peer/minmax/g16": cell("peer", "nvfp4", 30.0),   # 4.5 bits/weight
+        "peer/mxfp4/peer/minmax/g32": cell("peer", "mxfp4", 33.0),   # 4.25
+        "peer/hqq3/peer/minmax/g64": cell("peer", "hqq3", 40.0),     # 3.5
+        "rtn/nf4/afpq/minmax/g64": cell("rtn", "nf4", 29.0),         # 4.5: beats NVFP4
+        "rtn/nf4/sym/minmax/g64": cell("rtn", "nf4", 34.0),          # 4.25: loses to MXFP4
+        "rtn/nf3/afpq/minmax/g64": cell("rtn", "nf3", 45.0),         # 3.5: loses to HQQ3
+        "rtn/nf3/afpq/output/g64": cell("rtn", "nf3", 38.0),         # 3.5, calibrated: wins
+    }
+    t = peers_table({"cells": cells, "fp32": {"ppl": 20.0}})
+    lines = t.splitlines()
+    assert "| peer: NVFP4 (E2M1, E4M3 scale / 16, FP32 / tensor) | 4.500 | no | 30.00 |" in lines
+    assert "| NF3 AFPQ g64 + output search | 3.500 | yes (8 x 256 tokens) | 38.00 |" in lines
+    win = [x for x in lines if x.startswith("- within")]
+    assert win[0] == "- within 4.250 bits/weight: **MXFP4 (E2M1, E8M0 scale / 32)** (33.00)"  # no AFPQ row that cheap
+    assert any("within 4.500" in x and "**NF4 AFPQ g64 (two fp16 scales)** (29.00)" in x and "AFPQ wins" in x
+               for x in win)
+    three = [x for x in win if "within 3.500" in x][0]
+    assert "**NF3 AFPQ g64 + output search** (38.00)" in three and "without calibration: **HQQ 3-bit g64** (40.00)" in three
+    assert "AFPQ wins" in three  # the best AFPQ row (calibrated) beats HQQ3
+    assert peers_table({"cells": {"rtn/nf4/afpq/minmax/g64": cells["rtn/nf4/afpq/minmax/g64"]}}) == ""

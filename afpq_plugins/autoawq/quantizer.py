@@ -46,6 +46,7 @@ with warnings.catch_warnings():  # AutoAWQ 0.2.9 warns at import that it is depr
 from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format, resolve_mode
 from ..core.quantize import check_finite, fake_quantize_groups, find_params, quantize_weight, round_params
+from ..core.output_search import BoundOutputSearch, grouped_energies, is_output_search
 from ..core.search import apply_two_sided_clip, resolve_search, search_dict, symmetric_clip, two_sided_clip
 from ..nn import AFPQLinear
 from .calib import calibration_token_lists
@@ -91,6 +92,12 @@ class AFPQAwqQuantizer(AwqQuantizer):
             self.search = resolve_search(scale_search)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"AFPQAwqQuantizer: scale_search: {exc}") from None
+        # "output": min/max inside AWQ's scale search; after the clip search, each layer's
+        # final scales are searched on the clip step's (scaled) calibration inputs
+        self._output = self.search if is_output_search(self.search) else None
+        if self._output is not None:
+            self.search = None
+        self._layer_search: Dict[str, object] = {}
         self.fmt = get_format(fmt if fmt is not None else f"nf{w_bit}")
         if self.fmt.bits != w_bit:
             raise ValueError(f"fmt {self.fmt.name!r} has {self.fmt.bits} bits but quant_config w_bit is {w_bit}")
@@ -172,6 +179,12 @@ class AFPQAwqQuantizer(AwqQuantizer):
     # -- clip search ---------------------------------------------------------------------
     @torch.no_grad()
     def _search_best_clip(self, layer, named_linears, input_feat):
+        if self._output is not None:  # energies of the inputs the quantized weights will see
+            prefix = get_op_name(self.model, layer)
+            for name, lin in named_linears.items():
+                x = input_feat[name].reshape(-1, lin.weight.shape[1]).float()
+                h = grouped_energies((x * x).sum(0), self._row_group).to(lin.weight.device)
+                self._layer_search[f"{prefix}.{name}"] = BoundOutputSearch(self._output, h, name=f"{prefix}.{name}")
         if self.clip == "autoawq":
             return super()._search_best_clip(layer, named_linears, input_feat)
         clip_list = []
@@ -207,9 +220,15 @@ class AFPQAwqQuantizer(AwqQuantizer):
         prefix = get_op_name(self.model, module)
         for name, lin in named_linears.items():
             full = f"{prefix}.{name}"
+            search = self.search
+            if self._output is not None:
+                if full not in self._layer_search:
+                    raise ValueError(f"{full}: scale search 'output' takes its energies in AWQ's clip step "
+                                     "(apply_clip=False skips it)")
+                search = self._layer_search[full]
             qw = quantize_weight(
                 lin.weight.data, self.fmt, self._row_group, self.mode, self.scale_dtype, name=f"{full}.weight",
-                search=self.search,
+                search=search,
             )
             q = AFPQLinear.from_quantized(qw, lin.bias, layout=self.layout, name=full)
             q.to(lin.weight.device)
@@ -237,7 +256,7 @@ class AFPQAwqQuantizer(AwqQuantizer):
             method="awq", modules_to_not_convert=skip, quantized_modules=list(self.quantized_modules),
             extra={"awq": {"clip": self.clip if self.apply_clip else "none", "duo_scaling": bool(self.duo_scaling),
                            "version": "gemm", "upstream": "autoawq 0.2.9"},
-                   "scale_search": search_dict(self.search)},
+                   "scale_search": search_dict(self._output or self.search)},
         )
 
     def _attach_config(self) -> None:

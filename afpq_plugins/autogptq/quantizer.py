@@ -51,6 +51,17 @@ class AFPQGPTQ(GPTQ):
         super().__init__(layer)
         self.quantizer = AFPQQuantizer(fmt=self.fmt, mode=self.mode, scale_dtype=self.scale_dtype, search=self.search)
 
+    def fasterquant(self, *args, **kwargs):
+        from ..core.output_search import ColumnCursorSearch, gptq_column_energies, is_output_search
+
+        if is_output_search(self.search):  # the output search weighs columns by GPTQ's own diag(X^T X)
+            actorder = kwargs.get("actorder", args[3] if len(args) > 3 else False)
+            static = kwargs.get("static_groups", args[4] if len(args) > 4 else False)
+            # static groups take their parameters before act-order permutes the columns
+            self.quantizer.search = ColumnCursorSearch(self.search, gptq_column_energies(self.H, actorder and not static))
+            self.quantizer._ready = False
+        return super().fasterquant(*args, **kwargs)
+
     @classmethod
     def bind(cls, fmt, mode, scale_dtype, search=None) -> type:
         """A subclass with the settings baked in (AutoGPTQ builds ``GPTQ(layer)`` itself)."""

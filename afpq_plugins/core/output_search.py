@@ -50,6 +50,11 @@ from .quantize import ScaleSearch, _minmax, _params_from_range, fake_quantize_gr
 
 __all__ = [
     "OutputSearch",
+    "BoundOutputSearch",
+    "ColumnCursorSearch",
+    "is_output_search",
+    "bind_layers",
+    "gptq_column_energies",
     "resolve_output_search",
     "find_params_output",
     "output_error",
@@ -92,6 +97,90 @@ class OutputSearch:
     def to_dict(self) -> dict:
         return {"method": "output", "grid": self.grid, "min_shrink": self.min_shrink,
                 "objective": self.objective, "sweeps": self.sweeps}
+
+
+    def params(self, x: torch.Tensor, f, mode: str, dim: int = -1):
+        raise ValueError("the output search needs calibration activations: bind the input-column energies of "
+                         "the layer first (OutputSearch.bind(energies), or the method's calibration samples)")
+
+    def bind(self, energies=None, second_moment=None) -> "BoundOutputSearch":
+        """This search with the energies (broadcastable to the grouped weights) of one layer."""
+        return BoundOutputSearch(self, energies, second_moment)
+
+
+class BoundOutputSearch:
+    """An :class:`OutputSearch` bound to one layer's energies: a scale-search object
+    (``params(x, fmt, mode, dim)``, ``to_dict()``) that every quantize path accepts.
+
+    ``energies`` must broadcast to the ``x`` the path passes (``[groups, gs]`` for RTN's
+    ``[rows, groups, gs]`` chunks: see :func:`grouped_energies`).
+    """
+
+    def __init__(self, search: OutputSearch, energies=None, second_moment=None, name: str = "weight"):
+        self.search, self.energies, self.second_moment, self.name = search, energies, second_moment, name
+
+    def params(self, x: torch.Tensor, f, mode: str, dim: int = -1):
+        return find_params_output(x, f, mode, self.energies, dim, self.search, self.second_moment, self.name)
+
+    def to_dict(self) -> dict:
+        return self.search.to_dict()
+
+
+class ColumnCursorSearch:
+    """For GPTQ engines, which find a group's parameters on ``W[:, i:i + k]`` without saying ``i``.
+
+    Holds the energies of all ``in`` columns (in GPTQ's column order: permuted like ``W``
+    under act-order) and walks them: a call on a block of ``k < in`` columns takes the next
+    ``k`` energies; a call on all ``in`` columns (AutoGPTQ's first ``find_params(W)``) uses
+    them all and restarts the walk at column 0. Calls must come in column order, as
+    AutoGPTQ's and GPTQModel's loops (static groups included) make them.
+    """
+
+    def __init__(self, search: OutputSearch, energies: torch.Tensor, name: str = "weight"):
+        self.search, self.energies, self.name = search, energies.float().reshape(-1), name
+        self.pos = 0
+
+    def params(self, x: torch.Tensor, f, mode: str, dim: int = -1):
+        if dim not in (-1, x.dim() - 1):
+            raise ValueError(f"{self.name}: the column walk reduces over the last dim only")
+        n, k = self.energies.numel(), x.shape[-1]
+        if k == n:
+            h, self.pos = self.energies, 0
+        else:
+            if self.pos + k > n:
+                raise ValueError(f"{self.name}: GPTQ asked for columns {self.pos}..{self.pos + k - 1} of {n}")
+            h = self.energies[self.pos:self.pos + k]
+            self.pos = (self.pos + k) % n
+        return find_params_output(x, f, mode, h.to(x.device), -1, self.search, name=self.name)
+
+    def to_dict(self) -> dict:
+        return self.search.to_dict()
+
+    def __deepcopy__(self, memo):
+        # AutoGPTQ's static groups deep-copy the quantizer once per group: the copies must share the walk
+        return self
+
+
+def is_output_search(search) -> bool:
+    """True for an unbound :class:`OutputSearch` (one that still needs calibration energies)."""
+    return isinstance(search, OutputSearch)
+
+
+def bind_layers(search: OutputSearch, energies: Dict[str, torch.Tensor], group_size: int) -> Dict[str, BoundOutputSearch]:
+    """Per layer name, ``search`` bound to that layer's grouped energies (RTN's ``[rows, groups, gs]`` chunks)."""
+    return {name: BoundOutputSearch(search, grouped_energies(h, group_size), name=name)
+            for name, h in energies.items()}
+
+
+def gptq_column_energies(H: torch.Tensor, actorder: bool = False) -> torch.Tensor:
+    """diag(H) in the column order AutoGPTQ's ``fasterquant`` finds group parameters in
+    (dead columns -> 1, then sorted by decreasing energy under act-order without static
+    groups, as it does)."""
+    d = torch.diag(H).clone().float()
+    d[d == 0] = 1
+    if actorder:
+        d = d[torch.argsort(d, descending=True)]
+    return d
 
 
 def resolve_output_search(search) -> OutputSearch:

@@ -96,9 +96,16 @@ class ScaleSearch:
 
 #: Scale-search name -> factory ``(settings dict without "method") -> search object or None``.
 #: ``minmax`` is the paper's choice (None: no search). One place: every path resolves here.
+def _output_search(kw: dict):
+    from .output_search import OutputSearch  # needs calibration energies; see that module
+
+    return OutputSearch(**kw)
+
+
 SEARCHES: Dict[str, Callable[[dict], object]] = {
     "minmax": lambda kw: None,
     "mse": lambda kw: ScaleSearch(**kw),
+    "output": _output_search,
 }
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "bits_per_weight",
     "peer_available",
     "apply_peer",
+    "peers_table",
 ]
 
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -214,3 +215,69 @@ def apply_peer(model: torch.nn.Module, name: str) -> None:
     with torch.no_grad():
         for lname, lin in find_linears(model).items():
             lin.weight.copy_(peer.fn(lin.weight, lname))
+
+
+# -- the report's table ----------------------------------------------------------------------------
+#: AFPQ / INT / one-scale rows compared with the peers: (cell key, label, bits-per-weight kind, bits, group).
+_OURS = (
+    ("rtn/nf{b}/afpq/minmax/g64", "NF{b} AFPQ g64 (two fp16 scales)", "afpq", 64, False),
+    ("rtn/nf{b}/afpq/output/g64", "NF{b} AFPQ g64 + output search", "afpq", 64, True),
+    ("rtn/nf{b}/afpq/minmax/g192", "NF{b} AFPQ g192", "afpq", 192, False),
+    ("rtn/nf{b}/afpq/output/g192", "NF{b} AFPQ g192 + output search", "afpq", 192, True),
+    ("rtn/fp{b}/afpq/minmax/g64", "FP{b} AFPQ g64", "afpq", 64, False),
+    ("rtn/nf{b}/sym/minmax/g32", "NF{b} one scale g32", "sym", 32, False),
+    ("rtn/nf{b}/sym/minmax/g64", "NF{b} one scale g64", "sym", 64, False),
+    ("rtn/int{b}/zp/minmax/g64", "INT{b} scale + zero g64", "zp", 64, False),
+    ("rtn/int{b}/zp/minmax/g32", "INT{b} scale + zero g32", "zp", 32, False),
+    ("rtn/int{b}/zp/output/g64", "INT{b} scale + zero g64 + output search", "zp", 64, True),
+)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.0f}" if x >= 1000 else f"{x:.2f}"
+
+
+def peers_table(sec: dict) -> str:
+    """Per bit width: every peer and AFPQ/INT/one-scale row with its bits per weight and perplexity
+    (RTN-style: no weight update; rows marked *calibrated* use the calibration inputs), then the
+    winner within each bits-per-weight budget of a peer. Empty when no peer cell was run."""
+    cells = sec["cells"]
+    if not any(c.get("method") == "peer" for c in cells.values()):
+        return ""
+    out = []
+    for bits in (4, 3):
+        rows = []
+        for p in PEERS.values():
+            c = cells.get(f"peer/{p.name}/peer/minmax/g{({'nvfp4': 16, 'mxfp4': 32}).get(p.name, 64)}")
+            if p.bits == bits and c is not None:
+                rows.append((p.label, bits_per_weight(p.name), False, c["ppl"], True))
+        for key, label, kind, g, calibrated in _OURS:
+            c = cells.get(key.format(b=bits))
+            if c is not None:
+                rows.append((label.format(b=bits), bits_per_weight(kind, bits, g), calibrated, c["ppl"], False))
+        if not any(r[4] for r in rows):
+            continue
+        rows.sort(key=lambda r: (r[1], r[3]))
+        out += [f"**{bits}-bit** (RTN-style; perplexity, lower is better)", "",
+                "| format | bits / weight | calibration | ppl |", "|---|---|---|---|"]
+        out += [f"| {'peer: ' if r[4] else ''}{r[0]} | {r[1]:.3f} | {'yes (8 x 256 tokens)' if r[2] else 'no'} | "
+                f"{_fmt(r[3])} |" for r in rows]
+        out.append("")
+        for budget in sorted({round(r[1], 3) for r in rows if r[4]}):
+            within = [r for r in rows if r[1] <= budget + 1e-9]
+            best = min(within, key=lambda r: r[3])
+            free = [r for r in within if not r[2]]
+            best_free = min(free, key=lambda r: r[3]) if free else None
+            line = f"- within {budget:.3f} bits/weight: **{best[0]}** ({_fmt(best[3])})"
+            if best_free is not None and best_free is not best:
+                line += f"; without calibration: **{best_free[0]}** ({_fmt(best_free[3])})"
+            peers_in = [r for r in within if r[4]]
+            bp = min(peers_in, key=lambda r: r[3])
+            ours = [r for r in within if not r[4] and r[0].split()[1:2] == ["AFPQ"]]
+            if ours:
+                ba = min(ours, key=lambda r: r[3])
+                verdict = "AFPQ wins" if ba[3] < bp[3] else "AFPQ loses"
+                line += f". Best peer {bp[0]} {_fmt(bp[3])} vs best AFPQ {ba[0]} {_fmt(ba[3])}: {verdict}"
+            out.append(line)
+        out.append("")
+    return "\n".join(out).rstrip()

@@ -41,6 +41,12 @@ RTN_ROWS: Tuple[Row, ...] = (
     Row("fp", "afpq", "mse", "FP{b} AFPQ + scale search"),
     Row("nf", "afpq", "mse", "NF{b} AFPQ + scale search"),
 )
+#: RTN with the output-aware scale search (calibrated like GPTQ/AWQ); in the presets' plans.
+RTN_OUTPUT_ROWS: Tuple[Row, ...] = (
+    Row("int", "zp", "output", "INT{b} + output search"),
+    Row("fp", "afpq", "output", "FP{b} AFPQ + output search"),
+    Row("nf", "afpq", "output", "NF{b} AFPQ + output search"),
+)
 #: GPTQ and AWQ rows (3 bits in the paper's Tables 3 and 4, plus FP3 AFPQ).
 CALIBRATED_ROWS: Tuple[Row, ...] = (
     Row("int", "zp", None, "INT{b} (scale + zero)"),
@@ -50,6 +56,7 @@ CALIBRATED_ROWS: Tuple[Row, ...] = (
 )
 #: Opt-in GPTQ/AWQ scale-search rows (only where the adapter accepts ``scale_search``).
 CALIBRATED_SEARCH_ROWS: Tuple[Row, ...] = (Row("nf", "afpq", "mse", "NF{b} AFPQ + scale search"),)
+CALIBRATED_OUTPUT_ROWS: Tuple[Row, ...] = (Row("nf", "afpq", "output", "NF{b} AFPQ + output search"),)
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class Cell:
 
     @property
     def fmt(self) -> str:
-        return f"{self.family}{self.bits}"
+        return self.family if self.method == "peer" else f"{self.family}{self.bits}"
 
     @property
     def key(self) -> str:
@@ -116,8 +123,22 @@ class Settings:
 
 #: ``--quick``: group 64, RTN at 3 and 4 bits plus the GPTQ and AWQ headline pair (INT3 vs
 #: NF3 AFPQ). Same settings as the full run, so the full run resumes from it.
-QUICK = {"groups": (64,), "calibrated_rows": (CALIBRATED_ROWS[0], CALIBRATED_ROWS[2])}
-FULL = {"groups": GROUP_SIZES, "calibrated_rows": CALIBRATED_ROWS}
+#: The output search is in the quick plan where it matters: RTN NF3/NF4 AFPQ and GPTQ NF3 AFPQ at g64.
+QUICK = {"groups": (64,), "calibrated_rows": (CALIBRATED_ROWS[0], CALIBRATED_ROWS[2]),
+         "rtn_rows": RTN_ROWS + RTN_OUTPUT_ROWS[2:],
+         "extra": (Cell("gptq", "nf", "afpq", "output", 3, 64),), "peers": False,
+         "search_rows": CALIBRATED_SEARCH_ROWS + CALIBRATED_OUTPUT_ROWS}
+FULL = {"groups": GROUP_SIZES, "calibrated_rows": CALIBRATED_ROWS, "rtn_rows": RTN_ROWS + RTN_OUTPUT_ROWS, "extra": (),
+        "peers": False, "search_rows": CALIBRATED_SEARCH_ROWS + CALIBRATED_OUTPUT_ROWS}
+
+
+def peer_cells() -> List[Cell]:
+    """One cell per peer format (:mod:`afpq_plugins.study.peers`): family = the peer's name,
+    group size = its block."""
+    from .peers import PEERS
+
+    blocks = {"nvfp4": 16, "mxfp4": 32}
+    return [Cell("peer", p.name, "peer", None, p.bits, blocks.get(p.name, 64)) for p in PEERS.values()]
 
 
 def build_plan(
@@ -128,13 +149,17 @@ def build_plan(
     rtn_rows: Sequence[Row] = RTN_ROWS,
     calibrated_rows: Sequence[Row] = CALIBRATED_ROWS,
     search_methods: Sequence[str] = (),
+    peers: bool = False,
+    extra: Sequence[Cell] = (),
+    search_rows: Sequence[Row] = CALIBRATED_SEARCH_ROWS,
 ) -> List[Cell]:
     """Cells in priority order, so a run cut short still answers the main questions.
 
     All RTN cells first (cheap), group 64 first, then -1, 32, 192 (the paper's headline
     group, then the extremes); then GPTQ and AWQ alternately per group size, the INT vs
-    AFPQ pair of each block before the other rows; last, for ``search_methods``, the
-    GPTQ/AWQ cells with the scale search.
+    AFPQ pair of each block before the other rows; then ``extra`` cells; last, for
+    ``search_methods``, the GPTQ/AWQ cells with the scale searches. ``peers``: the peer
+    formats' cells (:func:`peer_cells`) after the RTN cells.
     """
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -152,6 +177,8 @@ def build_plan(
         for g in order:
             for b in rtn_bits:
                 plan += [Cell("rtn", r.family, r.mode, r.search, b, g) for r in rtn_rows]
+    if peers and "rtn" in methods:  # calibration-free peers next to RTN
+        plan += peer_cells()
     bad = [m for m in search_methods if m not in ("gptq", "awq")]
     if bad:
         raise ValueError(f"scale-search cells exist for gptq and awq only, got {bad[0]!r}")
@@ -165,9 +192,11 @@ def build_plan(
             for m in ("gptq", "awq"):
                 if m in methods:
                     plan += [Cell(m, r.family, r.mode, r.search, b, g) for r in rows]
+    plan += [c for c in extra if c.method in methods and c not in plan]
     # GPTQ/AWQ + scale search last: an AWQ cell with the search costs ~5 plain AWQ cells
     for m in ("gptq", "awq"):
         if m in methods and m in search_methods:
             plan += [Cell(m, r.family, r.mode, r.search, b, g)
-                     for g in order for b in calibrated_bits for r in CALIBRATED_SEARCH_ROWS]
+                     for g in order for b in calibrated_bits for r in search_rows
+                     if Cell(m, r.family, r.mode, r.search, b, g) not in plan]
     return plan

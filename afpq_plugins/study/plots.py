@@ -40,9 +40,9 @@ def plot_results(sec: dict, path: str) -> str:
             pts = [(x, y) for x, y in pts if y is not None]
             if not pts:
                 continue
-            label = f"{r.family.upper()} {r.mode}" + (" + search" if r.search else "")
+            label = f"{r.family.upper()} {r.mode}" + (f" + {r.search} search" if r.search else "")
             (h,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[r.mode], color=colors[r.family],
-                           marker="s" if r.search else "o", markerfacecolor="none" if r.search else None,
+                           marker={"mse": "s", "output": "^"}.get(r.search, "o"), markerfacecolor="none" if r.search else None,
                            alpha=0.6 if r.search else 1.0, label=label)
             handles.setdefault(label, h)
         if fp32 is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .plan import CALIBRATED_ROWS, CALIBRATED_SEARCH_ROWS, CAVEAT, METHODS, RTN_ROWS, Cell, Row, cell_key
+from .plan import (CALIBRATED_OUTPUT_ROWS, CALIBRATED_ROWS, CALIBRATED_SEARCH_ROWS, CAVEAT, METHODS, RTN_OUTPUT_ROWS,                    RTN_ROWS, Cell, Row, cell_key)
 
 
 def gap_closed(fp32: float, baseline: float, improved: float) -> Optional[float]:
@@ -30,7 +30,9 @@ def _fmt_ppl(x: Optional[float]) -> str:
 
 
 def _rows_for(method: str) -> Tuple[Row, ...]:
-    return RTN_ROWS if method == "rtn" else CALIBRATED_ROWS + CALIBRATED_SEARCH_ROWS
+    if method == "rtn":
+        return RTN_ROWS + RTN_OUTPUT_ROWS
+    return CALIBRATED_ROWS + CALIBRATED_SEARCH_ROWS + CALIBRATED_OUTPUT_ROWS
 
 
 def _blocks(cells: Dict[str, dict]) -> List[Tuple[str, int]]:
@@ -39,7 +41,7 @@ def _blocks(cells: Dict[str, dict]) -> List[Tuple[str, int]]:
 
 
 def _groups(cells: Dict[str, dict]) -> List[int]:
-    gs = {c["group_size"] for c in cells.values()}
+    gs = {c["group_size"] for c in cells.values() if c["method"] != "peer"}
     return sorted(gs, key=lambda g: (g != -1, -g))
 
 
@@ -120,7 +122,8 @@ def search_table(sec: dict) -> str:
                     continue
                 gc = gap_closed(fp32, a, b)
                 gcs = "-" if gc is None else f"{100 * gc:+.0f}%"
-                lines.append(f"| {method.upper()} | {r.family}{bits} {r.mode} | {g} | {_fmt_ppl(a)} | {_fmt_ppl(b)} | {gcs} |")
+                name = f"{r.family}{bits} {r.mode}" + ("" if r.search == "mse" else f" ({r.search} search)")
+                lines.append(f"| {method.upper()} | {name} | {g} | {_fmt_ppl(a)} | {_fmt_ppl(b)} | {gcs} |")
                 n += 1
     return "\n".join(lines) if n else ""
 
@@ -163,7 +166,14 @@ def markdown_report(sec: dict, plan: Optional[Sequence[Cell]] = None, title: str
         lines += ["**Two scales vs one scale + zero-point (paper's Figure 5) vs one scale**", "", t, ""]
     t = search_table(sec)
     if t:
-        lines += ["**Opt-in scale search (per-side shrink minimising the weight error) vs min/max scales**", "", t, ""]
+        lines += ["**Opt-in scale searches vs min/max scales** (plain rows: the mse search, per-side shrink "
+                  "minimising the weight error; \"output search\": minimising the layer-output error on the "
+                  "calibration inputs)", "", t, ""]
+    from .peers import peers_table
+
+    t = peers_table(sec)
+    if t:
+        lines += ["**AFPQ against the formats people use instead, at equal bits per weight**", "", t, ""]
     losses = afpq_losses(sec)
     lines += ["**Cells where AFPQ does not win**" + (" (none)" if not losses else ""), ""]
     lines += [f"- {x}" for x in losses]

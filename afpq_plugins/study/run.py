@@ -72,11 +72,13 @@ def _spec(cell: Cell, settings: Settings):
     return FormatSpec(cell.fmt, cell.group_size, cell.mode, settings.scale_dtype, scale_search=cell.search)
 
 
-def _rtn(model, cell: Cell, settings: Settings) -> None:
-    """RTN as fake quantization: the weight ``quantize_model_rtn`` stores, decoded once."""
-    from ..methods import quantize
+def _rtn(model, cell: Cell, settings: Settings, tok=None) -> None:
+    """RTN as fake quantization: the weight ``quantize_model_rtn`` stores, decoded once
+    (the output search calibrates on the same samples as GPTQ/AWQ)."""
+    from ..methods import Calibration, quantize
 
-    quantize(model, None, "rtn", _spec(cell, settings), fake=True, progress=False)
+    quantize(model, tok, "rtn", _spec(cell, settings), Calibration(settings.nsamples, settings.calib_seqlen,
+                                                                   settings.seed), fake=True, progress=False)
 
 
 @contextlib.contextmanager
@@ -109,8 +111,13 @@ def quantize_cell(model, tok, cell: Cell, settings: Settings) -> str:
     from ..methods import Calibration, get_method, quantize
 
     if cell.method == "rtn":
-        _rtn(model, cell, settings)
+        _rtn(model, cell, settings, tok)
         return "core"
+    if cell.method == "peer":
+        from .peers import apply_peer
+
+        apply_peer(model, cell.family)
+        return "peer"
     backend = getattr(settings, "backend", None)
     with _quiet_upstream():
         m = get_method(cell.method, backend)
