@@ -25,7 +25,8 @@ from .core.formats import MODES, get_format, list_formats, resolve_mode
 from .core.packing import LAYOUTS
 from .methods import engines_for, list_methods
 
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from .core.constants import QUANTIZED_KEY_SUFFIXES as _QUANT_SUFFIXES  # noqa: E402
+from .core.constants import SCALE_DTYPES as _SCALE_DTYPES  # noqa: E402
 
 
 def _err(msg: str) -> int:
@@ -34,7 +35,6 @@ def _err(msg: str) -> int:
 
 
 # -- helpers shared by subcommands --------------------------------------------------------
-_QUANT_SUFFIXES = (".qweight", ".scales_neg", ".qzeros")
 _HF_NOTE = ("note: afpq eval loads AFPQ checkpoints with afpq_plugins' own loader. Elsewhere, `import afpq_plugins` "
             "before transformers' from_pretrained: without it transformers 4.53/5.x warn \"Unknown quantization "
             "type, got afpq\" and then fail with a size mismatch on each layer's placeholder `weight`; with "
@@ -84,7 +84,7 @@ def _load_any(path_arg: str):
         _refuse_stripped_checkpoint(path)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if qcfg is not None:
         return load_quantized(str(path)), tok, "afpq"
     from .data import load_model_and_tokenizer

@@ -221,9 +221,11 @@ def load_model_and_tokenizer(
     """Load a plain (unquantized) Hugging Face causal-LM folder on CPU, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, **_from_pretrained_kwargs(dtype))
+    # a model folder never runs code it ships (auto_map): trust_remote_code=False, also so
+    # that transformers refuses instead of prompting interactively
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **_from_pretrained_kwargs(dtype))
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tokenizer
 
 
@@ -265,11 +267,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     metadata, tensor_types = _read_gguf(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
     loaded = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, **_from_pretrained_kwargs(torch.float32)
+        folder, gguf_file=name, trust_remote_code=False, **_from_pretrained_kwargs(torch.float32)
     )
     _plain_model(loaded).save_pretrained(out_dir)
     del loaded
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     _rebuild_gguf_tokenizer(tokenizer, metadata).save_pretrained(out_dir)
     counts = ", ".join(f"{n} {kind}" for kind, n in tensor_types.most_common())
     quantized = next((k for k, _ in tensor_types.most_common() if k not in _FLOAT_TYPES), "float")

@@ -47,11 +47,9 @@ class FormatSpec:
     scale_search: object = None  # None/"minmax", "mse", ... (afpq_plugins.core.search)
 
     def torch_scale_dtype(self):
-        import torch
+        from .core.constants import scale_dtype
 
-        if self.scale_dtype not in ("float16", "bfloat16", "float32"):
-            raise ValueError(f"scale_dtype must be float16, bfloat16 or float32, got {self.scale_dtype!r}")
-        return getattr(torch, self.scale_dtype)
+        return scale_dtype(self.scale_dtype)
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,20 @@ from torch import nn
 from .core.checkpoint import (
     AFPQConfigDict,
     CheckpointError,
-    load_checkpoint_tensors,
+    CheckpointSnapshot,
+    is_afpq_checkpoint,
     placeholder_keys,
     quantized_module_names,
-    read_quant_config,
     validate_layer_tensors,
     write_checkpoint,
 )
 from .core.formats import get_format, resolve_mode
-from .core.quantize import group_count, resolve_search
+from .core.packing import packed_shape
+from .core.quantize import check_finite, group_count, resolve_search
+from .core.constants import LAYER_PARAM_SUFFIXES, scale_dtype_name
+from .core.constants import scale_dtype as to_scale_dtype
 from .nn import AFPQLinear
+from .nn.skeleton import build_skeleton, plan_skeleton, set_module, tied_parameter_names
 
 __all__ = [
     "DEFAULT_SKIP",
@@ -61,12 +65,6 @@ def find_linears(model: nn.Module, skip: Sequence[str] = DEFAULT_SKIP) -> Dict[s
     }
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def quantize_model_rtn(
     model: nn.Module,
     fmt="nf4",
@@ -81,6 +79,10 @@ def quantize_model_rtn(
 ) -> AFPQConfigDict:
     """Replace the model's Linears with round-to-nearest :class:`AFPQLinear` (in place).
 
+    Every layer is checked first (group size, packing constraints, finite weights); if
+    anything still fails while layers are replaced, the replaced ones are put back, so
+    on an error the caller's model is as it was.
+
     ``scale_search`` (``None`` = the paper's min/max scales, ``"mse"`` or a
     :class:`~afpq_plugins.core.quantize.ScaleSearch`) opts into the scale search;
     ``layer_searches`` (layer name -> search object) overrides it per layer (the output
@@ -89,22 +91,35 @@ def quantize_model_rtn(
     f = get_format(fmt)
     mode = resolve_mode(f, mode)
     search = resolve_search(scale_search)
+    scale_dtype = to_scale_dtype(scale_dtype)
     linears = find_linears(model, skip)
     if not linears:
         raise ValueError("no nn.Linear layers to quantize (check the skip list)")
-    for name, lin in linears.items():  # validate all shapes before touching anything
+    for name, lin in linears.items():  # validate everything checkable before touching anything
         group_count(lin.in_features, group_size, name)
+        try:
+            packed_shape(layout, f.bits, lin.out_features, lin.in_features)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        check_finite(lin.weight.detach(), f"{name}.weight")
     it = linears.items()
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, total=len(linears), desc=f"RTN {f.name}/{mode} g{group_size}", unit="layer")
-    with torch.no_grad():
-        for name, lin in it:
-            _set_module(model, name, AFPQLinear.from_linear(
-                lin, f, group_size, mode, layout, scale_dtype, name=name,
-                search=(layer_searches or {}).get(name, search)))
-    dtype_name = str(scale_dtype).replace("torch.", "")
+    done: List[Tuple[str, nn.Module]] = []
+    try:
+        with torch.no_grad():
+            for name, lin in it:
+                new = AFPQLinear.from_linear(lin, f, group_size, mode, layout, scale_dtype, name=name,
+                                             search=(layer_searches or {}).get(name, search))
+                set_module(model, name, new)
+                done.append((name, lin))
+    except BaseException:  # leave the caller's model as it was
+        for name, lin in reversed(done):
+            set_module(model, name, lin)
+        raise
+    dtype_name = scale_dtype_name(scale_dtype)
     return AFPQConfigDict(
         format=f.name, bits=f.bits, group_size=group_size, mode=mode, layout=layout,
         scale_dtype=dtype_name, method="rtn", modules_to_not_convert=list(skip),
@@ -170,61 +185,49 @@ def _add_legacy_rope_keys(cfg: dict) -> None:
         cfg.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
 
 
-def is_afpq_checkpoint(path: str) -> bool:
-    import json
-
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):
-        return False
-    with open(cfg, encoding="utf-8") as fh:
-        qc = json.load(fh).get("quantization_config") or {}
-    return qc.get("quant_method") == "afpq"
-
-
 def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Load an AFPQ checkpoint into its transformers architecture, with validation."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load an AFPQ checkpoint into its transformers architecture, with validation.
 
-    _, qc = read_quant_config(path)
-    tensors = load_checkpoint_tensors(path)
-    src = os.path.join(path, "model.safetensors")
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # ours is handled here, not by transformers
+    One version of the folder is read (:class:`~afpq_plugins.core.checkpoint.CheckpointSnapshot`:
+    config and tensors of the same save, even while the folder is being re-saved). The
+    architecture comes from ``config.json``'s ``model_type`` (transformers' own classes;
+    custom code is never run, ``auto_map`` is ignored), is built on the meta device,
+    turned into its AFPQ skeleton by :func:`afpq_plugins.nn.skeleton.build_skeleton`
+    (``nn.Linear`` and GPT-2 ``Conv1D`` layers) and checked tensor by tensor before any
+    memory is allocated; only then is the model built and filled. Float tensors of a
+    dtype other than the model's (the most common float dtype of the non-quantized
+    tensors, or ``dtype``) are cast to it, as transformers does. Every failure is a
+    :class:`~afpq_plugins.core.checkpoint.CheckpointError` naming the file, key or tensor."""
+    from accelerate import init_empty_weights
+
+    with CheckpointSnapshot(path) as snap:
+        qc = snap.quant_config()
+        tensors = snap.tensors()
+        src = snap.weights_path
+        config = _config_from_dict(snap.config, snap.config_path)
+        with torch.device("meta"):  # nothing allocated, whatever the config's sizes
+            probe = _build(config, snap.config_path)
+        names = quantized_module_names(qc, tensors)
+        plan = plan_skeleton(probe, qc, names, source=src)
+        for name, spec in plan.items():
+            validate_layer_tensors(name, tensors, qc, spec.in_features, spec.out_features, spec.has_bias, source=src)
+        build_skeleton(probe, qc, names, source=src)
+        for key in placeholder_keys(names):  # validated above; absent in older checkpoints
+            tensors.pop(key, None)
+        tied = _check_state_dict(probe, tensors, src)
+        snap.check_stamp(qc)
+    del probe
+    quant = {f"{n}.{s}" for n in plan for s in LAYER_PARAM_SUFFIXES}
+    target = dtype if dtype is not None else _model_dtype(tensors, quant)
+    odd = sorted(k for k, t in tensors.items() if k not in quant and t.is_floating_point() and t.dtype != target)
+    if odd and dtype is None:
+        log.warning("%s: %d float tensor(s) are not %s (first: %r); cast to %s, as transformers does",
+                    src, len(odd), target, odd[0], target)
+    tensors.update({k: tensors[k].to(target) for k in odd})
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    names = quantized_module_names(qc, tensors)
-    for name in names:
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{src}: quantized module {name!r} does not exist in {type(model).__name__}") from None
-        in_f, out_f = _linear_dims(lin, name, src)
-        has_bias = lin.bias is not None
-        validate_layer_tensors(name, tensors, qc, in_f, out_f, has_bias, source=src)
-        layer = AFPQLinear(
-            in_f, out_f, has_bias, fmt=qc.fmt, group_size=qc.group_size, mode=qc.mode,
-            layout=qc.layout, scale_dtype=qc.torch_scale_dtype,
-            bias_dtype=tensors[f"{name}.bias"].dtype if has_bias else None,
-        )
-        _set_module(model, name, layer)
-    for key in placeholder_keys(names):  # validated above; absent in older checkpoints
-        tensors.pop(key, None)
-    expected = set(model.state_dict())
-    tied = _tied_names(model)
-    missing = sorted(expected - set(tensors) - tied)
-    if missing:
-        raise CheckpointError(f"{src}: tensor {missing[0]!r} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(set(tensors) - expected)
-    if unexpected:
-        raise CheckpointError(f"{src}: unexpected tensor {unexpected[0]!r} (not in {type(model).__name__})")
-    sd = model.state_dict()
-    for k, t in tensors.items():
-        if tuple(sd[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"{src}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(sd[k].shape)}")
-    if dtype is not None:
-        tensors = {k: (t.to(dtype) if t.is_floating_point() and not _is_quant_param(k) else t) for k, t in tensors.items()}
+        model = _build(config, snap.config_path)
+    build_skeleton(model, qc, names, bias_dtypes={n: tensors[f"{n}.bias"].dtype for n in plan if plan[n].has_bias},
+                   source=src)
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied:
         model.tie_weights()
@@ -235,33 +238,59 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
     return model.to(device).eval()
 
 
-def _linear_dims(mod: nn.Module, name: str, src: str) -> Tuple[int, int]:
-    """(in, out) of an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2: weight ``[in, out]``,
-    ``y = x @ W + b``, the same function as a Linear with ``W.T``)."""
-    if isinstance(mod, nn.Linear):
-        return mod.in_features, mod.out_features
-    if type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2:
-        in_f, out_f = mod.weight.shape
-        return int(in_f), int(out_f)
-    raise CheckpointError(f"{src}: quantized module {name!r} is a {type(mod).__name__}, expected Linear or Conv1D")
+def _config_from_dict(config: dict, where: str):
+    """The transformers config of ``config.json``'s dict, by ``model_type`` (no remote code)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    d = {k: v for k, v in config.items() if k != "quantization_config"}  # ours is handled here
+    mt = d.get("model_type")
+    if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
+        raise CheckpointError(
+            f"{where}: model_type {mt!r} is not an architecture transformers knows (custom code from a "
+            "checkpoint is never run: trust_remote_code=False)"
+        )
+    try:
+        return CONFIG_MAPPING[mt].from_dict(d)
+    except Exception as exc:  # transformers' own validation of the values: ValueError, TypeError, ...
+        raise CheckpointError(f"{where}: not a valid {mt} config ({type(exc).__name__}: {exc})") from exc
 
 
-def _is_quant_param(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in ("qweight", "scales", "scales_neg", "zeros", "g_idx")
+def _build(config, where: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as exc:  # a config transformers accepts but cannot build (sizes, heads, ...)
+        raise CheckpointError(
+            f"{where}: cannot build {type(config).__name__} from it ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
-def _tied_names(model: nn.Module) -> set:
-    """Parameter names that ``tie_weights`` fills (e.g. ``lm_head.weight``)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not getattr(cfg, "tie_word_embeddings", False):
-        return set()
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out is None:
-        return set()
-    for name, mod in model.named_modules():
-        if mod is out:
-            return {f"{name}.weight"}
-    return set()
+def _check_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], src: str) -> set:
+    """Every model tensor present (tied ones excepted), none unexpected, shapes equal;
+    returns the tied names."""
+    expected = set(model.state_dict())
+    tied = tied_parameter_names(model)
+    missing = sorted(expected - set(tensors) - tied)
+    if missing:
+        raise CheckpointError(f"{src}: tensor {missing[0]!r} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(set(tensors) - expected)
+    if unexpected:
+        raise CheckpointError(f"{src}: unexpected tensor {unexpected[0]!r} (not in {type(model).__name__})")
+    sd = model.state_dict()
+    for k, t in tensors.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{src}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(sd[k].shape)}")
+    return tied
+
+
+def _model_dtype(tensors: Dict[str, torch.Tensor], quant: set) -> torch.dtype:
+    """The most common float dtype among the non-quantized tensors (by element count)."""
+    count: Dict[torch.dtype, int] = {}
+    for k, t in tensors.items():
+        if k not in quant and t.is_floating_point():
+            count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    return max(count, key=lambda d: (count[d], d == torch.float32)) if count else torch.float32
 
 
 def quantized_layers(model: nn.Module) -> List[Tuple[str, AFPQLinear]]:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
+import afpq_plugins.core.checkpoint as checkpoint_module
 from afpq_plugins.core.checkpoint import (
     AFPQConfigDict,
     CheckpointError,
@@ -371,18 +372,28 @@ def test_existing_folder_refused_without_overwrite(tmp_path):
 
 def test_overwrite_replaces_the_folder(tmp_path):
     out = tmp_path / "ck"
-    out.mkdir()
+    write_checkpoint(str(out), _tensors(), MODEL_CFG, _qc(mode="sym"))
     (out / "stale.bin").write_bytes(b"old")
     write_checkpoint(str(out), _tensors(), MODEL_CFG, _qc(), overwrite=True)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # the old content is gone
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary or backup folders left
 
 
-def test_overwrite_replaces_a_file_in_the_way_without_leftovers(tmp_path):
-    (tmp_path / "ck").write_text("not a folder")
-    write_checkpoint(str(tmp_path / "ck"), _tensors(), MODEL_CFG, _qc(), overwrite=True)
-    assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.safetensors"]
-    assert sorted(os.listdir(tmp_path)) == ["ck"]  # the replaced file is not left as a hidden backup
+def test_overwrite_refuses_what_is_not_a_checkpoint(tmp_path):
+    """overwrite=True replaces an AFPQ checkpoint or an empty folder, nothing else (a user who
+    swaps the CLI's two paths must not lose the source model folder)."""
+    (tmp_path / "file").write_text("not a folder")
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    (src / "model.safetensors").write_bytes(b"float weights")
+    for target in ("file", "model"):
+        before = _snapshot(tmp_path / target) if target == "model" else (tmp_path / target).read_text()
+        with pytest.raises(CheckpointError, match="not an AFPQ checkpoint|is a file"):
+            write_checkpoint(str(tmp_path / target), _tensors(), MODEL_CFG, _qc(), overwrite=True)
+        after = _snapshot(tmp_path / target) if target == "model" else (tmp_path / target).read_text()
+        assert after == before
+    assert sorted(os.listdir(tmp_path)) == ["file", "model"]
 
 
 def test_failing_extra_writer_leaves_old_folder_intact(tmp_path):
@@ -419,6 +430,7 @@ def test_failed_final_rename_restores_the_old_folder(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", flaky_replace)
+    monkeypatch.setattr(checkpoint_module, "_exchange", lambda a, b: False)  # the two-rename path
     with pytest.raises(OSError, match="simulated"):
         write_checkpoint(str(out), {"x": torch.ones(2)}, {}, _qc(), overwrite=True)
     monkeypatch.undo()

@@ -1,6 +1,6 @@
 """The format registry: the paper's grids, INT grids, custom tables, modes.
 
-References are the tables copied from PAPER_NOTES.md ("Grids"), never the
+References are the tables copied from docs/format.md ("Grids"), never the
 library's own constants.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from afpq_plugins.core.formats import MODES, Format, get_format, list_formats, register_format, resolve_mode
 
-# -- the paper's tables, typed in from PAPER_NOTES.md ------------------------------------------
+# -- the grids, typed in from docs/format.md ------------------------------------------
 FP4_MAG = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # E2M1 magnitudes
 FP3_MAG = [0.0, 1.0, 2.0, 4.0]  # E2M0 magnitudes
 NF4 = [

@@ -1,7 +1,7 @@
 """AFPQLinear: packing a quantized weight, decoding it back, and the forward pass.
 
 The forward reference is float64 ``x @ W_fq.T + b``; the act-order reference is a
-float64 decode, written here from the grids in PAPER_NOTES.md, of codes and scales
+float64 decode, written here from the grids in docs/format.md, of codes and scales
 chosen by hand.
 """
 

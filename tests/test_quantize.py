@@ -1,4 +1,4 @@
-"""Quantization maths against float64 references written from PAPER_NOTES.md.
+"""Quantization maths against float64 references written from docs/format.md.
 
 The reference (``Ref`` below) is numpy float64 throughout: the grids are typed in
 from the notes, the group parameters come from the notes' formulas, and the
@@ -34,7 +34,7 @@ from afpq_plugins.core.quantize import (
 
 HYP = settings(max_examples=25, deadline=None, derandomize=True)
 
-# -- the grids, typed in from PAPER_NOTES.md -----------------------------------------------------
+# -- the grids, typed in from docs/format.md -----------------------------------------------------
 FP4_MAG = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 FP3_MAG = [0.0, 1.0, 2.0, 4.0]
 NF4 = [

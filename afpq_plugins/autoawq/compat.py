@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 
+from .._patching import patched
+
 
 @contextlib.contextmanager
 def awq_progress(enabled: bool):
@@ -19,12 +21,8 @@ def awq_progress(enabled: bool):
         return
     import awq.quantize.quantizer as qmod
 
-    old = qmod.tqdm
-    qmod.tqdm = functools.partial(old, disable=True)
-    try:
+    with patched(qmod, "tqdm", functools.partial(qmod.tqdm, disable=True)):
         yield
-    finally:
-        qmod.tqdm = old
 
 
 @contextlib.contextmanager

@@ -112,7 +112,7 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None,
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception:  # a checkpoint without tokenizer files is still a model
         tok = None
     make_awq_model_safe(wrapped, qc, tok)

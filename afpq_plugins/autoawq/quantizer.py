@@ -55,7 +55,7 @@ from .compat import snapshot_state_dict
 __all__ = ["AFPQAwqQuantizer", "CLIP_MODES"]
 
 CLIP_MODES = ("symmetric", "two-sided", "autoawq")
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from ..core.constants import SCALE_DTYPES as _DTYPES  # noqa: E402
 #: AutoAWQ's clip search skips these (q/k feed a bmm, hard to clip precisely).
 _AVOID_CLIPPING = ("q_", "k_", "query", "key", "Wqkv")
 

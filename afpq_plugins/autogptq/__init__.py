@@ -12,33 +12,23 @@
 Importing this package imports ``auto_gptq`` and wraps five of its entry points
 (:mod:`.hooks`); the wrappers act only on :class:`AFPQQuantizeConfig` objects and AFPQ
 checkpoints and hand everything else to AutoGPTQ untouched. ``unregister()`` removes
-them. :func:`quantize_model` runs the same GPTQ on an in-memory transformers model.
+them; ``with registered():`` scopes them (all side effects: ``afpq_plugins`` docstring).
+:func:`quantize_model` runs the same GPTQ on an in-memory transformers model.
 """
 
 from __future__ import annotations
 
+from . import hooks as _hooks
 from .config import AFPQQuantizeConfig
-from .hooks import afpq_hooks, is_registered, load_afpq, register, save_afpq, unregister, wrap_model
+from .hooks import afpq_hooks, is_registered, load_afpq, register, registered, save_afpq, unregister, wrap_model
 from .qlinear import AFPQQuantLinear, quant_linear_class
 from .quantizer import AFPQGPTQ, AFPQQuantizer
 from .api import examples_from_ids, gptq_quantize, quantize_model
 
 __all__ = [
-    "AFPQQuantizeConfig",
-    "AFPQQuantizer",
-    "AFPQGPTQ",
-    "AFPQQuantLinear",
-    "quant_linear_class",
-    "afpq_hooks",
-    "register",
-    "unregister",
-    "is_registered",
-    "save_afpq",
-    "load_afpq",
-    "wrap_model",
-    "quantize_model",
-    "examples_from_ids",
-    "gptq_quantize",
+    "AFPQQuantizeConfig", "AFPQQuantizer", "AFPQGPTQ", "AFPQQuantLinear", "quant_linear_class",
+    *_hooks.__all__,
+    "quantize_model", "examples_from_ids", "gptq_quantize",
 ]
 
 register()

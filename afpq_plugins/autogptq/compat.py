@@ -6,7 +6,8 @@ are then no-ops). They are not AFPQ-specific: the INT workflow in the integratio
 tests uses the same ones, so a stock INT run and an INT run beside the AFPQ adapter
 are compared under identical conditions.
 
-This module imports only ``torch`` and ``auto_gptq`` (no ``afpq_plugins``), so it can be
+This module imports only ``torch``, ``auto_gptq`` and the stdlib-only
+``afpq_plugins/_patching.py`` (by path when it has no package), so it can be
 loaded by file path in a process that must not import the adapter
 (``patches/autogptq_cpu.py`` does exactly that).
 """
@@ -34,19 +35,23 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-@contextlib.contextmanager
-def patched(obj, name: str, value) -> Iterator[None]:
-    """Set ``obj.name = value`` for the duration of the block, then restore it."""
-    missing = object()
-    old = getattr(obj, name, missing)
-    setattr(obj, name, value)
+def _patching():
+    """The project's ``patched`` primitive (``afpq_plugins/_patching.py``), also when this
+    file is loaded by path outside the package (then that file is loaded by path too)."""
     try:
-        yield
-    finally:
-        if old is missing:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, old)
+        from .. import _patching
+    except ImportError:  # no parent package: loaded by file path
+        import importlib.util
+        import os
+
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "_patching.py")
+        spec = importlib.util.spec_from_file_location("_afpq_patching_standalone", os.path.normpath(path))
+        _patching = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_patching)
+    return _patching
+
+
+patched = _patching().patched
 
 
 def _noop(*args, **kwargs) -> None:

@@ -19,7 +19,7 @@ __all__ = ["AFPQQuantizeConfig", "GPTQ_EXTRA_KEYS"]
 #: keys (they do not change how the tensors decode; they record how they were made).
 GPTQ_EXTRA_KEYS = ("damp_percent", "static_groups", "true_sequential", "sym", "scale_search")
 
-_SCALE_DTYPES = ("float16", "bfloat16", "float32")
+from ..core.constants import SCALE_DTYPE_NAMES as _SCALE_DTYPES  # noqa: E402
 
 
 @dataclass

@@ -6,7 +6,8 @@ layer class with ``auto_gptq.modeling._utils.dynamically_import_QuantLinear``. W
 AFPQ config is in play (and only then) :func:`afpq_hooks` points those two names at the
 AFPQ classes and restores them on exit.
 
-:func:`register` (run by ``import afpq_plugins.autogptq``) wraps five entry points so
+:func:`register` (run by ``import afpq_plugins.autogptq``, the documented opt-in; undone
+by :func:`unregister`; :func:`registered` scopes it to a ``with`` block) wraps five entry points so
 that they enter those scopes by themselves; each wrapper hands anything that is not an
 AFPQ config or checkpoint to the original method untouched, so an INT workflow in the
 same process runs exactly the stock code:
@@ -22,13 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 from typing import Iterator, Optional
 
 import torch
 
+from ..core.checkpoint import is_afpq_checkpoint
 from . import compat
 from .config import AFPQQuantizeConfig
 from .qlinear import AFPQQuantLinear, quant_linear_class
@@ -39,6 +40,7 @@ __all__ = [
     "register",
     "unregister",
     "is_registered",
+    "registered",
     "save_afpq",
     "load_afpq",
     "wrap_model",
@@ -64,14 +66,7 @@ def afpq_hooks(cfg: AFPQQuantizeConfig) -> Iterator[None]:
 
 
 def _is_afpq_dir(path) -> bool:
-    if path is None or not os.path.isdir(str(path)):
-        return False
-    cfg = os.path.join(str(path), "config.json")
-    if not os.path.isfile(cfg):
-        return False
-    with open(cfg, encoding="utf-8") as fh:
-        qc = json.load(fh).get("quantization_config") or {}
-    return qc.get("quant_method") == "afpq"
+    return path is not None and os.path.isdir(str(path)) and is_afpq_checkpoint(path)
 
 
 # -- checkpoint I/O ------------------------------------------------------------------------
@@ -135,7 +130,11 @@ def _from_quantized_afpq(cls, model_name_or_path, device=None, device_map=None, 
     if isinstance(dev, int):
         dev = f"cuda:{dev}"
     model = load_afpq(str(model_name_or_path), device=dev, torch_dtype=torch_dtype)
-    cfg = AFPQQuantizeConfig.from_pretrained(str(model_name_or_path))
+    # the config of the version that was loaded (not a second read of the folder)
+    from ..core.checkpoint import AFPQConfigDict
+
+    cfg = AFPQQuantizeConfig.from_afpq(AFPQConfigDict.from_dict(model.config.quantization_config))
+    cfg.model_name_or_path = str(model_name_or_path)
     wrapper = wrap_model(model, cfg, quantized=True)
     # this wrapper only: AutoGPTQ's generate() autocasts to bfloat16 on CPU (fp16 models fail)
     wrapper.generate = functools.partial(compat.generate_without_cpu_autocast, wrapper)
@@ -236,6 +235,20 @@ def unregister() -> None:
     """Restore AutoGPTQ's original methods."""
     for owner, name, _ in _targets():
         _uninstall(owner, name)
+
+
+@contextlib.contextmanager
+def registered() -> Iterator[None]:
+    """The wrappers of :func:`register` for the duration of the block only (then the state
+    before the block is restored): for code that called :func:`unregister` and wants
+    AutoGPTQ's entry points to accept AFPQ configs in one place."""
+    was = is_registered()
+    register()
+    try:
+        yield
+    finally:
+        if not was:
+            unregister()
 
 
 def is_registered() -> bool:

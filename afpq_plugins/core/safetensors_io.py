@@ -10,14 +10,17 @@ shape) instead of a bare deserialisation failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
-from typing import Dict, Mapping, Optional, Tuple
+from typing import BinaryIO, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["save_file", "load_file", "read_header", "SafetensorsError"]
+from .errors import SafetensorsError
+
+__all__ = ["save_file", "load_file", "read_header", "read_tensor", "parse_json_object", "SafetensorsError", "DTYPES"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -25,11 +28,8 @@ _DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+DTYPES = _DTYPES  #: safetensors dtype name -> torch dtype (the ones this reader supports)
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class SafetensorsError(ValueError):
-    """A safetensors file is malformed; the message names the file and the tensor."""
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
@@ -65,36 +65,98 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def read_header(path: str) -> Tuple[Dict[str, dict], Dict[str, str], int]:
-    """(tensor entries, metadata, data start offset), validated against the file size."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
+_MAX_DIM = (1 << 63) - 1
+
+
+def _reject_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _uint(v) -> bool:
+    return type(v) is int and 0 <= v <= _MAX_DIM
+
+
+def parse_json_object(raw: bytes, where: str, error=SafetensorsError, object_pairs_hook=None) -> dict:
+    """``raw`` as a JSON object; anything else (bad UTF-8 or JSON, deep nesting, another
+    JSON type) is ``error`` naming ``where``."""
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=object_pairs_hook)
+    except RecursionError:
+        raise error(f"{where}: nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{where}: must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+@contextlib.contextmanager
+def _reading(src, name: Optional[str] = None) -> Iterator[Tuple[BinaryIO, str]]:
+    """``(binary file, name)`` of a path (opened here, closed after) or of an open file."""
+    if isinstance(src, (str, os.PathLike)):
+        with open(src, "rb") as fh:
+            yield fh, name or os.fspath(src)
+    else:
+        yield src, name or str(getattr(src, "name", "<file>"))
+
+
+def read_header(src, name: Optional[str] = None) -> Tuple[Dict[str, dict], Dict[str, str], int]:
+    """(tensor entries, metadata, data start offset) of a path or an open binary file,
+    validated as strictly as the safetensors library does: a JSON object without
+    duplicate keys, ``__metadata__`` a map of strings, every entry a known dtype, a
+    shape of non-negative integers and integer offsets; the tensors' byte ranges tile the
+    data section exactly (in offset order, no gap, no overlap, no trailing bytes), and
+    each range holds ``numel * itemsize`` bytes. Any violation is a
+    :class:`SafetensorsError` naming the file (and the tensor)."""
+    with _reading(src, name) as (fh, path):
+        size = os.fstat(fh.fileno()).st_size
+        fh.seek(0)
         raw = fh.read(8)
         if len(raw) < 8:
             raise SafetensorsError(f"{path}: file is truncated ({size} bytes, no header)")
         (hlen,) = struct.unpack("<Q", raw)
         if hlen > _MAX_HEADER or 8 + hlen > size:
             raise SafetensorsError(f"{path}: header length {hlen} runs past the end of the file ({size} bytes): truncated?")
-        try:
-            header = json.loads(fh.read(hlen).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SafetensorsError(f"{path}: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+        hbytes = fh.read(hlen)
+    try:
+        header = parse_json_object(hbytes, f"{path}: header", SafetensorsError, _reject_duplicates)
+    except _Duplicate as dup:
+        raise SafetensorsError(f"{path}: header names tensor {dup.args[0]!r} twice") from None
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings, got {metadata!r:.200}")
     start = 8 + hlen
+    spans = []
     for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if not isinstance(info, dict):
+            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {info!r:.200}")
+        dtype = _DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+        if dtype is None:
+            raise SafetensorsError(f"{path}: tensor {name!r} has an unknown or unsupported dtype {info.get('dtype')!r:.50}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+            raise SafetensorsError(f"{path}: tensor {name!r} shape must be a list of non-negative integers, got {shape!r:.200}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_uint(o) for o in offsets):
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} data_offsets must be two non-negative integers, got {offsets!r:.200}"
+            )
+        begin, end = offsets
         numel = 1
         for d in shape:
             numel *= d
         expect = numel * torch.empty((), dtype=dtype).element_size()
-        if end - begin != expect or begin < 0:
+        if end < begin or end - begin != expect:
             raise SafetensorsError(
                 f"{path}: tensor {name!r} ({info['dtype']}{shape}) needs {expect} bytes, its offsets give {end - begin}"
             )
@@ -102,22 +164,38 @@ def read_header(path: str) -> Tuple[Dict[str, dict], Dict[str, str], int]:
             raise SafetensorsError(
                 f"{path}: tensor {name!r} ends at byte {start + end} but the file has {size} bytes: truncated file"
             )
+        spans.append((begin, end, name))
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes before it"
+            raise SafetensorsError(f"{path}: tensor {name!r} (data_offsets [{begin}, {end}]) {what}")
+        pos = end
+    if start + pos != size:
+        raise SafetensorsError(f"{path}: {size - start - pos} trailing bytes after the last tensor")
     return header, metadata, start
 
 
-def load_file(path: str, device="cpu") -> Dict[str, torch.Tensor]:
-    """All tensors of ``path`` (validated first; see :func:`read_header`)."""
-    header, _, start = read_header(path)
+def read_tensor(fh: BinaryIO, info: dict, start: int, name: Optional[str] = None) -> torch.Tensor:
+    """One tensor of an open file whose header :func:`read_header` validated."""
+    begin, end = info["data_offsets"]
+    dtype = _DTYPES[info["dtype"]]
+    buf = bytearray(os.pread(fh.fileno(), end - begin, start + begin)) if end > begin else bytearray()
+    if len(buf) != end - begin:
+        raise SafetensorsError(f"{name or getattr(fh, 'name', '<file>')}: short read (the file changed while it was read)")
+    if not buf:
+        return torch.empty(info["shape"], dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
+def load_file(src, device="cpu", name: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """All tensors of a path or an open binary file (validated first, see
+    :func:`read_header`); a path is opened once, so header and data are one version.
+    ``name``: the file's name in error messages (default: the path)."""
     out: Dict[str, torch.Tensor] = {}
-    with open(path, "rb") as fh:
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            fh.seek(start + begin)
-            buf = bytearray(fh.read(end - begin))
-            dtype = _DTYPES[info["dtype"]]
-            if buf:
-                t = torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
-            else:
-                t = torch.empty(info["shape"], dtype=dtype)
-            out[name] = t.to(device) if device != "cpu" else t
+    with _reading(src, name) as (fh, path):
+        header, _, start = read_header(fh, path)
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            t = read_tensor(fh, info, start, path)
+            out[key] = t.to(device) if device != "cpu" else t
     return out

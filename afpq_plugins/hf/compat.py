@@ -29,22 +29,9 @@ from typing import Iterator
 
 import torch
 
+from .._patching import patched
+
 __all__ = ["patched", "gptq_class", "cpu_calibration_optimum_2_0", "no_cuda_synchronize"]
-
-
-@contextlib.contextmanager
-def patched(obj, name: str, value) -> Iterator[None]:
-    """Set ``obj.name = value`` for the duration of the block, then restore it."""
-    missing = object()
-    old = getattr(obj, name, missing)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        if old is missing:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, old)
 
 
 @contextlib.contextmanager

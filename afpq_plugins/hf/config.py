@@ -82,6 +82,17 @@ class AFPQConfig(QuantizationConfigMixin):
         name = fmt if fmt is not None else format
         if name is None:
             raise CheckpointError("quantization_config: missing key 'format' (AFPQConfig(fmt=...))")
+        # the same JSON types the checkpoint format requires (no silent coercion: both loaders agree)
+        for key, v in (("format", name), ("modules_to_not_convert", modules_to_not_convert),
+                       ("quantized_modules", quantized_modules), ("table", table), ("bits", bits)):
+            if v is None:
+                continue
+            if key == "format" and not (isinstance(v, str) and v):
+                raise CheckpointError(f"quantization_config.format must be a non-empty string, got {v!r:.200}")
+            if key in ("modules_to_not_convert", "quantized_modules", "table") and not isinstance(v, (list, tuple)):
+                raise CheckpointError(f"quantization_config.{key} must be a list, got {v!r:.200}")
+            if key == "bits" and (not isinstance(v, int) or isinstance(v, bool)):
+                raise CheckpointError(f"quantization_config.bits must be an integer, got {v!r:.200}")
         self.quant_method = quant_method
         if table is None:
             try:
@@ -91,7 +102,7 @@ class AFPQConfig(QuantizationConfigMixin):
         else:
             f = None
         self.format = str(name).lower() if f is not None else str(name)
-        self.bits = int(bits) if bits is not None else (f.bits if f is not None else None)
+        self.bits = bits if bits is not None else (f.bits if f is not None else None)
         self.group_size = group_size
         self.mode = mode
         self.layout = layout

@@ -49,7 +49,7 @@ __all__ = ["AFPQGPTQQuantizer", "uses_gptqmodel"]
 
 log = logging.getLogger(__name__)
 
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from ..core.constants import SCALE_DTYPES as _SCALE_DTYPES  # noqa: E402
 
 
 def uses_gptqmodel() -> bool:

@@ -2,7 +2,8 @@
 
 Pre-quantized checkpoints (the usual case): before weights load, the model skeleton
 (meta device) gets an :class:`~afpq_plugins.nn.AFPQLinear` in place of every
-``nn.Linear`` the checkpoint lists in ``quantized_modules``, and the checkpoint files
+``nn.Linear`` (or GPT-2 ``Conv1D``) the checkpoint lists in ``quantized_modules``
+(:func:`afpq_plugins.nn.skeleton.build_skeleton`, shared with every loader), and the checkpoint files
 are validated against it (:mod:`.validate`); transformers then loads ``qweight`` /
 ``scales`` / ``scales_neg`` / ``zeros`` / ``g_idx`` / ``bias`` into those buffers like
 any other tensor. After loading, the group parameters are put back in the
@@ -40,25 +41,23 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..core.checkpoint import (
     PLACEHOLDER_SUFFIXES,
+    STAMP_METADATA_KEY,
     CheckpointError,
+    config_stamp,
     placeholder_keys,
+    quantized_module_names,
     safetensors_metadata,
     with_refusal_placeholders,
 )
 from ..core.safetensors_io import read_header
 from ..nn import AFPQLinear, second_param_name
+from ..nn.skeleton import build_skeleton, set_module
 from .config import AFPQConfig
 from .validate import CheckpointTensors, resolve_checkpoint_files, validate_against_model
 
 __all__ = ["AFPQHfQuantizer"]
 
 log = logging.getLogger(__name__)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _with_placeholders(model: nn.Module, state_dict: dict) -> dict:
@@ -76,6 +75,19 @@ def _fix_state_dict_keys_on_save(self, state_dict):
 def _placeholder_pattern(names) -> str:
     suffixes = "|".join(PLACEHOLDER_SUFFIXES)
     return r"(?:^|\.)(?:" + "|".join(re.escape(n) for n in sorted(names)) + r")\.(?:" + suffixes + r")$"
+
+
+def _skip_init_of_parents(model: nn.Module, names) -> None:
+    """transformers 5.x runs ``_init_weights`` on every module not flagged
+    ``_is_hf_initialized`` after loading; GPT-2's re-initializes ``<attn|mlp>.c_proj.weight``
+    there, which an AFPQ layer does not have. The parents of the quantized layers hold no
+    tensor of their own that the checkpoint lacks (every tensor was validated present), so
+    they are flagged as initialized; parents with buffers of their own (which 5.x may need
+    to re-initialize) are left alone. 4.53 does not read the flag."""
+    for name in names:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if parent is not model and next(parent.buffers(recurse=False), None) is None:
+            parent._is_hf_initialized = True
 
 
 class AFPQHfQuantizer(HfQuantizer):
@@ -122,10 +134,9 @@ class AFPQHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             src = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
             if src and os.path.isdir(str(src)):
-                try:
-                    files = resolve_checkpoint_files(type("_Src", (), {"name_or_path": str(src)})())
-                except CheckpointError:
-                    files = []
+                # a folder without model.safetensors (say, only a pytorch_model.bin) is refused here,
+                # before transformers would unpickle anything
+                files = resolve_checkpoint_files(type("_Src", (), {"name_or_path": str(src)})())
                 for f in files:
                     read_header(f)  # SafetensorsError naming the file and the tensor
         return config
@@ -137,37 +148,25 @@ class AFPQHfQuantizer(HfQuantizer):
         qc = self.quantization_config.checkpoint_config()
         files = resolve_checkpoint_files(model, kwargs.get("checkpoint_files"))
         tensors = CheckpointTensors(files)
-        names = list(qc.quantized_modules) or sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
-        if not names:
-            raise CheckpointError(f"{files[0]}: quantization_config.quantized_modules is empty and no tensor ends in .qweight")
-        layers: Dict[str, Tuple[int, int, bool]] = {}
-        for name in names:
-            try:
-                lin = model.get_submodule(name)
-            except AttributeError:
-                raise CheckpointError(
-                    f"{files[0]}: quantization_config.quantized_modules names {name!r}, which does not exist in "
-                    f"{type(model).__name__}"
-                ) from None
-            if isinstance(lin, AFPQLinear):  # already converted (a repeated call)
-                layers[name] = (lin.in_features, lin.out_features, lin.bias is not None)
-                continue
-            if not isinstance(lin, nn.Linear):
-                raise CheckpointError(
-                    f"{files[0]}: quantized module {name!r} is a {type(lin).__name__}, expected nn.Linear"
-                )
-            has_bias = lin.bias is not None
-            layers[name] = (lin.in_features, lin.out_features, has_bias)
-            layer = AFPQLinear(
-                lin.in_features, lin.out_features, has_bias, fmt=qc.fmt, group_size=qc.group_size, mode=qc.mode,
-                layout=qc.layout, scale_dtype=qc.torch_scale_dtype,
-                bias_dtype=lin.bias.dtype if has_bias else None, device=lin.weight.device,
-            )
-            layer.requires_grad_(False)
-            _set_module(model, name, layer)
-        validate_against_model(tensors, model, qc, layers)  # includes the refusal placeholders
+        try:
+            plan = build_skeleton(model, qc, quantized_module_names(qc, tensors), source=files[0])
+            layers: Dict[str, Tuple[int, int, bool]] = {
+                name: (spec.in_features, spec.out_features, spec.has_bias) for name, spec in plan.items()
+            }
+            validate_against_model(tensors, model, qc, layers)  # includes the refusal placeholders
+            stamp = config_stamp(qc)
+            for f, meta in tensors.metadata.items():  # config.json and the tensors of one save
+                if meta.get(STAMP_METADATA_KEY, stamp) != stamp:
+                    raise CheckpointError(
+                        f"{f}: written with another quantization_config than the config.json transformers read "
+                        "(the checkpoint was re-saved during the load?); load it again"
+                    )
+        except BaseException:
+            tensors.close()
+            raise
         self._tensors, self._layers = tensors, layers
         self._placeholders = set(placeholder_keys(layers))
+        _skip_init_of_parents(model, layers)
         # transformers 5.x reports unexpected checkpoint keys through this (instance) set
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
         model._keys_to_ignore_on_load_unexpected = ignore | {_placeholder_pattern(layers)}
@@ -179,7 +178,7 @@ class AFPQHfQuantizer(HfQuantizer):
 
     # -- save_pretrained: keep writing the refusal placeholders --------------------------------------
     def get_state_dict_and_metadata(self, model, *args, **kwargs):  # transformers 5.x
-        metadata = safetensors_metadata()
+        metadata = safetensors_metadata(self.quantization_config.checkpoint_config())
         metadata.pop("format")  # transformers sets it
         return _with_placeholders(model, model.state_dict()), metadata
 
@@ -217,6 +216,11 @@ class AFPQHfQuantizer(HfQuantizer):
         if leftover and not offloaded:
             src = self._tensors.files[0] if self._tensors is not None else "checkpoint"
             raise CheckpointError(f"{src}: tensor {leftover[0]!r} was not loaded")
+        if self._tensors is not None:
+            try:
+                self._tensors.check_unchanged()  # transformers read the files that were validated
+            finally:
+                self._tensors.close()
         self._tensors = None  # no file handles or caches kept
         return model
 
@@ -247,7 +251,7 @@ class AFPQHfQuantizer(HfQuantizer):
                 lin.weight.copy_(layer.dequantize(torch.float32).to(dt))
                 if layer.bias is not None:
                     lin.bias.copy_(layer.bias.to(dt))
-            _set_module(model, name, lin)
+            set_module(model, name, lin)
         return model
 
     # -- capabilities ------------------------------------------------------------------------------

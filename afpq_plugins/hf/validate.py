@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..core.checkpoint import AFPQConfigDict, CheckpointError, placeholder_keys, validate_layer_tensors
-from ..core.safetensors_io import _DTYPES, read_header
+from ..core.safetensors_io import DTYPES as _DTYPES
+from ..core.safetensors_io import read_header, read_tensor
 
 __all__ = ["CheckpointTensors", "resolve_checkpoint_files", "validate_against_model"]
 
@@ -38,20 +39,48 @@ class CheckpointTensors(Mapping):
     validation needs only those, and reading it would double the I/O of a load.
 
     Opening validates every header (truncation, offsets, byte counts); a tensor name
-    in two files is an error.
+    in two files is an error. Each file is opened once and stays open until
+    :meth:`close`: every tensor read here comes from the version whose header was
+    checked, and :meth:`check_unchanged` tells whether the paths still lead to it.
     """
 
     def __init__(self, files: Sequence[str]) -> None:
         self.files = [os.path.abspath(f) for f in files]
         self._where: Dict[str, Tuple[str, dict, int]] = {}
-        for path in self.files:
-            if not path.endswith(".safetensors"):
-                raise CheckpointError(f"{path}: AFPQ checkpoints are stored as safetensors")
-            header, _, start = read_header(path)
-            for name, info in header.items():
-                if name in self._where:
-                    raise CheckpointError(f"{path}: tensor {name!r} also appears in {self._where[name][0]}")
-                self._where[name] = (path, info, start)
+        self._fh: Dict[str, object] = {}
+        self.metadata: Dict[str, Dict[str, str]] = {}
+        try:
+            for path in self.files:
+                if not path.endswith(".safetensors"):
+                    raise CheckpointError(f"{path}: AFPQ checkpoints are stored as safetensors")
+                fh = self._fh[path] = open(path, "rb")
+                header, self.metadata[path], start = read_header(fh, path)
+                for name, info in header.items():
+                    if name in self._where:
+                        raise CheckpointError(f"{path}: tensor {name!r} also appears in {self._where[name][0]}")
+                    self._where[name] = (path, info, start)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fh in self._fh.values():
+            fh.close()
+        self._fh = {}
+
+    def check_unchanged(self) -> None:
+        """:class:`CheckpointError` if a path now leads to another file than the one read
+        here (the checkpoint was re-saved while transformers loaded it)."""
+        for path, fh in self._fh.items():
+            held = os.fstat(fh.fileno())
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                raise CheckpointError(
+                    f"{path}: the checkpoint was replaced while it was loading (a concurrent save); load it again"
+                )
 
     def source(self, name: str) -> str:
         return self._where[name][0] if name in self._where else (self.files[0] if self.files else "checkpoint")
@@ -69,13 +98,7 @@ class CheckpointTensors(Mapping):
             # the bulk of the checkpoint: its contract is shape and dtype only (checked
             # from the header); transformers reads the data once, when it loads it
             return torch.empty(info["shape"], dtype=dtype, device="meta")
-        begin, end = (int(o) for o in info["data_offsets"])
-        with open(path, "rb") as fh:
-            fh.seek(start + begin)
-            buf = bytearray(fh.read(end - begin))
-        if not buf:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+        return read_tensor(self._fh[path], info, start, path)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -124,9 +147,9 @@ def resolve_checkpoint_files(model, checkpoint_files: Optional[Sequence[str]] = 
 
 
 def _tied_names(model: nn.Module) -> set:
-    from ..model import _tied_names as tied
+    from ..nn.skeleton import tied_parameter_names
 
-    names = set(tied(model))
+    names = set(tied_parameter_names(model))
     extra = getattr(model, "all_tied_weights_keys", None)  # transformers 5.x
     if isinstance(extra, Mapping):
         names |= set(extra.keys())

@@ -1,17 +1,8 @@
 """``AFPQLinear``: a Linear layer stored as packed grid codes plus group parameters.
 
-Buffers (the checkpoint tensors, see README "Checkpoint format"):
-
-``qweight``     int32, packed codes: ``[in * bits / 32, out]`` (layout ``gptq``) or
-                ``[in, out / 8]`` (layout ``awq``, 4 bits)
-``scales``      ``[groups, out]``: s_pos (``afpq``), s (``sym``, ``zp``)
-``scales_neg``  ``[groups, out]``: s_neg, mode ``afpq`` only
-``zeros``       ``[groups, out]``: integer zero-points stored as floats, mode ``zp`` only
-``g_idx``       int32 ``[in]``: group of each input column (layout ``gptq``; honours act-order)
-``bias``        ``[out]`` or absent
-
-Memory: at 4 bits, group 128, fp16 scales, mode ``afpq``: 4 + 2 * 16 / 128 = 4.25
-bits per weight, plus ``g_idx`` (32 bits per input column) and the bias.
+Its buffers are exactly one quantized layer's checkpoint tensors (``qweight``,
+``scales``, ``scales_neg`` or ``zeros``, ``g_idx``, ``bias``): shapes, dtypes, packing
+layouts and the decode of each mode are in ``docs/format.md`` (sections 2 to 4).
 """
 
 from __future__ import annotations

@@ -115,7 +115,9 @@ class Settings:
             raise ValueError(f"windows must be at least 1 (or None for the whole text), got {self.windows}")
         if self.nsamples < 1 or self.calib_seqlen < 2:
             raise ValueError(f"calibration needs nsamples >= 1 and calib_seqlen >= 2, got {self.nsamples} x {self.calib_seqlen}")
-        if self.scale_dtype not in ("float16", "bfloat16", "float32"):
+        from ..core.constants import SCALE_DTYPE_NAMES
+
+        if self.scale_dtype not in SCALE_DTYPE_NAMES:
             raise ValueError(f"scale_dtype must be float16, bfloat16 or float32, got {self.scale_dtype!r}")
         if self.awq_clip not in ("symmetric", "two-sided", "autoawq"):
             raise ValueError(f"awq_clip must be symmetric, two-sided or autoawq, got {self.awq_clip!r}")

@@ -98,6 +98,67 @@ def test_rtn_checkpoint_loads_with_same_logits_and_generates(rtn_checkpoints, ca
     assert out.shape == (1, 10) and torch.equal(out, expect)
 
 
+def _make_gpt2_checkpoint(path, fmt="nf4", group_size=32, seed=0):
+    """A tiny GPT-2 whose ``Conv1D`` layers (weight ``[in, out]``) are AFPQ layers, saved."""
+    from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+
+    from afpq_plugins.core.checkpoint import AFPQConfigDict
+    from afpq_plugins.nn.skeleton import set_module
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    float_model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
+    model = GPT2LMHeadModel(AutoConfig.for_model(**float_model.config.to_dict())).eval()
+    model.load_state_dict(float_model.state_dict())
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert names
+    for n in names:
+        conv = model.get_submodule(n)
+        lin = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1])
+        with torch.no_grad():
+            lin.weight.copy_(conv.weight.t())
+            lin.bias.copy_(conv.bias)
+        set_module(model, n, AFPQLinear.from_linear(lin, fmt, group_size, name=n))
+    qc = AFPQConfigDict(format=fmt, bits=4, group_size=group_size, mode="afpq", quantized_modules=names)
+    return save_quantized(model, str(path), qc, tokenizer=tok), model, float_model, names
+
+
+def test_gpt2_conv1d_checkpoint_loads_through_transformers(tmp_path):
+    """GPT-2's Conv1D layers go through the one skeleton rule in both loaders: the
+    transformers path gives the same buffers and logits as the project's loader and as
+    the float model holding the decoded weights (transposed back to Conv1D's [in, out])."""
+    path, model, float_model, names = _make_gpt2_checkpoint(tmp_path / "gpt2")
+    ref = load_quantized(path)
+    hf = _hf_load(path)
+    with torch.no_grad():
+        for n in names:
+            a, b = ref.get_submodule(n), hf.get_submodule(n)
+            assert isinstance(a, AFPQLinear) and isinstance(b, AFPQLinear), n
+            for buf, t in a.named_buffers():
+                assert torch.equal(getattr(b, buf), t), f"{n}.{buf}"
+            float_model.get_submodule(n).weight.copy_(model.get_submodule(n).dequantize(torch.float32).t())
+        ids = _ids(hf.config.vocab_size)
+        want = model(ids).logits
+        assert torch.equal(hf(ids).logits, want) and torch.equal(ref(ids).logits, want)
+        torch.testing.assert_close(float_model(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_pickle_only_checkpoint_is_refused_before_unpickling(ckpt, tmp_path, monkeypatch):
+    """An AFPQ config beside only a pytorch_model.bin: the plugin refuses before transformers
+    would torch.load (unpickle) anything."""
+    path = tmp_path / "bin"
+    path.mkdir()
+    shutil.copyfile(os.path.join(ckpt, "config.json"), path / "config.json")
+    torch.save({"x": torch.ones(1)}, path / "pytorch_model.bin")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        _hf_load(str(path))
+
+
 @pytest.mark.parametrize("case", RTN_CASES[:2], ids=lambda c: "-".join(str(x) for x in c))
 def test_save_pretrained_round_trips_in_the_same_format(rtn_checkpoints, case, tmp_path):
     path = rtn_checkpoints[case]
