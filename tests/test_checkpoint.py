@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
-import afpq_plugins.core.checkpoint as checkpoint_module
+import afpq_plugins.core.atomic_dir as atomic_dir
 from afpq_plugins.core.checkpoint import (
     AFPQConfigDict,
     CheckpointError,
@@ -430,7 +430,7 @@ def test_failed_final_rename_restores_the_old_folder(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", flaky_replace)
-    monkeypatch.setattr(checkpoint_module, "_exchange", lambda a, b: False)  # the two-rename path
+    monkeypatch.setattr(atomic_dir, "_exchange", lambda a, b: False)  # the two-rename path
     with pytest.raises(OSError, match="simulated"):
         write_checkpoint(str(out), {"x": torch.ones(2)}, {}, _qc(), overwrite=True)
     monkeypatch.undo()

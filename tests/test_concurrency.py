@@ -9,6 +9,7 @@ an fp4 config (the reference is each in-memory model), or fail with
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter
@@ -34,13 +35,15 @@ def versions(tmp_path_factory):
     return out
 
 
-def _race(versions, target, load, seconds=12.0, max_loads=30):
+def _race(versions, target, load, pause, seconds=20.0, max_loads=30):
     save_quantized(versions["nf4"][0], str(target), versions["nf4"][1])
     stop, failures = threading.Event(), []
 
     def saver():
+        rng = random.Random(0)
         i = 0
         while not stop.is_set():
+            time.sleep(rng.uniform(0, pause))  # so that some loads fall between two saves
             model, qc, _ = versions["fp4" if i % 2 == 0 else "nf4"]
             try:
                 save_quantized(model, str(target), qc, overwrite=True)
@@ -79,7 +82,7 @@ def _race(versions, target, load, seconds=12.0, max_loads=30):
 
 def test_project_loader_never_mixes_versions(versions, tmp_path):
     target = tmp_path / "ck"
-    _race(versions, target, lambda: load_quantized(str(target)))
+    _race(versions, target, lambda: load_quantized(str(target)), pause=0.2)
 
 
 def test_transformers_loader_never_mixes_versions(versions, tmp_path):
@@ -87,4 +90,4 @@ def test_transformers_loader_never_mixes_versions(versions, tmp_path):
     from transformers import AutoModelForCausalLM
 
     target = tmp_path / "ck"
-    _race(versions, target, lambda: AutoModelForCausalLM.from_pretrained(str(target)))
+    _race(versions, target, lambda: AutoModelForCausalLM.from_pretrained(str(target)), pause=1.5)

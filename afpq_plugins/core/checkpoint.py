@@ -22,16 +22,13 @@ bytes).
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
-from typing import Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -47,6 +44,7 @@ from .checkpoint_schema import (  # noqa: F401  (re-exported: the public names l
     validate_layer_tensors,
     with_refusal_placeholders,
 )
+from .atomic_dir import fsync_tree, leftovers, move_into_place, parent_lock, recover_interrupted_save
 from .constants import CONFIG_NAME, FORMAT_VERSION, PLACEHOLDER_SUFFIXES, QUANT_METHOD, WEIGHTS_NAME
 from .errors import CheckpointError
 from .safetensors_io import load_file, parse_json_object, read_header, save_file
@@ -126,7 +124,7 @@ def write_checkpoint(
     tensors = with_refusal_placeholders(tensors, quantized_module_names(qc, tensors))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    with _parent_lock(parent):
+    with parent_lock(parent):
         recover_interrupted_save(out_dir, _locked=True)
         _check_replaceable(out_dir, overwrite)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -139,8 +137,8 @@ def write_checkpoint(
             save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=safetensors_metadata(qc))
             if extra_writer is not None:
                 extra_writer(tmp)
-            _fsync_tree(tmp)
-            _move_into_place(tmp, out_dir, parent)
+            fsync_tree(tmp)
+            move_into_place(tmp, out_dir, parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -161,146 +159,6 @@ def _check_replaceable(out_dir: str, overwrite: bool) -> None:
             f"{out_dir} is {what}: overwrite=True replaces only an AFPQ checkpoint or an empty folder; "
             "choose another output path or remove it yourself"
         )
-
-
-def _fsync_tree(folder: str) -> None:
-    """Flush every file of ``folder`` and the folder itself to disk."""
-    for root, dirs, files in os.walk(folder):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for d in dirs:
-            _fsync_dir(os.path.join(root, d))
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _parent_lock(parent: str) -> Iterator[None]:
-    """An exclusive ``flock`` on the parent folder (POSIX; elsewhere, no lock)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _move_into_place(tmp: str, out_dir: str, parent: str) -> None:
-    """Put ``tmp`` at ``out_dir``. An existing ``out_dir`` is swapped with ``tmp`` in one
-    atomic step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``: readers see
-    the old or the new folder, never none), then deleted; elsewhere it is set aside as
-    ``.<name>.old-*`` first and restored if the final rename fails. The parent is flushed
-    after the move, so a crash leaves either version under a name
-    :func:`recover_interrupted_save` knows."""
-    if not os.path.lexists(out_dir):
-        os.replace(tmp, out_dir)
-        _fsync_dir(parent)
-        return
-    if _exchange(tmp, out_dir):
-        _fsync_dir(parent)
-        _remove(tmp)  # now the old version
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-    os.rmdir(old)
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    _fsync_dir(parent)
-    _remove(old)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False
-    where that is not available, so the caller falls back to two renames."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-        return False  # no kernel or file-system support
-    raise OSError(err, f"cannot swap {b} with the new checkpoint: {os.strerror(err)}")
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def _leftovers(out_dir: str, kind: str) -> List[str]:
-    parent, base = os.path.split(out_dir)
-    prefix = f".{base}.{kind}-"
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return []
-    return sorted(os.path.join(parent, n) for n in names if n.startswith(prefix))
-
-
-def recover_interrupted_save(out_dir: str, _locked: bool = False) -> Optional[str]:
-    """Finish what an interrupted save of ``out_dir`` left behind; returns what it did.
-
-    A save writes ``.<name>.tmp-*`` beside ``out_dir``, moves an existing ``out_dir`` to
-    ``.<name>.old-*``, renames the temporary folder to ``out_dir`` and deletes the old one.
-    A crash between the two renames leaves no ``out_dir``: the old version (the last
-    complete save) is renamed back. Other leftovers (temporary folders of saves that
-    never finished, old versions already replaced) are deleted. Runs under the same lock
-    as saves, so it never touches a save in progress; called by every save and by
-    loaders when ``out_dir`` is missing."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        return None
-    if not _locked:
-        if not (_leftovers(out_dir, "old") or _leftovers(out_dir, "tmp")):
-            return None
-        with _parent_lock(parent):
-            return recover_interrupted_save(out_dir, _locked=True)
-    done = None
-    olds = _leftovers(out_dir, "old")
-    if not os.path.lexists(out_dir) and olds:
-        restore = olds[-1]
-        os.replace(restore, out_dir)
-        _fsync_dir(parent)
-        olds.remove(restore)
-        done = f"restored {out_dir} from {os.path.basename(restore)}"
-    for stale in olds + _leftovers(out_dir, "tmp"):
-        _remove(stale)
-        done = done or f"removed leftovers of an interrupted save of {out_dir}"
-    return done
 
 
 # -- reading: one version of a folder ---------------------------------------------------------
@@ -335,7 +193,7 @@ class CheckpointSnapshot:
     def _open(self) -> None:
         path = self.path
         if not os.path.isdir(path):
-            if _leftovers(path, "old") or _leftovers(path, "tmp"):  # a save is moving it: wait, retry
+            if leftovers(path, "old") or leftovers(path, "tmp"):  # a save is moving it: wait, retry
                 recover_interrupted_save(path)
                 raise FileNotFoundError(path)
             raise CheckpointError(f"{path}: not a folder")
