@@ -276,7 +276,12 @@ def decode_suite(device, s: Shape, log: Callable[[str], None] = print, graphs: O
                 entry[m] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             log(f"  decode {name} {m}: {entry[m]} ({time.time() - t0:.0f} s)")
         if "eager" in outs and "graph" in outs:
-            entry["graph_vs_eager_rel_err"] = max(rel(a, b) for a, b in zip(outs["graph"], outs["eager"]))
+            errs = [rel(a, b) for a, b in zip(outs["graph"], outs["eager"])]
+            entry["graph_vs_eager_rel_err"] = max(errs)
+            # Outputs are fed back: a difference in the last bits (split-K sums, kernel
+            # choice) can grow step by step. The first step tells a capture bug from that.
+            entry["graph_vs_eager_rel_err_first_step"] = errs[0]
+            entry["graph_vs_eager_rel_err_by_step"] = {i: errs[i] for i in (0, 1, 3, 7, 15, 31, 63, 127) if i < len(errs)}
         res["variants"][name] = entry
         return outs
 

@@ -308,6 +308,19 @@ def bench_row(bench: Bench, tk, sub: Subject, M: int, copy_bw: Optional[float], 
     row["rel_err"] = rel_err(tk.linear(x16, layer), ref)
     row["rel_err_bf16"] = rel_err(tk.linear(xbf, layer), ref)
     row["copies"] = len(sub.copies)
+    if bench.cuda:  # the same call replayed from a CUDA graph must give the same result
+        try:
+            tk.linear(x16, layer)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                y_graph = tk.linear(x16, layer)
+            y_graph.fill_(float("nan"))
+            g.replay()
+            bench.sync()
+            row["rel_err_graph"] = rel_err(y_graph, ref)
+            del g
+        except Exception as exc:
+            row["errors"]["graph"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     row["afpq_us"], e = _time(bench, [lambda L=L: tk.linear(x16, L) for L in sub.copies])
     if e:
         row["errors"]["afpq"] = e

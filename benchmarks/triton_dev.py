@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SHARED_LIMIT", "aot_compile", "interpreter_bf16_dot", "patch_interpreter_bf16"]
+__all__ = ["SHARED_LIMIT", "aot_compile", "aot_compile_reduce", "interpreter_bf16_dot", "patch_interpreter_bf16"]
 
 _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: Shared memory per block that a kernel may use, by compute capability major.
@@ -60,7 +60,7 @@ def aot_compile(
         kernel = tk.afpq_mm_kernel
         ptrs = dict(x_ptr=_TL_NAME[dtype], qw_ptr="i32", s1_ptr=st, s2_ptr=st, gidx_ptr="i32", lut_ptr="fp32",
                     lut2_ptr="i32" if plan.use_dot else "i64",
-                    bias_ptr=st, out_ptr=_TL_NAME[dtype], ws_ptr="fp32", cnt_ptr="i32")
+                    bias_ptr=st, out_ptr=_TL_NAME[dtype], ws_ptr="fp32")
         const = dict(stride_xk=1, stride_qn=1, stride_sn=1, stride_on=1)
         const.update(tk.mm_constexprs(plan, bits=bits, layout=layout, mode=mode, group_size=group_size, K=K,
                                       has_bias=has_bias, dtype=dtype))
@@ -78,6 +78,30 @@ def aot_compile(
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
     return triton.compile(ASTSource(kernel, signature, const, attrs), target=target,
                           options={"num_warps": plan.num_warps, "num_stages": plan.num_stages})
+
+
+def aot_compile_reduce(*, dtype: torch.dtype = torch.float16, has_bias: bool = True,
+                       capability: Tuple[int, int] = (9, 0), block: int = 512, tk=None):
+    """:func:`aot_compile` for the split-K reduction kernel (unit output stride)."""
+    if tk is None:
+        from afpq_plugins.kernels import triton as tk
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = tk.splitk_reduce_kernel
+    ptrs = dict(ws_ptr="fp32", bias_ptr=_TL_NAME[dtype], out_ptr=_TL_NAME[dtype])
+    const = dict(stride_on=1, HAS_BIAS=has_bias, BLOCK=block)
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in const:
+            signature[name] = "constexpr"
+        elif name in ptrs:
+            signature[name] = "*" + ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    return triton.compile(ASTSource(kernel, signature, const, attrs), target=target, options={"num_warps": 4})
 
 
 @contextlib.contextmanager

@@ -152,9 +152,9 @@ CASES = [
     # (one group per K-tile: group 128 = 16 code blocks of 8) in each mode
     ("nf4", "afpq", "gptq", 128, 40, 32, 1, torch.float16, False, True, {"fold": False}),
     # folded CUDA-core GEMV with the next K-tile prefetched: several K-tiles per split, both group modes
-    ("nf4", "afpq", "gptq", 512, 40, 128, 1, torch.float16, False, True, {"split_k": 2}),
-    ("fp4", "zp", "gptq", 256, 40, 32, 1, torch.bfloat16, False, True, {"split_k": 1}),
-    ("nf4", "sym", "gptq", 512, 40, 128, 1, torch.float16, False, True, {"split_k": 1, "prefetch": False}),
+    ("nf4", "afpq", "gptq", 512, 40, 128, 1, torch.float16, False, True, {"split_k": 2, "prefetch": True}),
+    ("fp4", "zp", "gptq", 256, 40, 32, 1, torch.bfloat16, False, True, {"split_k": 1, "prefetch": True}),
+    ("nf4", "sym", "gptq", 512, 40, 128, 1, torch.float16, False, True, {"split_k": 1}),
     ("nf4", "afpq", "gptq", 256, 40, 128, 5, torch.float16, False, True, {}),
     ("fp4", "sym", "awq", 256, 40, 128, 3, torch.bfloat16, False, True, {"block_r": 16}),
     ("int4", "zp", "gptq", 256, 40, 128, 9, torch.float16, False, False, {"split_k": 2}),
@@ -348,7 +348,10 @@ for M, K, N, bits, layout, mode, act, dtype, cap, path in json.loads(sys.argv[1]
                           capability=tuple(cap), path=path, dtype=dt[dtype])
     k = triton_dev.aot_compile(plan, bits=bits, layout=layout, mode=mode, group_size=128, K=K, dtype=dt[dtype],
                        capability=tuple(cap))
-    results.append([plan.path, plan.use_dot, plan.atomic, k.metadata.shared, triton_dev.SHARED_LIMIT[cap[0]], len(k.asm["cubin"])])
+    results.append([plan.path, plan.use_dot, plan.split, k.metadata.shared, triton_dev.SHARED_LIMIT[cap[0]], len(k.asm["cubin"])])
+for dtype in ("fp16", "bf16", "fp32"):  # the split-K reduction
+    k = triton_dev.aot_compile_reduce(dtype=dt[dtype])
+    results.append(["reduce", False, False, k.metadata.shared, triton_dev.SHARED_LIMIT[9], len(k.asm["cubin"])])
 print(json.dumps(results))
 """
 
@@ -386,9 +389,10 @@ def test_compiled_path_builds_for_sm90_and_sm80():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for case, (path, use_dot, atomic, shared, limit, cubin) in zip(_AOT_CASES, results):
+    for case, (path, use_dot, split, shared, limit, cubin) in zip(_AOT_CASES + ["reduce"] * 3, results):
         assert cubin > 0, case
         assert shared <= limit, f"{case}: {shared} bytes of shared memory > {limit}"
+    results = results[:-3]
     assert [r[0] for r in results] == ["gemv", "gemv", "gemm", "gemm", "gemv", "gemm", "dequant", "gemm", "dequant"]
     assert [r[1] for r in results[:2]] == [False, True] and results[0][2]  # M=1: CUDA cores, split-K
 
@@ -427,7 +431,7 @@ def test_compiled_on_cuda(M, fmt, mode, layout, gs, act):
             _assert_close(real.linear(x, layer, path="gemv", split_k=1), ref, dtype, f"compiled, no split, {dtype}")
         if M >= 17:
             _assert_close(real.linear(x, layer, path="gemm"), ref, dtype, f"compiled fused gemm, {dtype}")
-        for _ in range(3):  # split-K hand-over between programs: a race would show as a moving error
+        for _ in range(3):  # split-K partial tiles and their reduction, repeated (a race would move the error)
             _assert_close(real.linear(x, layer, path="gemv" if M <= 16 else "gemm", split_k=4), ref, dtype,
                           f"compiled split-K x4 repeated, {dtype}")
     assert torch.equal(real.dequantize_layer(layer, torch.float32), layer.dequantize(torch.float32).t())

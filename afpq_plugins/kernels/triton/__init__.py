@@ -32,10 +32,9 @@ Paths (chosen by :func:`afpq_matmul`, overridable):
              FMAs into a ``[BLOCK_M, BLOCK_R, BLOCK_N]`` float32 accumulator reduced once
              at the end (no tensor-core layout shuffles for a GEMV; ``block_m`` < 16
              forces this for other tiny M); 2..16 uses ``tl.dot`` with ``BLOCK_M = 16``.
-             With ``SPLIT_K > 1`` partial sums are added with float32 atomics into a
-             zeroed float32 workspace; the last split of each tile (a counter per
-             tile) adds the bias, casts, writes the output and re-zeroes the workspace:
-             one launch, nothing to clear between calls (CUDA-graph capturable).
+             With ``SPLIT_K > 1`` each split stores its float32 partial tile in a
+             workspace and a second small kernel adds the splits in order, adds the
+             bias and casts: deterministic, CUDA-graph capturable.
 ``gemm``     tiled ``tl.dot`` with grouped program ordering for L2 reuse (split-K too
              when the tiles would not cover the SMs).
 ``dequant``  very large M (compute bound): a Triton kernel writes ``W.T`` once in the
@@ -66,12 +65,13 @@ try:  # guarded: the registry treats ImportError as "backend unavailable"
 except Exception as exc:  # ImportError, or a broken install raising something else
     raise ImportError(f"afpq_plugins.kernels.triton needs a working triton: {exc!r}") from exc
 
-from .jit import INTERPRET, MODE_ID, afpq_dequant_kernel, afpq_mm_kernel
+from .jit import INTERPRET, MODE_ID, afpq_dequant_kernel, afpq_mm_kernel, splitk_reduce_kernel
 from .launching import afpq_matmul, dequantize, dequantize_layer, linear
 from .planning import DEQUANT_MIN_M, GEMV_MAX_M, PATHS, MatmulPlan, device_info, geometry, mm_constexprs, plan_matmul
 
 __all__ = [
     "INTERPRET", "MODE_ID", "PATHS", "DEQUANT_MIN_M", "GEMV_MAX_M", "MatmulPlan", "plan_matmul", "mm_constexprs",
-    "geometry", "device_info", "afpq_mm_kernel", "afpq_dequant_kernel", "afpq_matmul", "dequantize", "linear",
+    "geometry", "device_info", "afpq_mm_kernel", "splitk_reduce_kernel", "afpq_dequant_kernel", "afpq_matmul",
+    "dequantize", "linear",
     "dequantize_layer",
 ]

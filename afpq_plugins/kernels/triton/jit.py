@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "MODE_ID", "afpq_mm_kernel", "afpq_dequant_kernel"]
+__all__ = ["INTERPRET", "MODE_ID", "afpq_mm_kernel", "splitk_reduce_kernel", "afpq_dequant_kernel"]
 
 #: True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
@@ -129,15 +129,6 @@ def _weight_slice(
 
 
 @triton.jit
-def _fence(x):
-    """``fence.acq_rel.gpu`` in every thread that holds an element of ``x`` (returned
-    unchanged): orders this thread's earlier global writes and atomics before, and its
-    later reads after, the split-K counter's release/acquire (CUDA only)."""
-    return tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
 def _folded_tile(
     w0, w1, w2, p1, p2, lut2_ptr, x_row, offs_r, offs_n, r_mask, stride_xk,
     AWQ: tl.constexpr, BITS: tl.constexpr, CPB: tl.constexpr, MODE: tl.constexpr,
@@ -211,13 +202,13 @@ def _folded_dot_tile(
 
 @triton.jit(do_not_specialize=["iters_per_split"])
 def afpq_mm_kernel(
-    x_ptr, qw_ptr, s1_ptr, s2_ptr, gidx_ptr, lut_ptr, lut2_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qw_ptr, s1_ptr, s2_ptr, gidx_ptr, lut_ptr, lut2_ptr, bias_ptr, out_ptr, ws_ptr,
     M, N, R, iters_per_split,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on,
     AWQ: tl.constexpr, BITS: tl.constexpr, CPB: tl.constexpr, WPB: tl.constexpr,
     MODE: tl.constexpr, GROUP_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
-    FOLD: tl.constexpr, FENCE: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    FOLD: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out = x @ W.T (+ bias)``. Grid ``(tiles, splits)``.
@@ -229,14 +220,11 @@ def afpq_mm_kernel(
     K-tile's words and parameters are loaded before this one is decoded (Triton's own
     pipeliner leaves loops without ``tl.dot`` alone).
 
-    With ``ATOMIC`` (split-K) every split adds its float32 partial tile into the zeroed
-    workspace ``ws`` (``[M, N]`` contiguous) and bumps the tile's counter in ``cnt``; the
-    last split of a tile reads the sum, writes ``out`` and leaves the workspace and the
-    counter zeroed again, so one launch does everything and the buffers can be reused by
-    the next launch (no memset, no copy kernel; capturable in a CUDA graph). ``FENCE``
-    (compiled kernels; the interpreter runs programs one by one) puts a gpu-scope fence
-    in every thread around that hand-over: a CTA barrier alone does not wait for other
-    threads' atomics to be performed (without it, seen on an H200: wrong sums).
+    With ``SPLIT`` (split-K, grid axis 1) each split stores its float32 partial tile in
+    the workspace ``ws`` (``[splits, M, N]`` contiguous) and :func:`splitk_reduce_kernel`
+    sums them in a fixed order: deterministic, no atomics and nothing to clear between
+    calls (capturable in a CUDA graph). A single-launch variant (atomics plus a per-tile
+    counter, the last split finishing the tile) gave wrong sums on an H200.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -324,26 +312,30 @@ def afpq_mm_kernel(
         res = tl.sum(acc, axis=1)
     o_mask = m_mask[:, None] & n_mask[None, :]
     o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
-    if ATOMIC:
-        ws_ptrs = ws_ptr + rows[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, res, mask=o_mask, sem="relaxed")
-        if FENCE:  # each thread's partial sums are performed before the counter moves
-            res = _fence(res)
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if done == tl.num_programs(1) - 1:  # the last split of this tile: finish it
-            if FENCE:
-                res = _fence(res)
-            tot = tl.load(ws_ptrs, mask=o_mask, other=0.0, cache_modifier=".cg")
-            tl.store(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), mask=o_mask)
-            tl.store(cnt_ptr + pid, 0)
-            if HAS_BIAS:
-                tot += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
+    if SPLIT:  # this split's partial tile; splitk_reduce_kernel adds the splits up
+        ws_ptrs = ws_ptr + (pid_k.to(tl.int64) * M + rows)[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptrs, res, mask=o_mask)
     else:
         if HAS_BIAS:
             res += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+@triton.jit
+def splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, SPLITS, stride_om, stride_on,
+                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = sum over s of ws[s] (+ bias)`` for a ``[SPLITS, M, N]`` float32 workspace,
+    splits added in order; ``BLOCK`` flat output elements per program."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), tl.float32)
+    plane = (M * N).to(tl.int64)
+    for s in range(SPLITS):
+        acc += tl.load(ws_ptr + s * plane + offs, mask=mask, other=0.0)
+    m = offs // N
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -2,11 +2,12 @@
 
 :func:`afpq_matmul` (raw buffers) and :func:`linear` (an ``AFPQLinear``-like layer) run
 ``x @ W.T (+ bias)``; :func:`dequantize` / :func:`dequantize_layer` write ``W.T``. On the
-decode path (M <= ``GEMV_MAX_M``) a call is one kernel launch with no host sync and no
+decode path (M = 1) a call is one or two kernel launches with no host sync and no
 allocation besides its output: the plan is cached, the default-order answer for ``g_idx``
-is cached per layer, and split-K partial sums meet in a per-device workspace that the
-kernel leaves zeroed (:func:`_gemv_workspace`), so the call can be captured in a CUDA
-graph once it has run eagerly (warm-up) for that shape.
+is cached per layer, and split-K partial tiles go to a per-device workspace
+(:func:`_gemv_workspace`) that a second small kernel sums in a fixed order (two launches,
+deterministic), so the call can be captured in a CUDA graph once it has run eagerly
+(warm-up) for that shape.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import triton
 
 from ...core.packing import packed_shape
-from .jit import INTERPRET, MODE_ID, afpq_dequant_kernel, afpq_mm_kernel
+from .jit import INTERPRET, MODE_ID, afpq_dequant_kernel, afpq_mm_kernel, splitk_reduce_kernel
 from .planning import device_info, geometry, mm_constexprs, plan_matmul
 
 __all__ = ["afpq_matmul", "dequantize", "linear", "dequantize_layer"]
@@ -69,8 +71,6 @@ def _launch(kernel, grid, *args, **kwargs):
     kernel[grid](*args, **kwargs)
 
 
-# (device, out features) -> [(rows, tiles, workspace float32 [rows * N], counters int32 [tiles])]
-_WORKSPACES: Dict[Tuple[torch.device, int], List[Tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
 
 
 # (lut pointer, mode, device) -> (lut kept alive, its version, lut2)
@@ -101,27 +101,25 @@ def _lut2(lut: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
     return lut2
 
 
-def _gemv_workspace(device: torch.device, M: int, N: int, tiles: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed float32 ``[M, N]`` workspace and ``tiles`` int32 counters for split-K GEMVs.
+# device -> float32 workspaces, the last one the largest
+_WORKSPACES: Dict[torch.device, List[torch.Tensor]] = {}
 
-    Shared by every layer with ``N`` outputs on ``device`` (launches on one stream run one
-    after the other, and each leaves the buffers zeroed). Outgrown buffers are kept, never
-    freed: a captured CUDA graph may still point at them. Allocating inside a capture would
-    leave the buffers unzeroed for eager calls, so it is refused.
-    """
-    entries = _WORKSPACES.setdefault((device, N), [])
-    if entries and entries[-1][0] >= M and entries[-1][1] >= tiles:
-        return entries[-1][2], entries[-1][3]
+
+def _gemv_workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """A float32 workspace of at least ``numel`` elements for split-K GEMVs, shared by every
+    layer on ``device`` (launches on one stream run one after the other; every element a
+    launch reads was written by it). Outgrown buffers are kept, never freed: a captured
+    CUDA graph may still point at them. Allocating inside a capture is refused (warm-up)."""
+    entries = _WORKSPACES.setdefault(device, [])
+    if entries and entries[-1].numel() >= numel:
+        return entries[-1]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            f"AFPQ Triton GEMV: no split-K workspace yet for {M}x{N} on {device}; run the layer once "
+            f"AFPQ Triton GEMV: no split-K workspace of {numel} floats yet on {device}; run the layer once "
             "eagerly with this batch size before capturing a CUDA graph (warm-up)")
-    rows = max(M, entries[-1][0] if entries else 16)
-    tiles = max(tiles, entries[-1][1] if entries else N)
-    ws = torch.zeros(rows * N, device=device, dtype=torch.float32)
-    cnt = torch.zeros(tiles, device=device, dtype=torch.int32)
-    entries.append((rows, tiles, ws, cnt))
-    return ws, cnt
+    ws = torch.empty(max(numel, 1 << 16), device=device, dtype=torch.float32)
+    entries.append(ws)
+    return ws
 
 
 def _inspect_g_idx(g_idx: torch.Tensor, K: int, gs: int) -> bool:
@@ -242,14 +240,12 @@ def afpq_matmul(
         return torch.mm(x, w_t, out=out)
 
     lut2 = _lut2(lut, mode, x.dtype if plan.use_dot else torch.float32) if plan.fold else lut
-    tiles = plan.grid[0]
-    if not plan.atomic:
-        ws = cnt = out  # stand-ins, never read
-    elif plan.path == "gemv":  # the decode path: reused buffers, no memset
-        ws, cnt = _gemv_workspace(x.device, M, N, tiles)
-    else:  # split-K partial sums meet in float32; one memset for sums and counters
-        buf = torch.zeros(M * N + tiles, device=x.device, dtype=torch.float32)
-        ws, cnt = buf[: M * N], buf[M * N:].view(torch.int32)
+    if not plan.split:
+        ws = out  # stand-in, never read
+    elif plan.path == "gemv":  # the decode path: a reused buffer
+        ws = _gemv_workspace(x.device, plan.split_k * M * N)
+    else:
+        ws = torch.empty(plan.split_k * M * N, device=x.device, dtype=torch.float32)
     # Stand-in pointers for arguments the kernel never reads (no allocation, no launch).
     s2 = second if second is not None else scales
     b = bias if bias is not None else scales
@@ -257,7 +253,7 @@ def afpq_matmul(
     gidx = qweight if gidx is None else gidx
     _launch(
         afpq_mm_kernel, plan.grid,
-        x, qweight, scales, s2, gidx, lut, lut2, b, out, ws, cnt,
+        x, qweight, scales, s2, gidx, lut, lut2, b, out, ws,
         M, N, K // geometry(bits, layout)[0], plan.iters_per_split,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
@@ -265,7 +261,13 @@ def afpq_matmul(
                         has_bias=bias is not None, dtype=x.dtype),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
+    if plan.split:
+        _launch(splitk_reduce_kernel, (triton.cdiv(M * N, _REDUCE_BLOCK),), ws, b, out, M, N, plan.split_k,
+                out.stride(0), out.stride(1), HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK, num_warps=4)
     return out
+
+
+_REDUCE_BLOCK = 512
 
 
 

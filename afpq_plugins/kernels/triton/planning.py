@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from .jit import INTERPRET, MODE_ID
+from .jit import MODE_ID
 
 __all__ = ["PATHS", "GEMV_MAX_M", "DEQUANT_MIN_M", "MatmulPlan", "plan_matmul", "mm_constexprs",
            "geometry", "group_mode", "device_info"]
@@ -84,7 +84,8 @@ class MatmulPlan:
     prefetch: bool = False  # folded CUDA-core GEMV: next K-tile loaded ahead by hand
 
     @property
-    def atomic(self) -> bool:
+    def split(self) -> bool:
+        """Split-K: partial tiles in a workspace, then :func:`~.jit.splitk_reduce_kernel`."""
         return self.split_k > 1
 
 
@@ -102,7 +103,8 @@ def plan_matmul(
     Tuned from the sweep of ``benchmarks/gpu_check.py`` on an H200 (LLaMA-7B/13B/70B
     shapes, group 128; figures in benchmarks/RESULTS.md, GPU): M = 1 runs the folded
     CUDA-core GEMV, 16 code blocks x 64 columns (32 when K > 4096) per step, unpipelined,
-    split K to about 8 programs per SM (3 bits: 128 columns, up to 32 splits); other M on
+    not prefetched, split K to about 8 programs per SM (3 bits: 128 columns, up to 32
+    splits); other M on
     CUDA dequantize once and call cuBLAS. Forced ``gemv`` (2..16 rows) uses 16 x 128
     tensor-core tiles, unpipelined (pipelining turns the table gathers into async copies
     through shared memory: more instructions); forced ``gemm`` 32 x 128 tiles up to M =
@@ -169,7 +171,7 @@ def plan_matmul(
     n_iters = max(1, triton.cdiv(R, br))
     if split_k is None:
         split_k = 1
-        # Too few tiles to keep every SM streaming weights: split K (float32 atomics).
+        # Too few tiles to keep every SM streaming weights: split K (partials + a reduction).
         if path == "gemv" and tiles < 8 * sms:
             split_k = min(triton.cdiv(16 * sms, tiles), 32) if three_bit else min(triton.cdiv(8 * sms, tiles), 8)
         elif path == "gemm" and tiles < sms:
@@ -183,7 +185,9 @@ def plan_matmul(
         raise ValueError("fold needs the gemv path, no act-order, and on tensor cores fp16/bf16 activations with "
                          "one group per K-tile (block_r * codes per block dividing the group size)")
     fold = can_fold if fold is None else fold
-    prefetch = (fold and not use_dot) if prefetch is None else bool(prefetch and fold and not use_dot)
+    # Hand prefetching measured neutral to 15 % slower on the H200 (the loop is bound by
+    # decode instructions, not load latency): off unless asked for.
+    prefetch = bool(prefetch and fold and not use_dot)
     return MatmulPlan(path, bm, bn, br, use_dot, gmode, split_k, per_split, warps, stages, (tiles, split_k), fold,
                       prefetch)
 
@@ -195,7 +199,7 @@ def mm_constexprs(plan: MatmulPlan, *, bits: int, layout: str, mode: str, group_
     return dict(
         AWQ=layout == "awq", BITS=bits, CPB=cpb, WPB=wpb, MODE=MODE_ID[mode], GROUP_MODE=plan.group_mode,
         GROUP_SIZE=K if group_size == -1 else group_size, HAS_BIAS=has_bias, USE_DOT=plan.use_dot,
-        IEEE=dtype == torch.float32, ATOMIC=plan.atomic, FOLD=plan.fold, FENCE=not INTERPRET,
+        IEEE=dtype == torch.float32, SPLIT=plan.split, FOLD=plan.fold,
         PREFETCH=plan.prefetch,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_R=plan.block_r, GROUP_M=8,
