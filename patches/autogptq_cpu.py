@@ -1,7 +1,8 @@
 """CPU shims for AutoGPTQ 0.7.1, usable without importing ``afpq_plugins``.
 
 The shims themselves live in ``afpq_plugins/autogptq/compat.py`` (the adapter enters them
-on its own); this file loads that module by path so that a plain AutoGPTQ script, or a
+on its own); this file loads that module by path (it loads the stdlib-only
+``afpq_plugins/_patching.py`` the same way) so that a plain AutoGPTQ script, or a
 test that must not import the adapter, can use them too::
 
     import importlib.util

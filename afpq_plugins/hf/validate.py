@@ -9,7 +9,8 @@ quantizer checks every tensor here first, with the checkpoint format's own contr
 :func:`afpq_plugins.model.load_quantized` runs) and the strict safetensors reader
 (:func:`afpq_plugins.core.safetensors_io.read_header`: a truncated file is an error
 naming the file and the tensor). Only the headers are read up front; quantized
-layers' tensors are read one at a time to check NaN/Inf in their scales.
+layers' group parameters are read one at a time (finite, never negative, zero-points on
+the grid), from the files opened once (:class:`CheckpointTensors`).
 
 A quantized layer's ``<name>.weight`` and ``<name>.qzeros`` must be the format's refusal
 placeholders (``uint8 [1]``, see :mod:`afpq_plugins.core.checkpoint`) or absent
