@@ -44,8 +44,6 @@ def aot_compile(
         from afpq_plugins.kernels import triton as tk
     if tk.INTERPRET:
         raise RuntimeError("aot_compile needs the kernels built without TRITON_INTERPRET")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     cpb, wpb = tk.geometry(bits, layout)
     st = _TL_NAME[scale_dtype]
@@ -64,6 +62,14 @@ def aot_compile(
         const = dict(stride_xk=1, stride_qn=1, stride_sn=1, stride_on=1)
         const.update(tk.mm_constexprs(plan, bits=bits, layout=layout, mode=mode, group_size=group_size, K=K,
                                       has_bias=has_bias, dtype=dtype))
+    return _compile(kernel, ptrs, const, capability, aligned_ints,
+                    {"num_warps": plan.num_warps, "num_stages": plan.num_stages})
+
+
+def _compile(kernel, ptrs: dict, const: dict, capability: Tuple[int, int], aligned_ints: bool, options: dict):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in const:
@@ -76,8 +82,7 @@ def aot_compile(
             if aligned_ints and name not in ("M", "iters_per_split"):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # as Triton specialises multiples of 16 at run time
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
-    return triton.compile(ASTSource(kernel, signature, const, attrs), target=target,
-                          options={"num_warps": plan.num_warps, "num_stages": plan.num_stages})
+    return triton.compile(ASTSource(kernel, signature, const, attrs), target=target, options=options)
 
 
 def aot_compile_reduce(*, dtype: torch.dtype = torch.float16, has_bias: bool = True,
@@ -85,23 +90,9 @@ def aot_compile_reduce(*, dtype: torch.dtype = torch.float16, has_bias: bool = T
     """:func:`aot_compile` for the split-K reduction kernel (unit output stride)."""
     if tk is None:
         from afpq_plugins.kernels import triton as tk
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = tk.splitk_reduce_kernel
     ptrs = dict(ws_ptr="fp32", bias_ptr=_TL_NAME[dtype], out_ptr=_TL_NAME[dtype])
     const = dict(stride_on=1, HAS_BIAS=has_bias, BLOCK=block)
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in const:
-            signature[name] = "constexpr"
-        elif name in ptrs:
-            signature[name] = "*" + ptrs[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
-    return triton.compile(ASTSource(kernel, signature, const, attrs), target=target, options={"num_warps": 4})
+    return _compile(tk.splitk_reduce_kernel, ptrs, const, capability, False, {"num_warps": 4})
 
 
 @contextlib.contextmanager
