@@ -91,3 +91,46 @@ def test_transformers_loader_never_mixes_versions(versions, tmp_path):
 
     target = tmp_path / "ck"
     _race(versions, target, lambda: AutoModelForCausalLM.from_pretrained(str(target)), pause=1.5)
+
+
+_SAVER = r"""
+import sys, torch
+from afpq_plugins.core.checkpoint import AFPQConfigDict, write_checkpoint
+out = sys.argv[1]
+qc = AFPQConfigDict(format="nf4", bits=4, group_size=32, mode="afpq")
+big = {f"t{i}": torch.full((64, 1024), float(i)) for i in range(24)}
+v = 0
+print("ready", flush=True)
+while True:
+    v += 1
+    write_checkpoint(out, {**big, "version": torch.tensor([v])}, {"version": v}, qc, overwrite=True)
+"""
+
+
+def test_killed_saves_leave_one_complete_version(tmp_path):
+    """SIGKILL a process that keeps re-saving a checkpoint, at random moments: the next
+    read finds one complete version (config and tensors agree) and no leftovers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from afpq_plugins.core.checkpoint import AFPQConfigDict, CheckpointSnapshot, write_checkpoint
+
+    out = tmp_path / "ck"
+    qc = AFPQConfigDict(format="nf4", bits=4, group_size=32, mode="afpq")
+    write_checkpoint(str(out), {"version": torch.tensor([0])}, {"version": 0}, qc)
+    rng = random.Random(1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(out)], stdout=subprocess.PIPE, env=env)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.05, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        with CheckpointSnapshot(str(out)) as snap:
+            v = snap.config["version"]
+            assert int(snap.tensors()["version"]) == v
+        assert sorted(os.listdir(tmp_path)) == ["ck"], os.listdir(tmp_path)

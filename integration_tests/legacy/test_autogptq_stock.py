@@ -235,6 +235,23 @@ def test_unregister_restores_stock_methods():
     assert BaseGPTQForCausalLM.__dict__["quantize"] is not wrapped  # a fresh wrapper, same behaviour
 
 
+def test_registered_scopes_the_wraps_and_side_effects_reports_them():
+    import afpq_plugins
+
+    assert afpq_plugins.side_effects()["autogptq"] == "wrapped"  # import afpq_plugins.autogptq did it
+    A.unregister()
+    try:
+        assert afpq_plugins.side_effects()["autogptq"] == "off"
+        with A.registered():
+            assert A.is_registered()
+        assert not A.is_registered()  # back to the state before the block
+    finally:
+        A.register()
+    with A.registered():  # already registered: stays registered after the block
+        pass
+    assert A.is_registered()
+
+
 def test_int_config_in_afpq_entry_points_is_not_touched(llama_folder):
     """Without the CPU shim, stock from_pretrained still refuses a CPU-only INT run."""
     from auto_gptq import BaseQuantizeConfig
