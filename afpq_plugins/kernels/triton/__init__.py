@@ -26,19 +26,22 @@ and multiplies it with the matching strided ``[BLOCK_M, BLOCK_R]`` slice of ``x`
 order of the input columns inside a K-tile is irrelevant to the sum, so no shuffle of
 the unpacked codes is ever needed.
 
-Paths (chosen by :func:`afpq_matmul`, overridable):
+Paths (chosen by :func:`~.planning.plan_matmul`, overridable with ``path=``). On CUDA
+"auto" takes ``gemv`` for M = 1 and ``dequant`` from M = 2 on (measured on an H200:
+benchmarks/RESULTS.md, GPU); without CUDA (the interpreter) ``gemv`` up to M = 16, then
+``gemm``.
 
-``gemv``     M <= 16: split-K over a 2-D grid ``(tiles, SPLIT_K)``. M = 1 uses CUDA-core
-             FMAs into a ``[BLOCK_M, BLOCK_R, BLOCK_N]`` float32 accumulator reduced once
-             at the end (no tensor-core layout shuffles for a GEMV; ``block_m`` < 16
-             forces this for other tiny M); 2..16 uses ``tl.dot`` with ``BLOCK_M = 16``.
-             With ``SPLIT_K > 1`` each split stores its float32 partial tile in a
-             workspace and a second small kernel adds the splits in order, adds the
-             bias and casts: deterministic, CUDA-graph capturable.
+``gemv``     split-K over a 2-D grid ``(tiles, SPLIT_K)``. One row (``block_m`` < 16):
+             CUDA-core FMAs, by default *folded* (the group parameters applied once per
+             K-tile to two partial sums, one per sign: about half the instructions per
+             weight); 2..16 rows: ``tl.dot`` with ``BLOCK_M = 16``, folded too when a
+             K-tile lies in one group. With ``SPLIT_K > 1`` each split stores its float32
+             partial tile in a workspace and a second small kernel adds the splits in
+             order, adds the bias and casts: deterministic, CUDA-graph capturable.
 ``gemm``     tiled ``tl.dot`` with grouped program ordering for L2 reuse (split-K too
              when the tiles would not cover the SMs).
-``dequant``  very large M (compute bound): a Triton kernel writes ``W.T`` once in the
-             activation dtype, then cuBLAS multiplies (``torch.addmm``).
+``dequant``  a Triton kernel writes ``W.T`` once in the activation dtype, then cuBLAS
+             multiplies (``torch.addmm``).
 
 Group parameters per K-tile: ``GROUP_MODE`` 0 = the whole tile lies in one group (one
 ``[BLOCK_N]`` load of each scale per iteration); 1 = the group depends on the code block
