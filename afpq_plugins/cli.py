@@ -96,12 +96,19 @@ def _load_any(path_arg: str):
 # -- quantize ------------------------------------------------------------------------------
 def _method_options(args, method) -> dict:
     """The CLI's flags as the method's options (only those the chosen engine takes)."""
-    opts = {"progress": not args.quiet}
+    opts, defaults = {}, {}
     if method.name == "gptq":
         opts.update(desc_act=args.desc_act, static_groups=args.static_groups, true_sequential=args.true_sequential)
+        defaults.update(desc_act=False, static_groups=False, true_sequential=True)
     elif method.name == "awq":
         opts.update(clip=args.clip)
-    return {k: v for k, v in opts.items() if k == "progress" or k in method.options}
+        defaults.update(clip="symmetric")
+    for k, v in opts.items():
+        if k not in method.options and v != defaults[k]:
+            raise ValueError(f"--{k.replace('_', '-')} is not supported by --backend {method.engine}")
+    out = {k: v for k, v in opts.items() if k in method.options}
+    out["progress"] = not args.quiet
+    return out
 
 
 def cmd_quantize(args) -> int:
@@ -132,9 +139,9 @@ def cmd_quantize(args) -> int:
         if next(model.parameters()).device.type == "cpu":
             timer = FirstLayerTimer(model, lambda m: print(m, file=sys.stderr, flush=True))
     try:
+        options = _method_options(args, method)
         with timer:
-            qc = quantize(model, tok, method.name, spec, calib, backend=method.engine,
-                          **_method_options(args, method))
+            qc = quantize(model, tok, method.name, spec, calib, backend=method.engine, **options)
     except MethodUnavailable as exc:
         return _err(str(exc))
     t2 = time.perf_counter()
@@ -142,7 +149,7 @@ def cmd_quantize(args) -> int:
     t3 = time.perf_counter()
     print(
         f"quantized {len(qc.quantized_modules)} layers of {src} with {args.method} {fmt.name}/{mode} "
-        f"group {args.group_size} layout {args.layout} -> {out} "
+        f"group {args.group_size} layout {qc.layout} -> {out} "
         f"(load {t1 - t0:.1f}s, quantize {t2 - t1:.1f}s, save {t3 - t2:.1f}s)"
     )
     return 0

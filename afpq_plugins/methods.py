@@ -156,9 +156,23 @@ def quantize(model, tokenizer, method: str, spec: FormatSpec, calib: Optional[Ca
     if m.supports_model is not None:
         why = m.supports_model(model)
         if why:
-            raise MethodUnavailable(why)
+            raise MethodUnavailable(why + _alternatives(m, model))
     calib = (calib or Calibration()).resolved(m)
     return m.run(model, tokenizer, spec, calib, **options)
+
+
+def _alternatives(m: Method, model) -> str:
+    """'; supported by X (--backend X)' / 'not installed here' for the method's other engines."""
+    out = []
+    for e in engines_for(m.name):
+        other = _METHODS[m.name, e]
+        if other is m:
+            continue
+        if other.missing():
+            out.append(f"{e} is not installed here{other.install_hint.replace(';', ':', 1)}")
+        elif other.supports_model is None or other.supports_model(model) is None:
+            out.append(f"{e} supports it (--backend {e})")
+    return ("; " + "; ".join(out)) if out else ""
 
 
 # -- core: round to nearest ---------------------------------------------------------------------
@@ -243,10 +257,25 @@ def _autoawq(model, tokenizer, spec: FormatSpec, calib: Calibration, progress: b
                         scale_search=spec.scale_search)
 
 
-def _autogptq_supports(model) -> Optional[str]:
-    from .autogptq.hooks import supported_model_type
+def _type_in(model, module: str, attr: str, engine: str, flag: str) -> Optional[str]:
+    import importlib
 
-    return supported_model_type(model)
+    mt = getattr(model.config, "model_type", None)
+    if mt in getattr(importlib.import_module(module), attr):
+        return None
+    return f"model type {mt!r} is not supported by {engine} (--backend {flag})"
+
+
+def _autogptq_supports(model) -> Optional[str]:
+    return _type_in(model, "auto_gptq.modeling.auto", "GPTQ_CAUSAL_LM_MODEL_MAP", "AutoGPTQ 0.7.1", "autogptq")
+
+
+def _autoawq_supports(model) -> Optional[str]:
+    import warnings
+
+    with warnings.catch_warnings():  # AutoAWQ 0.2.9 warns at import that it is deprecated
+        warnings.simplefilter("ignore")
+        return _type_in(model, "awq.models.auto", "AWQ_CAUSAL_LM_MODEL_MAP", "AutoAWQ 0.2.9", "autoawq")
 
 
 register_method(Method("rtn", "core", _rtn, options=("fake",),
@@ -254,10 +283,10 @@ register_method(Method("rtn", "core", _rtn, options=("fake",),
 register_method(Method("gptq", "autogptq", _autogptq, requires=("auto_gptq",), install_hint=_LEGACY,
                        default_calibration=(128, 2048),
                        options=("desc_act", "static_groups", "true_sequential", "damp_percent"),
-                       description="GPTQ through AutoGPTQ 0.7.1"))
+                       description="GPTQ through AutoGPTQ 0.7.1", supports_model=_autogptq_supports))
 register_method(Method("awq", "autoawq", _autoawq, requires=("awq",), install_hint=_LEGACY,
                        default_calibration=(128, 512), options=("clip",),
-                       description="AWQ through AutoAWQ 0.2.9"))
+                       description="AWQ through AutoAWQ 0.2.9", supports_model=_autoawq_supports))
 
 
 # -- the plan printed before a long run, and the time estimate after the first layer ---------------
@@ -325,3 +354,46 @@ class FirstLayerTimer:
         for h in self.handles:
             h.remove()
         return False
+
+
+# -- GPTQModel 7.6 (modern venv) --------------------------------------------------------------------
+_MODERN = "; use .venv-modern (pip install gptqmodel==7.6.0)"
+
+
+def _gptqmodel(method: str):
+    def run(model, tokenizer, spec: FormatSpec, calib: Calibration, progress: bool = True, **options):
+        from .gptqmodel import quantize_model
+
+        return quantize_model(model, tokenizer, spec, calib, method=method, progress=progress, **options)
+
+    run.__name__ = f"_gptqmodel_{method}"
+    return run
+
+
+def _gptqmodel_supports(model) -> Optional[str]:
+    from .gptqmodel import supported_model_type
+
+    return supported_model_type(model)
+
+
+register_method(Method("gptq", "gptqmodel", _gptqmodel("gptq"), requires=("gptqmodel",), install_hint=_MODERN,
+                       default_calibration=(128, 2048),
+                       options=("desc_act", "static_groups", "true_sequential", "damp_percent"),
+                       description="GPTQ through GPTQModel 7.6", supports_model=_gptqmodel_supports))
+register_method(Method("awq", "gptqmodel", _gptqmodel("awq"), requires=("gptqmodel",), install_hint=_MODERN,
+                       default_calibration=(128, 512), options=("clip", "true_sequential"),
+                       description="AWQ through GPTQModel 7.6", supports_model=_gptqmodel_supports))
+
+
+# -- llm-compressor 0.14 (modern venv) ---------------------------------------------------------------
+def _llmcompressor_gptq(model, tokenizer, spec: FormatSpec, calib: Calibration, progress: bool = True,
+                        damp_percent: float = 0.01):
+    from .llmcompressor import quantize_model
+
+    return quantize_model(model, tokenizer, spec, calib, progress=progress, damp_percent=damp_percent)
+
+
+register_method(Method("gptq", "llmcompressor", _llmcompressor_gptq, requires=("llmcompressor",),
+                       install_hint="; use .venv-modern (pip install llmcompressor==0.14.0.1)",
+                       default_calibration=(512, 2048), options=("damp_percent",),
+                       description="GPTQ through llm-compressor 0.14 oneshot (AFPQGPTQModifier)"))

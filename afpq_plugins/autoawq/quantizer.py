@@ -45,8 +45,8 @@ with warnings.catch_warnings():  # AutoAWQ 0.2.9 warns at import that it is depr
 
 from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format, resolve_mode
-from ..core.quantize import check_finite, fake_quantize_groups, find_params, quantize_weight, round_params
 from ..core.output_search import BoundOutputSearch, grouped_energies, is_output_search
+from ..core.quantize import fake_quantize_rows, quantize_weight
 from ..core.search import apply_two_sided_clip, resolve_search, search_dict, symmetric_clip, two_sided_clip
 from ..nn import AFPQLinear
 from .calib import calibration_token_lists
@@ -143,16 +143,8 @@ class AFPQAwqQuantizer(AwqQuantizer):
         the group parameters, ``[w.shape[0], groups per leading row]``, float32 holding
         storage-dtype values: s_pos / s_neg (``afpq``), s / s (``sym``), s / zero (``zp``).
         """
-        shape = w.shape
-        gs = self.group_size if self.group_size > 0 else shape[-1]
-        if shape[-1] % gs:
-            raise ValueError(f"last dim {shape[-1]} is not a multiple of group_size {gs}")
-        wg = w.reshape(-1, gs)
-        check_finite(wg, "AWQ weight")
-        p1, p2 = find_params(wg, self.fmt, self.mode, search=self.search)
-        p1, p2 = round_params(p1, p2, self.mode, dtype=self.scale_dtype, name="AWQ weight")
-        w_hat = fake_quantize_groups(wg, self.fmt, self.mode, p1, p2, dtype=w.dtype)
-        return w_hat.reshape(shape), p1.view(shape[0], -1), p2.view(shape[0], -1)
+        return fake_quantize_rows(w, self.fmt, self.group_size, self.mode, self.scale_dtype, self.search,
+                                  "AWQ weight")
 
     # -- scale search: group -1 ---------------------------------------------------------
     @contextlib.contextmanager

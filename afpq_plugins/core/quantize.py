@@ -53,6 +53,7 @@ __all__ = [
     "fake_quantize_groups",
     "ColumnQuantizer",  # defined in core.gptq, importable from here
     "fake_quantize",
+    "fake_quantize_rows",
     "quantize_weight",
     "dequantize_weight",
     "group_count",
@@ -333,6 +334,28 @@ def fake_quantize(
     for rows, wg, p1, p2 in _rtn_chunks(w, f, group_size, mode, scale_dtype, name, search):
         out[rows] = fake_quantize_groups(wg, f, mode, p1, p2, w.dtype).reshape(-1, w.shape[1])
     return out
+
+
+def fake_quantize_rows(w: torch.Tensor, fmt, group_size: int = -1, mode: Optional[str] = None,
+                       scale_dtype: torch.dtype = torch.float16, search=None, name: str = "weight"):
+    """AWQ's ``pseudo_quantize_tensor`` contract on a grid: ``(w_hat, p1, p2)``.
+
+    ``w`` has any leading dims; its last dim is split into groups of ``group_size``
+    (``<= 0``: the whole last dim). ``w_hat`` has ``w``'s shape and dtype; ``p1`` / ``p2``
+    are ``[w.shape[0], groups per leading row]``, float32 holding storage-dtype values:
+    s_pos / s_neg (``afpq``), s / s (``sym``), s / zero (``zp``).
+    """
+    f = get_format(fmt)
+    mode = resolve_mode(f, mode)
+    shape = w.shape
+    gs = group_size if group_size > 0 else shape[-1]
+    if shape[-1] % gs:
+        raise ValueError(f"{name}: last dim {shape[-1]} is not a multiple of group_size {gs}")
+    wg = w.reshape(-1, gs)
+    check_finite(wg, name)
+    p1, p2 = round_params(*find_params(wg, f, mode, search=search), mode=mode, dtype=scale_dtype, name=name)
+    w_hat = fake_quantize_groups(wg, f, mode, p1, p2, dtype=w.dtype)
+    return w_hat.reshape(shape), p1.view(shape[0], -1), p2.view(shape[0], -1)
 
 
 def _is_default_g_idx(g_idx: torch.Tensor, groups: int) -> bool:

@@ -149,17 +149,10 @@ def group_fake_quantizer(fmt, mode: Optional[str] = None, scale_dtype: torch.dty
                          search=None, name: str = "weight") -> Callable[[torch.Tensor], torch.Tensor]:
     """``fq(t)``: fake-quantize ``t`` with one group per last-dim row (parameters rounded to
     ``scale_dtype``), the quantizer AWQ's searches score candidates with."""
-    from .formats import get_format, resolve_mode
-    from .quantize import check_finite, fake_quantize_groups, find_params, round_params
-
-    f = get_format(fmt)
-    mode = resolve_mode(f, mode)
+    from .quantize import fake_quantize_rows
 
     def fq(t: torch.Tensor) -> torch.Tensor:
-        tg = t.reshape(-1, t.shape[-1])
-        check_finite(tg, name)
-        p1, p2 = round_params(*find_params(tg, f, mode, search=search), mode=mode, dtype=scale_dtype, name=name)
-        return fake_quantize_groups(tg, f, mode, p1, p2, dtype=t.dtype).reshape(t.shape)
+        return fake_quantize_rows(t, fmt, t.shape[-1], mode, scale_dtype, search, name)[0]
 
     return fq
 

@@ -3,9 +3,9 @@
 optimum's calibration loop (block by block, true-sequential, act-order, the caching of
 block outputs) runs unchanged; only the per-layer GPTQ object differs:
 
-* optimum 2.3.0 (gptqmodel 7.6.0): a subclass of ``gptqmodel.quantization.GPTQ`` whose
-  ``create_quantizer`` hook returns an :class:`AFPQGptqModelQuantizer` (a
-  ``gptqmodel.quantization.quantizer.Quantizer``);
+* optimum 2.3.0 (gptqmodel 7.6.0): the GPTQModel adapter's GPTQ class
+  (:func:`afpq_plugins.gptqmodel.quantizer.gptq_class`, a subclass of gptqmodel's ``GPTQ``
+  whose ``create_quantizer`` hook returns the AFPQ ``Quantizer``);
 * optimum 2.0.0 (auto-gptq 0.7.1): the AutoGPTQ adapter's ``AFPQGPTQ`` (an auto-gptq
   ``GPTQ`` with the adapter's ``AFPQQuantizer``).
 
@@ -39,9 +39,9 @@ from optimum.gptq import quantizer as _oq
 
 from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format, resolve_mode
-from ..core.gptq import GridQuantizerMixin, encode_gptq
+from ..core.gptq import encode_gptq
 from ..core.quantize import QuantizedWeight
-from ..core.search import resolve_search, search_dict
+from ..core.search import search_dict
 from ..nn import AFPQLinear
 from . import compat
 
@@ -57,55 +57,12 @@ def uses_gptqmodel() -> bool:
     return bool(_oq.is_gptqmodel_available())
 
 
-# -- the gptqmodel (optimum 2.3.0) side ---------------------------------------------------------
-def _gptqmodel_classes():
-    """(Quantizer subclass, GPTQ subclass) for gptqmodel, built on first use."""
-    global _GPTQMODEL_CLASSES
-    if _GPTQMODEL_CLASSES is not None:
-        return _GPTQMODEL_CLASSES
-    from gptqmodel.quantization.gptq import GPTQ
-    from gptqmodel.quantization.quantizer import Quantizer
-
-    class AFPQGptqModelQuantizer(GridQuantizerMixin, Quantizer):
-        """gptqmodel's ``Quantizer`` contract on an AFPQ grid: core's :class:`~afpq_plugins.core.gptq.GridQuantizerMixin`."""
-
-        fmt = "nf4"
-        mode = None
-        scale_dtype = torch.float16
-        search = None
-
-        def __init__(self, qcfg, shape=1, name=None):
-            super().__init__(qcfg, shape=shape, name=name)
-            cls = type(self)
-            self._grid_init(cls.fmt, cls.mode, cls.scale_dtype, cls.search)
-
-        def configure(self, perchannel=False, grid=100, maxshrink=0.8, trits=False, bits=None, sym=None):
-            bits = self._check_bits(bits, trits)
-            self.maxq = torch.tensor(2 ** bits - 1)
-            self.perchannel, self.grid, self.maxshrink = perchannel, grid, maxshrink
-
-    class AFPQGptqModelGPTQ(GPTQ):
-        """gptqmodel's GPTQ (unchanged algorithm) whose ``create_quantizer`` hook gives the AFPQ grid."""
-
-        quantizer_cls = AFPQGptqModelQuantizer
-
-        def create_quantizer(self, name):
-            return self.quantizer_cls(qcfg=self.qcfg, name=name)
-
-    _GPTQMODEL_CLASSES = (AFPQGptqModelQuantizer, AFPQGptqModelGPTQ)
-    return _GPTQMODEL_CLASSES
-
-
-_GPTQMODEL_CLASSES = None
-
-
 def _bound_gptq_class(fmt: str, mode: str, scale_dtype: torch.dtype, search=None) -> type:
     """The per-layer GPTQ class for the installed backend, with the grid (and scale search) bound."""
     if uses_gptqmodel():
-        qcls, gcls = _gptqmodel_classes()
-        bound_q = type(qcls.__name__, (qcls,), {"fmt": fmt, "mode": mode, "scale_dtype": scale_dtype,
-                                                 "search": resolve_search(search), "__module__": __name__})
-        return type(gcls.__name__, (gcls,), {"quantizer_cls": bound_q, "__module__": __name__})
+        from ..gptqmodel.quantizer import gptq_class
+
+        return gptq_class(fmt, mode, scale_dtype, search)
     try:
         from ..autogptq.quantizer import AFPQGPTQ
     except ImportError as exc:

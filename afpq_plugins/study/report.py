@@ -159,7 +159,8 @@ def markdown_report(sec: dict, plan: Optional[Sequence[Cell]] = None, title: str
              f"{s['nsamples']} x {s['calib_seqlen']} tokens of the five other Austen novels, seed {s['seed']}. "
              f"Scales stored as {s['scale_dtype']}. GPTQ: damp {s['gptq_damp']}, act-order "
              f"{'on' if s['gptq_desc_act'] else 'off'}, true-sequential {'on' if s['gptq_true_sequential'] else 'off'}. "
-             f"AWQ: clip {s['awq_clip']}.", "",
+             f"AWQ: clip {s['awq_clip']}." + (f" Engine of the GPTQ/AWQ cells: {s['backend']}." if s.get("backend") else ""),
+             "",
              markdown_tables(sec)]
     t = two_scale_table(sec)
     if t:

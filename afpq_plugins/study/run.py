@@ -97,7 +97,8 @@ def _quiet_loggers() -> None:
 
 
 def _options(method: str, settings: Settings) -> dict:
-    """The study's settings as the method's options (the same names on every engine)."""
+    """The study's settings as the method's options (the same names on every engine; an engine
+    without one, e.g. llm-compressor's GPTQ without act-order switches, runs its own way)."""
     if method == "gptq":
         return {"desc_act": settings.gptq_desc_act, "true_sequential": settings.gptq_true_sequential,
                 "damp_percent": settings.gptq_damp}
@@ -126,7 +127,7 @@ def quantize_cell(model, tok, cell: Cell, settings: Settings) -> str:
         _quiet_loggers()
         quantize(model, tok, cell.method, _spec(cell, settings),
                  Calibration(settings.nsamples, settings.calib_seqlen, settings.seed), backend=backend,
-                 progress=False, **_options(cell.method, settings))
+                 progress=False, **{k: v for k, v in _options(cell.method, settings).items() if k in m.options})
     return m.engine
 
 

@@ -1,0 +1,205 @@
+"""GPTQ and AWQ on AFPQ grids through GPTQModel 7.6: the Python API and the methods' engine.
+
+For GPTQModel users, two changed lines (the imports)::
+
+    from afpq_plugins.gptqmodel import GPTQModel, QuantizeConfig   # was: from gptqmodel import ...
+    cfg = QuantizeConfig(bits=3, group_size=64, fmt="nf3")           # fmt= selects an AFPQ grid
+    model = GPTQModel.load(path, cfg)
+    model.quantize(calibration, tokenizer=tok)
+    model.save(out)                                                   # the project's checkpoint format
+    model = GPTQModel.load(out)                                       # back through the project loader
+
+``QuantizeConfig`` without ``fmt`` is gptqmodel's own (stock INT, untouched).
+``method="awq"`` selects GPTQModel's AWQ. Nothing is patched globally: the AFPQ classes
+are swapped in only while an AFPQ model's ``quantize()`` runs (:mod:`.compat`).
+:func:`quantize_model` runs the same on an in-memory transformers model (the registry's
+``gptq``/``awq`` methods with ``--backend gptqmodel``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+
+from ..core.checkpoint import AFPQConfigDict
+from ..core.formats import get_format, resolve_mode
+from ..core.search import search_dict
+from .processors import Settings
+
+__all__ = ["AFPQSpec", "QuantizeConfig", "GPTQModel", "quantize_model", "supported_model_type", "ENGINE"]
+
+ENGINE = "gptqmodel 7.6"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class AFPQSpec:
+    """The AFPQ part of a GPTQModel config (kept on it as ``config.afpq``)."""
+
+    fmt: str
+    mode: str
+    scale_dtype: str = "float16"
+    scale_search: Any = None
+    layout: Optional[str] = None
+    clip: str = "symmetric"
+
+    def settings(self, group_size: int) -> Settings:
+        return Settings(self.fmt, self.mode, group_size, _DTYPES[self.scale_dtype], self.scale_search, self.layout,
+                        self.clip)
+
+
+def QuantizeConfig(*, fmt: Optional[str] = None, mode: Optional[str] = None, scale_dtype: str = "float16",
+                   scale_search=None, layout: Optional[str] = None, clip: str = "symmetric", **kwargs):
+    """gptqmodel's ``QuantizeConfig(**kwargs)``; with ``fmt`` it carries an AFPQ grid (``.afpq``).
+
+    ``bits`` defaults to the format's (and must equal it); ``sym`` is decided by the grid.
+    ``method="awq"`` for GPTQModel's AWQ (``clip``: ``symmetric``, ``two-sided`` or ``engine``).
+    """
+    from gptqmodel import QuantizeConfig as Upstream
+
+    if fmt is None:
+        return Upstream(**kwargs)
+    f = get_format(fmt)
+    bits = kwargs.setdefault("bits", f.bits)
+    if bits != f.bits:
+        raise ValueError(f"QuantizeConfig: format {f.name!r} has {f.bits} bits, but bits={bits}")
+    if scale_dtype not in _DTYPES:
+        raise ValueError(f"QuantizeConfig: scale_dtype must be one of {', '.join(_DTYPES)}")
+    spec = AFPQSpec(f.name, resolve_mode(f, mode, sym=bool(kwargs.pop("sym", False))), scale_dtype,
+                    search_dict(scale_search), layout, clip)
+    if str(kwargs.get("method", "gptq")).lower().endswith("gptq"):
+        # gptqmodel's group-aware reordering is off unless asked for (as in the optimum adapter): the
+        # same GPTQ as the other engines, and whole-row groups (-1) allowed
+        kwargs.setdefault("act_group_aware", False)
+    # the AFPQ save writes the in-memory model; gptqmodel's disk offload would leave the float modules
+    # (embeddings, norms, lm_head) on the meta device until gptqmodel's own save
+    kwargs.setdefault("offload_to_disk", False)
+    cfg = Upstream(sym=True, **kwargs)
+    cfg.afpq = spec
+    return cfg
+
+
+def supported_model_type(model) -> Optional[str]:
+    """None when GPTQModel 7.6 knows ``model``'s type, else a one-line reason."""
+    from gptqmodel.models.auto import MODEL_MAP
+
+    mt = getattr(model.config, "model_type", None)
+    if mt in MODEL_MAP:
+        return None
+    return (f"model type {mt!r} is not supported by GPTQModel 7.6 (--backend gptqmodel); "
+            "its list is gptqmodel.models.auto.SUPPORTED_MODELS")
+
+
+def _method_name(cfg) -> str:
+    return str(getattr(cfg.method, "value", cfg.method)).lower()
+
+
+def _run(qmodel, spec: AFPQSpec, cfg, quantize, *args, **kwargs):
+    """``quantize(*args, **kwargs)`` (gptqmodel's, on ``qmodel``) with the AFPQ classes swapped in;
+    returns the checkpoint config."""
+    from .compat import afpq_processors
+    from .processors import awq_processor_class, gptq_processor_class
+    from .quantizer import gptq_class
+
+    method = _method_name(cfg)
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"AFPQ through GPTQModel supports method gptq or awq, got {method!r}")
+    s = spec.settings(cfg.group_size)
+    if method == "gptq":
+        proc = gptq_processor_class(s)
+        ctx = afpq_processors(gptq_processor=proc, gptq_cls=gptq_class(s.fmt, s.mode, s.scale_dtype, s.search))
+    else:
+        proc = awq_processor_class(s)
+        ctx = afpq_processors(awq_processor=proc)
+    with ctx:
+        quantize(*args, **kwargs)
+    order = [n for n, _ in qmodel.model.named_modules()]
+    names = sorted(set(proc.quantized_modules), key=order.index)
+    if not names:
+        raise RuntimeError("GPTQModel quantized no layer with the AFPQ grid (were the AFPQ processors used?)")
+    extra = {"quantizer": ENGINE, "true_sequential": bool(cfg.true_sequential)}
+    if method == "gptq":
+        extra["damp_percent"] = cfg.damp_percent
+        extra["static_groups"] = bool(getattr(cfg, "static_groups", False))
+    else:
+        extra["awq"] = {"clip": spec.clip, "upstream": ENGINE}
+    extra["scale_search"] = spec.scale_search
+    qc = AFPQConfigDict(
+        format=spec.fmt, bits=get_format(spec.fmt).bits, group_size=cfg.group_size, mode=spec.mode,
+        layout=s.layout_for(method), desc_act=bool(cfg.desc_act), scale_dtype=spec.scale_dtype, method=method,
+        modules_to_not_convert=["lm_head"], quantized_modules=names, extra=extra,
+    )
+    qmodel.model.config.quantization_config = qc.to_dict()
+    qmodel._afpq_config = qc
+    qmodel._afpq_mismatches = proc.mismatches
+    return qc
+
+
+def _save(qmodel, save_dir: str, tokenizer=None, overwrite: bool = True, **_ignored) -> str:
+    from ..model import save_quantized
+
+    qc = getattr(qmodel, "_afpq_config", None)
+    if qc is None:
+        raise ValueError("save: quantize() this AFPQ model first")
+    return save_quantized(qmodel.model, save_dir, qc, tokenizer=tokenizer or qmodel.tokenizer, overwrite=overwrite)
+
+
+class GPTQModel:
+    """``gptqmodel.GPTQModel`` for AFPQ configs and checkpoints; anything else goes to gptqmodel unchanged."""
+
+    @staticmethod
+    def load(model_id_or_path, quantize_config=None, **kwargs):
+        from gptqmodel import GPTQModel as Upstream
+
+        from ..model import is_afpq_checkpoint, load_quantized
+
+        if isinstance(model_id_or_path, str) and is_afpq_checkpoint(model_id_or_path):
+            return load_quantized(model_id_or_path, device=kwargs.get("device") or "cpu")
+        spec = getattr(quantize_config, "afpq", None)
+        qmodel = Upstream.load(model_id_or_path, quantize_config, **kwargs)
+        if spec is not None:
+            upstream_quantize = qmodel.quantize
+            # instance attributes: this model object only
+            qmodel.quantize = lambda *a, **k: _run(qmodel, spec, quantize_config, upstream_quantize, *a, **k)
+            qmodel.save = lambda save_dir, **k: _save(qmodel, save_dir, **k)
+        return qmodel
+
+    from_pretrained = load
+
+
+def quantize_model(model, tokenizer, spec, calib, method: str = "gptq", progress: bool = True,
+                   desc_act: bool = False, static_groups: bool = False, true_sequential: bool = True,
+                   damp_percent: Optional[float] = None, clip: str = "symmetric") -> AFPQConfigDict:
+    """GPTQModel's GPTQ or AWQ with ``spec``'s grid on the in-memory ``model`` (in place).
+
+    ``spec``: a :class:`~afpq_plugins.methods.FormatSpec`; ``calib``: a resolved
+    :class:`~afpq_plugins.methods.Calibration` (Austen windows). ``damp_percent=None``
+    is gptqmodel's own default.
+    """
+    from gptqmodel.models._const import normalize_device
+    from gptqmodel.models.auto import MODEL_MAP
+
+    why = supported_model_type(model)
+    if why:
+        from ..methods import MethodUnavailable
+
+        raise MethodUnavailable(why)
+    if tuple(spec.skip) != ("lm_head",):
+        raise ValueError("--backend gptqmodel quantizes the decoder layers and keeps lm_head in float "
+                         "(GPTQModel's layer lists); --skip is not supported")
+    kw = dict(bits=get_format(spec.fmt).bits, group_size=spec.group_size, desc_act=desc_act,
+              true_sequential=true_sequential, method=method)
+    if method == "gptq":
+        kw["static_groups"] = static_groups
+        if damp_percent is not None:
+            kw["damp_percent"] = damp_percent
+    layout = None if method == "awq" and spec.layout in (None, "gptq") else spec.layout  # AWQ: awq at 4 bits
+    cfg = QuantizeConfig(fmt=spec.fmt, mode=spec.mode, scale_dtype=spec.scale_dtype, scale_search=spec.scale_search,
+                         layout=layout, clip=clip, **kw)
+    cfg.device = normalize_device(str(next(model.parameters()).device.type))
+    cfg.offload_to_disk = False
+    qmodel = MODEL_MAP[model.config.model_type](model, quantized=False, quantize_config=cfg, tokenizer=tokenizer)
+    rows: List[dict] = [{"input_ids": s.tolist(), "attention_mask": [1] * s.numel()} for s in calib.samples(tokenizer)]
+    return _run(qmodel, cfg.afpq, cfg, qmodel.quantize, rows, tokenizer=tokenizer, batch_size=1)

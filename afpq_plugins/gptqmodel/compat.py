@@ -1,0 +1,49 @@
+"""Scoped shims for GPTQModel 7.6 (each restores what it patched on exit).
+
+gptqmodel picks its loop processor and per-layer GPTQ class by module-level names that
+``BaseQModel._quantize_with_calibration`` imports at call time; :func:`afpq_processors`
+points those names at the AFPQ classes for the duration of one ``quantize()`` call, so an
+INT config quantized in the same process (before, after or in another model object) runs
+gptqmodel's stock code. It also replaces ``models.base.select_quant_linear``: gptqmodel
+7.6 checks before quantizing that one of its INT kernels can pack the result (for AWQ on
+CPU none can: "AWQ: CUDA is not available"); AFPQ packs into its own modules, so the
+check answers with a placeholder class that no module is an instance of.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+__all__ = ["afpq_processors"]
+
+
+class AFPQPacked(nn.Module):
+    """Placeholder kernel class for gptqmodel's bookkeeping; AFPQ layers are AFPQLinear."""
+
+
+def _no_kernel(*args, **kwargs):
+    return AFPQPacked
+
+
+@contextlib.contextmanager
+def afpq_processors(gptq_processor=None, awq_processor=None, gptq_cls=None) -> Iterator[None]:
+    """Swap ``gptq_processor.GPTQProcessor`` / ``.GPTQ`` and ``awq_processor.AWQProcessor`` (gptqmodel 7.6)."""
+    from gptqmodel.looper import awq_processor as awq_mod
+    from gptqmodel.looper import gptq_processor as gptq_mod
+    from gptqmodel.models import base as base_mod
+
+    patches = [(gptq_mod, "GPTQProcessor", gptq_processor), (gptq_mod, "GPTQ", gptq_cls),
+               (awq_mod, "AWQProcessor", awq_processor), (base_mod, "select_quant_linear", _no_kernel)]
+    saved = []
+    try:
+        for mod, name, new in patches:
+            if new is not None:
+                saved.append((mod, name, getattr(mod, name)))
+                setattr(mod, name, new)
+        yield
+    finally:
+        for mod, name, old in reversed(saved):
+            setattr(mod, name, old)

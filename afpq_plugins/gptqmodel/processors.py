@@ -1,0 +1,158 @@
+"""GPTQModel 7.6's GPTQ and AWQ loop processors on an AFPQ grid.
+
+gptqmodel runs its layer-by-layer loop with one processor per method; these subclasses
+keep everything (calibration capture, Hessians, act-order, AWQ's scale search, MoE
+handling, threading) and change only what the grid touches:
+
+* GPTQ: the per-layer ``GPTQ`` object is :func:`~afpq_plugins.gptqmodel.quantizer.gptq_class`
+  (core's quantizer, see :mod:`afpq_plugins.core.gptq`); ``submodule_finalize`` packs the
+  result into :class:`~afpq_plugins.nn.AFPQLinear` (core's ``encode_gptq``, then the
+  project's packer) instead of gptqmodel's ``QuantLinear``.
+* AWQ: ``pseudo_quantize_tensor`` (which AWQ's scale and clip searches call) is core's
+  :func:`~afpq_plugins.core.quantize.fake_quantize_rows`; the clip search is core's
+  (:func:`~afpq_plugins.core.search.symmetric_clip`, or ``two_sided_clip``; ``clip="engine"``
+  keeps gptqmodel's own loop); ``pack_module`` writes :class:`AFPQLinear` (4-bit: the
+  ``awq`` layout, else ``gptq``).
+
+The bound classes carry the settings (:class:`Settings`) and collect the names of the
+modules they packed (``quantized_modules``) and the count of weights that did not
+re-encode exactly (``mismatches``, zero when GPTQ used the AFPQ quantizer).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ..core.formats import get_format
+from ..core.gptq import encode_gptq
+from ..core.quantize import QuantizedWeight, fake_quantize_rows
+from ..core.search import apply_two_sided_clip, resolve_search, symmetric_clip, two_sided_clip
+from ..nn import AFPQLinear
+
+__all__ = ["Settings", "CLIP_MODES", "gptq_processor_class", "awq_processor_class"]
+
+CLIP_MODES = ("symmetric", "two-sided", "engine")
+_AVOID_CLIPPING = ("q_", "k_", "query", "key", "Wqkv")  # as gptqmodel/AutoAWQ: q/k feed a bmm
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Settings:
+    fmt: str
+    mode: str
+    group_size: int
+    scale_dtype: torch.dtype = torch.float16
+    search: object = None
+    layout: Optional[str] = None  # None: gptq (AWQ: awq at 4 bits)
+    clip: str = "symmetric"
+
+    def layout_for(self, method: str) -> str:
+        if self.layout:
+            return self.layout
+        return "awq" if method == "awq" and get_format(self.fmt).bits == 4 else "gptq"
+
+
+def _replace(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    with _LOCK:
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _pack(cls, root, module, p1, p2, g_idx, method: str) -> None:
+    """AFPQLinear from the engine's result (weight = its fake-quantized weight) into ``root``."""
+    s: Settings = cls.afpq
+    lin = getattr(module, "module", module)
+    W = lin.weight.data.detach().to("cpu")
+    res = encode_gptq(W.float(), p1.detach().cpu(), p2.detach().cpu(), None if g_idx is None else g_idx.cpu(),
+                      s.fmt, s.mode, s.group_size, dtype=W.dtype)
+    qw = QuantizedWeight(codes=res.codes, scales=res.scales.to(s.scale_dtype),
+                         scales2=None if s.mode == "sym" else res.scales2.to(s.scale_dtype),
+                         g_idx=res.g_idx.to(torch.int32), fmt=get_format(s.fmt), mode=s.mode, group_size=s.group_size)
+    bias = lin.bias.detach().cpu() if getattr(lin, "bias", None) is not None else None
+    name = module.full_name
+    layer = AFPQLinear.from_quantized(qw, bias, s.layout_for(method), name=name).to(lin.weight.device)
+    _replace(root, name, layer)
+    with _LOCK:
+        cls.quantized_modules.append(name)
+        cls.mismatches += res.mismatches
+
+
+def _take_state(proc, module, keys):
+    """The engine's staged tensors of ``module`` (cloned: they may be pinned, other threads), state cleared."""
+    module.stream_sync()
+    with proc.lock:
+        for k in ("w", "w_wq_diff", "wq"):
+            module.state.pop(k, None)
+        return tuple(module.state.pop(k).clone() for k in keys)
+
+
+def gptq_processor_class(settings: Settings) -> type:
+    """gptqmodel's ``GPTQProcessor`` packing into AFPQLinear, bound to ``settings``."""
+    from gptqmodel.looper.gptq_processor import GPTQProcessor
+
+    class AFPQGPTQProcessor(GPTQProcessor):
+        afpq = settings
+        quantized_modules: List[str] = []
+        mismatches = 0
+
+        def submodule_finalize(self, module, model, **kwargs):
+            q_scales, q_zeros, q_g_idx = _take_state(self, module, ("q_scales", "q_zeros", "q_g_idx"))
+            _pack(type(self), model.model, module, q_scales, q_zeros, q_g_idx, "gptq")
+
+    AFPQGPTQProcessor.quantized_modules = []
+    return AFPQGPTQProcessor
+
+
+def awq_processor_class(settings: Settings) -> type:
+    """gptqmodel's ``AWQProcessor`` on the AFPQ grid, packing into AFPQLinear, bound to ``settings``."""
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    if settings.clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {settings.clip!r}")
+    search = resolve_search(settings.search)
+
+    class AFPQAWQProcessor(AWQProcessor):
+        afpq = settings
+        quantized_modules: List[str] = []
+        mismatches = 0
+
+        def pseudo_quantize_tensor(self, w: torch.Tensor):
+            s = self.afpq
+            return fake_quantize_rows(w, s.fmt, self.qcfg.group_size, s.mode, s.scale_dtype, search, "AWQ weight")
+
+        def _pseudo_quantize_tensor_into(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+            dst.copy_(self.pseudo_quantize_tensor(src)[0])
+
+        def _fq(self, t: torch.Tensor) -> torch.Tensor:
+            return self.pseudo_quantize_tensor(t)[0]
+
+        @torch.inference_mode()
+        def _compute_best_clip(self, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_token=512):
+            if self.afpq.clip == "engine":
+                return super()._compute_best_clip(w, input_feat, n_grid, max_shrink, n_sample_token)
+            return symmetric_clip(w, input_feat, self._fq, self.qcfg.group_size, n_grid=n_grid,
+                                  max_shrink=max_shrink, n_sample_token=n_sample_token)
+
+        def _search_best_clip(self, layer, named_linears, input_feat):
+            if self.afpq.clip != "two-sided":
+                return super()._search_best_clip(layer, named_linears, input_feat)
+            with torch.inference_mode():
+                for name, lin in named_linears.items():
+                    if any(k in name for k in _AVOID_CLIPPING):
+                        continue
+                    w = lin.weight.data
+                    lo, hi = two_sided_clip(w, input_feat[name].to(w.device), self._fq, self.qcfg.group_size,
+                                            separable=self.afpq.mode == "afpq")
+                    lin.weight.data = apply_two_sided_clip(w, lo, hi)
+            return []  # applied here; gptqmodel's apply_clip only knows [-max, max]
+
+        def pack_module(self, module):
+            q_scales, q_zeros = _take_state(self, module, ("q_scales", "q_zeros"))
+            _pack(type(self), self.gptq_model.model, module, q_scales, q_zeros, None, "awq")
+
+    AFPQAWQProcessor.quantized_modules = []
+    return AFPQAWQProcessor

@@ -1,0 +1,70 @@
+"""GPTQModel 7.6's GPTQ ``Quantizer`` on an AFPQ grid (used by GPTQModel's own loop and by optimum 2.3).
+
+gptqmodel's ``GPTQ`` builds its per-layer quantizer through the ``create_quantizer`` hook;
+:func:`quantizer_class` returns a ``gptqmodel.quantization.quantizer.Quantizer`` subclass
+whose maths is core's :class:`~afpq_plugins.core.gptq.GridQuantizerMixin` (the same code
+as the AutoGPTQ adapter), bound to one grid. gptqmodel's ``mse`` option (a norm > 0)
+becomes GPTQ's shrink search (:meth:`ScaleSearch.gptq_mse`) unless a scale search is set.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..core.gptq import GridQuantizerMixin
+from ..core.search import resolve_search
+
+__all__ = ["quantizer_class", "gptq_class"]
+
+
+@functools.lru_cache(maxsize=None)
+def _base_classes():
+    from gptqmodel.quantization.gptq import GPTQ
+    from gptqmodel.quantization.quantizer import Quantizer
+
+    class AFPQGptqModelQuantizer(GridQuantizerMixin, Quantizer):
+        """gptqmodel's ``Quantizer`` contract on an AFPQ grid (``.scale`` = s_pos, ``.zero`` = s_neg)."""
+
+        fmt = "nf4"
+        mode = None
+        scale_dtype = torch.float16
+        search = None
+
+        def __init__(self, qcfg, shape=1, name=None):
+            super().__init__(qcfg, shape=shape, name=name)
+            cls = type(self)
+            self._grid_init(cls.fmt, cls.mode, cls.scale_dtype, cls.search)
+            norm = float(getattr(qcfg, "mse", 0.0) or 0.0)
+            if norm > 0:
+                self._gptq_mse(norm=norm)
+
+        def configure(self, perchannel=False, grid=100, maxshrink=0.8, trits=False, bits=None, sym=None):
+            bits = self._check_bits(bits, trits)
+            self.maxq = torch.tensor(2 ** bits - 1)
+            self.perchannel, self.grid, self.maxshrink = perchannel, grid, maxshrink
+
+    class AFPQGptqModelGPTQ(GPTQ):
+        """gptqmodel's GPTQ (unchanged algorithm) whose ``create_quantizer`` hook gives the AFPQ grid."""
+
+        quantizer_cls = AFPQGptqModelQuantizer
+
+        def create_quantizer(self, name):
+            return self.quantizer_cls(qcfg=self.qcfg, name=name)
+
+    return AFPQGptqModelQuantizer, AFPQGptqModelGPTQ
+
+
+def quantizer_class(fmt: str, mode: str, scale_dtype: torch.dtype, search=None) -> type:
+    """The gptqmodel ``Quantizer`` subclass with the grid (and scale search) bound."""
+    qcls, _ = _base_classes()
+    return type(qcls.__name__, (qcls,), {"fmt": fmt, "mode": mode, "scale_dtype": scale_dtype,
+                                         "search": resolve_search(search), "__module__": __name__})
+
+
+def gptq_class(fmt: str, mode: str, scale_dtype: torch.dtype, search=None) -> type:
+    """gptqmodel's ``GPTQ`` with the bound quantizer (what optimum 2.3 instantiates per layer)."""
+    _, gcls = _base_classes()
+    return type(gcls.__name__, (gcls,), {"quantizer_cls": quantizer_class(fmt, mode, scale_dtype, search),
+                                         "__module__": __name__})

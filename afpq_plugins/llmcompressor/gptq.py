@@ -1,0 +1,191 @@
+"""llm-compressor 0.14's ``GPTQModifier`` on an AFPQ grid: :class:`AFPQGPTQModifier`.
+
+A drop-in for ``GPTQModifier`` in a ``oneshot`` recipe, through public extension points:
+
+* a subclass of ``GPTQModifier`` (a pydantic ``Modifier``): its config groups are built
+  from ``fmt`` / ``group_size`` (an INT proxy of the same bits and groups, which only
+  drives llm-compressor's calibration hooks); its ``compress_module_list`` computes each
+  group's AFPQ parameters with core (``find_params`` / ``round_params``, scale search
+  included, from the weights before GPTQ, as llm-compressor does) and runs
+  llm-compressor's own ``quantize_weight`` (Hessian, dampening, blocks, error feedback);
+* the column quantization inside that GPTQ is registered with compressed-tensors'
+  ``ImplBackend`` under ``gptq_block_update`` (its documented priority registry), active
+  only while an AFPQ modifier compresses (a context variable), so INT recipes in the same
+  process run the stock block update;
+* each finished layer keeps llm-compressor's ``nn.Linear`` with the GPTQ weight and
+  ``quantization_enabled = False`` (the documented switch that stops compressed-tensors'
+  on-the-fly QDQ), so the next layers calibrate on the AFPQ weights; ``on_finalize``
+  swaps the layers for :class:`~afpq_plugins.nn.AFPQLinear` (core's ``encode_gptq``).
+
+Save with :func:`afpq_plugins.llmcompressor.save` (the project's checkpoint format), not
+``save_pretrained`` (compressed-tensors has no AFPQ compressor).
+
+Not supported here: activation ordering (``actorder`` other than None), batched or
+distributed compression (one module at a time), and ``AWQModifier`` (see the package
+docstring).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any, Dict, Optional
+
+import torch
+from llmcompressor.modifiers.gptq import GPTQModifier
+from pydantic import PrivateAttr, model_validator
+
+from ..core.checkpoint import AFPQConfigDict
+from ..core.formats import get_format, resolve_mode
+from ..core.gptq import encode_gptq
+from ..core.quantize import QuantizedWeight, fake_quantize_groups, find_params, round_params
+from ..core.search import search_dict
+
+__all__ = ["AFPQGPTQModifier"]
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("afpq_llmcompressor_grid", default=None)
+
+
+def _register_block_update() -> None:
+    from compressed_tensors.utils.impl_backend import ImplBackend
+    from llmcompressor.modifiers.gptq.helpers import column_scale_window
+
+    if "afpq_gptq_block_update" in ImplBackend._fn_registry:
+        return
+
+    @ImplBackend.register("gptq_block_update", req=lambda *a, **k: _ACTIVE.get() is not None, priority=-100)
+    def afpq_gptq_block_update(W1, Hinv1, Q1, Err1, losses1, *, scale, zero_point, global_scale, g_idx,
+                               quant_args, i1):
+        """llm-compressor's eager block update with core's column quantization (AFPQ grid)."""
+        fmt, mode = _ACTIVE.get()
+        width = W1.shape[-1]
+        p1, p2 = column_scale_window(scale, zero_point, global_scale, g_idx, quant_args, num_rows=W1.shape[-2],
+                                     i1=i1, i2=i1 + width)
+        for i in range(width):
+            w = W1[:, :, i]
+            c1 = p1[..., i] if p1.shape[-1] == width else p1[..., 0]
+            c2 = p2[..., i] if p2.shape[-1] == width else p2[..., 0]
+            q = fake_quantize_groups(w, fmt, mode, c1, c2, w.dtype)
+            diagonal = Hinv1[:, i, i]
+            error = (w - q) / diagonal[:, None]
+            Q1[:, :, i] = q
+            Err1[:, :, i] = error
+            losses1[:, :, i] = error.square()
+            W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
+
+
+class AFPQGPTQModifier(GPTQModifier):
+    """``GPTQModifier`` whose grid is an AFPQ format (see the module docstring).
+
+    ``fmt``: a registered format (``nf3``, ``fp4``, ...); ``group_size``: input columns
+    per group (-1: whole rows); ``mode``: ``afpq`` (two scales, default), ``sym`` or
+    ``zp``; ``scale_dtype``: storage dtype of the scales; ``scale_search``: ``None``,
+    ``"mse"``, ... (:mod:`afpq_plugins.core.search`). ``targets`` / ``ignore`` /
+    ``dampening_frac`` / ``block_size`` as in ``GPTQModifier``.
+    """
+
+    fmt: str = "nf4"
+    group_size: int = 128
+    mode: Optional[str] = None
+    scale_dtype: str = "float16"
+    scale_search: Optional[Any] = None
+
+    _afpq_params: Dict[str, tuple] = PrivateAttr(default_factory=dict)
+    _afpq_config: Optional[AFPQConfigDict] = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _afpq_scheme(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        f = get_format(data.get("fmt", "nf4"))
+        gs = int(data.get("group_size", 128))
+        if data.get("scale_dtype", "float16") not in _DTYPES:
+            raise ValueError(f"AFPQGPTQModifier: scale_dtype must be one of {', '.join(_DTYPES)}")
+        if data.get("actorder") not in (None,):
+            raise ValueError("AFPQGPTQModifier: activation ordering is not supported (use actorder=None)")
+        data["actorder"] = None
+        data["mode"] = resolve_mode(f, data.get("mode"))
+        data["scale_search"] = search_dict(data.get("scale_search"))
+        if data.get("config_groups") or data.get("scheme"):
+            raise ValueError("AFPQGPTQModifier builds its own config group from fmt and group_size; "
+                             "pass targets/ignore, not config_groups or scheme")
+        weights = {"num_bits": f.bits, "type": "int", "symmetric": False,
+                   "strategy": "group" if gs > 0 else "channel"}
+        if gs > 0:
+            weights["group_size"] = gs
+        data["config_groups"] = {"afpq": {"targets": data.pop("targets", ["Linear"]), "weights": weights}}
+        data["batched_quantization"] = None
+        return data
+
+    # -- GPTQ with the AFPQ grid ------------------------------------------------------------
+    def compress_module_list(self, module_list):
+        from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+        from llmcompressor.modifiers.gptq.helpers import prepare_batch
+
+        _register_block_update()
+        f = get_format(self.fmt)
+        token = _ACTIVE.set((f, self.mode))
+        try:
+            for module in module_list:
+                name = self._module_names[module]
+                quant_args = module.quantization_scheme.weights
+                with torch.no_grad():
+                    weights, hessians, _, _, _ = prepare_batch(
+                        [module], [module.weight_observer.get_qparams()], self._hessians, self._num_samples)
+                    W = weights[0]
+                    gs = W.shape[1] if self.group_size <= 0 else self.group_size
+                    wg = W.float().reshape(W.shape[0], -1, gs)
+                    p1, p2 = round_params(*find_params(wg, f, self.mode, search=self.scale_search), mode=self.mode,
+                                          dtype=_DTYPES[self.scale_dtype], name=f"{name}.weight")
+                    p1, p2 = p1[..., 0].to(W.device), p2[..., 0].to(W.device)  # [rows, groups]
+                    quantized, _, _ = quantize_weight(
+                        weights=weights, hessians=hessians, scale=p1[None], zero_point=p2[None], global_scale=None,
+                        quant_args=quant_args, blocksize=self.block_size, percdamp=self.dampening_frac)
+                    module.weight.data.copy_(quantized[0].to(module.weight.dtype))
+                module.quantization_enabled = False  # compressed-tensors: no more QDQ on this module
+                self._afpq_params[name] = (p1.cpu(), p2.cpu())
+                self._num_compressed_modules += 1
+        finally:
+            _ACTIVE.reset(token)
+
+    def on_finalize(self, state, **kwargs) -> bool:
+        out = super().on_finalize(state, **kwargs)
+        self._swap_in_afpq(state.model)
+        return out
+
+    def _swap_in_afpq(self, model) -> None:
+        from ..nn import AFPQLinear
+
+        f = get_format(self.fmt)
+        sdt = _DTYPES[self.scale_dtype]
+        order = [n for n, _ in model.named_modules()]
+        names = sorted(self._afpq_params, key=order.index)
+        for name in names:
+            p1, p2 = self._afpq_params[name]
+            lin = model.get_submodule(name)
+            W = lin.weight.detach().cpu()
+            res = encode_gptq(W.float(), p1, p2, None, f, self.mode, self.group_size, dtype=W.dtype)
+            if res.mismatches:
+                raise RuntimeError(f"{name}: {res.mismatches} weight(s) of GPTQ's result are off the {f.name} grid")
+            qw = QuantizedWeight(res.codes, res.scales.to(sdt), None if self.mode == "sym" else res.scales2.to(sdt),
+                                 res.g_idx.to(torch.int32), f, self.mode, self.group_size)
+            bias = lin.bias.detach().cpu() if lin.bias is not None else None
+            layer = AFPQLinear.from_quantized(qw, bias, "gptq", name=name).to(lin.weight.device)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        self._afpq_config = AFPQConfigDict(
+            format=f.name, bits=f.bits, group_size=self.group_size, mode=self.mode, layout="gptq", desc_act=False,
+            scale_dtype=self.scale_dtype, method="gptq", modules_to_not_convert=list(self.ignore or []),
+            quantized_modules=names,
+            extra={"quantizer": "llmcompressor 0.14", "damp_percent": self.dampening_frac,
+                   "block_size": self.block_size, "scale_search": self.scale_search},
+        )
+        if hasattr(model, "config"):
+            model.config.quantization_config = self._afpq_config.to_dict()
+        model._afpq_config = self._afpq_config
+
+    @property
+    def checkpoint_config(self) -> Optional[AFPQConfigDict]:
+        return self._afpq_config
