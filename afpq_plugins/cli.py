@@ -71,10 +71,13 @@ def _load_any(path_arg: str):
     from .data import resolve_model
     from .model import is_afpq_checkpoint, load_quantized
 
+    from .core.checkpoint import CheckpointError, read_config
+
     path = resolve_model(path_arg)
     cfg_file = os.path.join(path, "config.json")
-    with open(cfg_file, encoding="utf-8") as fh:
-        qcfg = json.load(fh).get("quantization_config")
+    qcfg = read_config(str(path)).get("quantization_config")  # a JSON object, or a named error
+    if qcfg is not None and not isinstance(qcfg, dict):
+        raise CheckpointError(f"{cfg_file}: quantization_config is not a JSON object")
     if qcfg is not None and not is_afpq_checkpoint(str(path)):
         raise ValueError(
             f"{cfg_file}: quantization_config.quant_method is {qcfg.get('quant_method')!r}; "

@@ -338,3 +338,13 @@ def test_files_and_folders_are_flushed_before_the_rename(tmp_path, monkeypatch):
     assert {"config.json", "model.safetensors"} <= set(synced[:rename])
     assert any(str(s).startswith(".ck.tmp-") for s in synced[:rename])  # the new folder itself
     assert tmp_path.name in synced[rename + 1:]  # the parent, after the rename
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"quantization_config": "afpq"}', "{"])
+def test_afpq_eval_loader_names_a_malformed_config(tmp_path, content):
+    """``afpq eval``'s loader used to end in AttributeError on these."""
+    from afpq_plugins.cli import _load_any
+
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match="config.json"):
+        _load_any(str(tmp_path))

@@ -59,6 +59,7 @@ __all__ = [
     "CheckpointError",
     "write_checkpoint",
     "read_quant_config",
+    "read_config",
     "load_checkpoint_tensors",
     "expected_layer_tensors",
     "second_param_name",
@@ -279,6 +280,12 @@ def is_afpq_checkpoint(path) -> bool:
         return False
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def read_config(path: str) -> dict:
+    """A checkpoint or model folder's ``config.json`` (a JSON object, else :class:`CheckpointError`)."""
+    with CheckpointSnapshot(path) as snap:
+        return snap.config
 
 
 def read_quant_config(path: str) -> tuple:
