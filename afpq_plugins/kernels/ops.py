@@ -1,0 +1,87 @@
+"""AFPQ linear as a torch custom op: ``torch.ops.afpq.linear``.
+
+Engines that trace their models (vLLM runs ``torch.compile`` by default) need the
+quantized matmul as one opaque op: the kernel registry (:mod:`afpq_plugins.kernels`)
+picks a kernel at run time from Python attributes, which Dynamo cannot trace. The op
+takes the layer's tensors and its static description, rebuilds a light
+:class:`LayerView` and calls :func:`afpq_plugins.kernels.afpq_linear`, so whichever
+kernel the registry chooses (torch reference, native CPU, Triton) runs inside it. Its
+fake (meta) implementation gives the output shape ``[*x.shape[:-1], out_features]``
+without touching data, which is all a tracer needs.
+
+``default_order`` is passed in rather than recomputed (``has_default_order()`` compares
+``g_idx`` with ``arange`` on every call otherwise); callers compute it once per layer.
+
+Importing this module registers the op once per process (later imports reuse it).
+"""
+
+# No `from __future__ import annotations`: torch.library reads the annotations for the schema.
+from typing import Optional
+
+import torch
+
+from ..core.formats import Format, get_format
+
+__all__ = ["LayerView", "linear", "OP_NAME"]
+
+OP_NAME = "afpq::linear"
+
+
+class LayerView:
+    """Duck-typed stand-in for :class:`~afpq_plugins.nn.AFPQLinear` (what kernels read)."""
+
+    __slots__ = ("qweight", "scales", "second", "g_idx", "bias", "fmt", "bits", "mode", "layout",
+                 "group_size", "in_features", "out_features", "backend", "_default_order")
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, second: Optional[torch.Tensor],
+                 g_idx: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: Format, mode: str,
+                 layout: str, group_size: int, in_features: int, out_features: int,
+                 default_order: bool, backend: str = "auto") -> None:
+        self.qweight, self.scales, self.second, self.g_idx, self.bias = qweight, scales, second, g_idx, bias
+        self.fmt, self.bits, self.mode, self.layout = fmt, fmt.bits, mode, layout
+        self.group_size, self.in_features, self.out_features = group_size, in_features, out_features
+        self.backend = backend
+        self._default_order = default_order
+
+    def has_default_order(self) -> bool:
+        return self._default_order
+
+
+def _linear_impl(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, second: Optional[torch.Tensor],
+    g_idx: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str, mode: str, layout: str,
+    group_size: int, in_features: int, out_features: int, default_order: bool,
+) -> torch.Tensor:
+    from . import afpq_linear
+
+    view = LayerView(qweight, scales, second, g_idx, bias, get_format(fmt), mode, layout, group_size,
+                     in_features, out_features, default_order)
+    y = afpq_linear(x, view)
+    # A custom op's output may not alias an input (a kernel could hand back x's storage
+    # for a degenerate shape); clone only in that case.
+    if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        y = y.clone()
+    return y
+
+
+def _linear_fake(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, second: Optional[torch.Tensor],
+    g_idx: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str, mode: str, layout: str,
+    group_size: int, in_features: int, out_features: int, default_order: bool,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _defined() -> bool:
+    try:
+        torch.ops.afpq.linear.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+if _defined():  # module re-executed (importlib.reload): keep the op already registered
+    linear = torch.ops.afpq.linear
+else:
+    linear = torch.library.custom_op(OP_NAME, mutates_args=())(_linear_impl)
+    linear.register_fake(_linear_fake)
