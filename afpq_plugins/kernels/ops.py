@@ -3,8 +3,8 @@
 Engines that trace their models (vLLM runs ``torch.compile`` by default) need the
 quantized matmul as one opaque op: the kernel registry (:mod:`afpq_plugins.kernels`)
 picks a kernel at run time from Python attributes, which Dynamo cannot trace. The op
-takes the layer's tensors and its static description, rebuilds a light
-:class:`LayerView` and calls :func:`afpq_plugins.kernels.afpq_linear`, so whichever
+takes the layer's tensors and its static description, finds the layer's registered
+:class:`LayerView` (:func:`register_view`; a fresh one otherwise) and calls :func:`afpq_plugins.kernels.afpq_linear`, so whichever
 kernel the registry chooses (torch reference, native CPU, Triton) runs inside it. Its
 fake (meta) implementation gives the output shape ``[*x.shape[:-1], out_features]``
 without touching data, which is all a tracer needs.
@@ -16,22 +16,25 @@ Importing this module registers the op once per process (later imports reuse it)
 """
 
 # No `from __future__ import annotations`: torch.library reads the annotations for the schema.
+import weakref
 from typing import Optional
 
 import torch
 
 from ..core.formats import Format, get_format
 
-__all__ = ["LayerView", "linear", "OP_NAME"]
+__all__ = ["LayerView", "linear", "register_view", "OP_NAME"]
 
 OP_NAME = "afpq::linear"
 
 
 class LayerView:
-    """Duck-typed stand-in for :class:`~afpq_plugins.nn.AFPQLinear` (what kernels read)."""
+    """Duck-typed stand-in for :class:`~afpq_plugins.nn.AFPQLinear` (what kernels read).
 
-    __slots__ = ("qweight", "scales", "second", "g_idx", "bias", "fmt", "bits", "mode", "layout",
-                 "group_size", "in_features", "out_features", "backend", "_default_order")
+    Kernels may cache derived data on the layer object (the native CPU kernel keeps its
+    repacked weights there), so an engine should keep one view per layer alive and
+    :func:`register_view` it: the op then reuses that view instead of a fresh one per call.
+    """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, second: Optional[torch.Tensor],
                  g_idx: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: Format, mode: str,
@@ -46,6 +49,27 @@ class LayerView:
     def has_default_order(self) -> bool:
         return self._default_order
 
+    def key(self) -> tuple:
+        return _key(self.qweight, self.scales, self.fmt.name, self.mode, self.layout, self.group_size,
+                    self.in_features, self.out_features)
+
+
+def _key(qweight, scales, fmt: str, mode: str, layout: str, group_size: int, in_features: int, out_features: int):
+    return (qweight.data_ptr(), scales.data_ptr(), str(qweight.device), fmt, mode, layout, group_size,
+            in_features, out_features)
+
+
+#: Views kept alive by their owners (engine layers), found again by their tensors.
+_VIEWS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def register_view(view: LayerView) -> LayerView:
+    """Let the op reuse ``view`` (and what kernels cache on it) for calls on its tensors.
+
+    The registry holds it weakly: the caller keeps it alive (e.g. as a layer attribute)."""
+    _VIEWS[view.key()] = view
+    return view
+
 
 def _linear_impl(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, second: Optional[torch.Tensor],
@@ -54,8 +78,13 @@ def _linear_impl(
 ) -> torch.Tensor:
     from . import afpq_linear
 
-    view = LayerView(qweight, scales, second, g_idx, bias, get_format(fmt), mode, layout, group_size,
-                     in_features, out_features, default_order)
+    view = _VIEWS.get(_key(qweight, scales, fmt, mode, layout, group_size, in_features, out_features))
+    if view is None:
+        view = LayerView(qweight, scales, second, g_idx, bias, get_format(fmt), mode, layout, group_size,
+                         in_features, out_features, default_order)
+    else:
+        view.qweight, view.scales, view.second, view.g_idx, view.bias = qweight, scales, second, g_idx, bias
+        view._default_order = default_order
     y = afpq_linear(x, view)
     # A custom op's output may not alias an input (a kernel could hand back x's storage
     # for a degenerate shape); clone only in that case.

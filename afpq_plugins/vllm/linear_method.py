@@ -262,6 +262,15 @@ class AFPQLinearMethod(LinearMethodBase):
             if name is not None:
                 p = getattr(layer, name)
                 setattr(layer, name, torch.nn.Parameter(p.data, requires_grad=False))
+        self._settle_g_idx(layer, info)
+        second = getattr(layer, info.second) if info.second else None
+        # One view per layer, kept alive here: kernels cache their repacked weights on it.
+        layer.afpq_view = ops.register_view(ops.LayerView(
+            layer.qweight, layer.scales, second, layer.g_idx, None, self.config.fmt, info.mode, info.layout,
+            info.group_size, info.in_features, info.out_features, info.default_order))
+
+    @staticmethod
+    def _settle_g_idx(layer, info: "_LayerInfo") -> None:
         g = layer.g_idx
         if g is None:
             info.default_order = True

@@ -14,3 +14,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """``{case: folder}`` of the tiny AFPQ checkpoints in ``_ckpt.CASES``."""
+    from _ckpt import CASES, tiny_tokenizer, write_case
+
+    root = str(tmp_path_factory.mktemp("afpq_vllm"))
+    tok = tiny_tokenizer()
+    return {case: write_case(root, case, tok) for case in CASES}
