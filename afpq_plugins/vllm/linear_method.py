@@ -46,6 +46,7 @@ from vllm.model_executor.parameter import (
 )
 
 from ..core.checkpoint import CheckpointError, expected_layer_tensors, is_refusal_placeholder, second_param_name
+from ..core.constants import PLACEHOLDER_SUFFIXES
 from ..core.packing import packed_shape
 from ..core.quantize import default_g_idx, group_count
 from ..kernels import ops
@@ -145,7 +146,7 @@ class AFPQLinearMethod(LinearMethodBase):
             layer.g_idx = None
 
         # The refusal placeholders: empty (vLLM does not expect them), checked when they arrive.
-        for suffix in ("weight", "qzeros"):
+        for suffix in PLACEHOLDER_SUFFIXES:
             p = BasevLLMParameter(data=torch.empty(0, dtype=torch.uint8), weight_loader=self._placeholder_loader(layer, suffix))
             layer.register_parameter(suffix, p)
 
@@ -254,7 +255,7 @@ class AFPQLinearMethod(LinearMethodBase):
     # -- after loading -------------------------------------------------------------------------------
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         info: _LayerInfo = layer.afpq_info
-        for suffix in ("weight", "qzeros"):
+        for suffix in PLACEHOLDER_SUFFIXES:
             if suffix in layer._parameters:
                 del layer._parameters[suffix]
         layer.__dict__.pop("_afpq_g_idx_seen", None)

@@ -79,7 +79,8 @@ def _input_key(name: str) -> str:
 def quantize_model(model, fmt: str, group_size: int, mode: Optional[str] = None, layout: str = "gptq",
                    act_order: bool = False) -> AFPQConfigDict:
     """RTN-quantize the model's Linears (lm_head stays float), optionally in act-order."""
-    from afpq_plugins.model import _set_module, find_linears, quantize_model_rtn
+    from afpq_plugins.model import find_linears, quantize_model_rtn
+    from afpq_plugins.nn.skeleton import set_module
 
     if not act_order:
         return quantize_model_rtn(model, fmt, group_size, mode, layout, progress=False)
@@ -90,7 +91,7 @@ def quantize_model(model, fmt: str, group_size: int, mode: Optional[str] = None,
         for name, lin in linears.items():
             perm = permutation(lin.in_features, _input_key(name))
             qw = quantize_act_order(lin.weight.detach(), f, group_size, mode, perm, name=f"{name}.weight")
-            _set_module(model, name, AFPQLinear.from_quantized(qw, lin.bias, "gptq", name=name))
+            set_module(model, name, AFPQLinear.from_quantized(qw, lin.bias, "gptq", name=name))
     return AFPQConfigDict(
         format=f.name, bits=f.bits, group_size=group_size, mode=mode, layout="gptq", desc_act=True,
         method="rtn", modules_to_not_convert=["lm_head"], quantized_modules=list(linears),
