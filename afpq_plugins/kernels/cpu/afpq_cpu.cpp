@@ -341,9 +341,13 @@ static void gemv_rows_avx512(const Problem& P, int64_t n0, int64_t m0, int64_t m
 static void gemv_tile(const Problem& P, int64_t isa, bool t16, int64_t n0, int64_t nc, int64_t m0, int64_t mr) {
 #if AFPQ_X86
   if (isa == AVX2 || isa == AVX512) {
-    if (nc == NCOLS) {
-      if (isa == AVX512) return gemv_rows_avx512<NCOLS>(P, n0, m0, mr);
-      return t16 ? gemv_rows_avx2<true, NCOLS>(P, n0, m0, mr) : gemv_rows_avx2<false, NCOLS>(P, n0, m0, mr);
+    if (nc == NCOLS && isa == AVX512) return gemv_rows_avx512<NCOLS>(P, n0, m0, mr);
+    if (nc == NCOLS) {  // two 2-column passes keep tables and accumulators in the 16 ymm registers
+      for (int64_t q = 0; q < NCOLS; q += 2) {
+        if (t16) gemv_rows_avx2<true, 2>(P, n0 + q, m0, mr);
+        else gemv_rows_avx2<false, 2>(P, n0 + q, m0, mr);
+      }
+      return;
     }
     for (int64_t q = 0; q < nc; ++q) {
       if (isa == AVX512) gemv_rows_avx512<1>(P, n0 + q, m0, mr);

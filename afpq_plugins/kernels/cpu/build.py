@@ -2,8 +2,8 @@
 
 The C++ source ships with the package; the first call in a process compiles it with
 ``torch.utils.cpp_extension.load`` (ninja + the system C++ compiler, about a minute on two
-cores) into a per-user cache folder, ``$AFPQ_CACHE_DIR`` or ``~/.cache/afpq_plugins/cpu_ext``
-(``$XDG_CACHE_HOME`` honoured), one subfolder per source hash, torch installation and Python
+cores) into a per-user cache folder, ``$AFPQ_CACHE/cpu_ext`` (default ``~/.cache/afpq_plugins/cpu_ext``;
+``$XDG_CACHE_HOME`` honoured), one subfolder per source hash, torch installation and Python
 version, so later runs only load the library. The ops are registered as ``torch.ops.afpq_cpu``.
 
 :func:`load` never raises: it returns ``(ok, reason)`` and the registry falls back to the
@@ -35,7 +35,7 @@ if torch.backends.openmp.is_available():
 
 
 def cache_root() -> Path:
-    env = os.environ.get("AFPQ_CACHE_DIR")
+    env = os.environ.get("AFPQ_CACHE")  # the project's cache folder (see afpq_plugins.data)
     if env:
         return Path(env).expanduser() / "cpu_ext"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
