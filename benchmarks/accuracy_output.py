@@ -7,8 +7,9 @@ Runs a targeted plan of the accuracy study (same settings, same JSON file as
 2. RTN 3-bit whole rows (g-1), min/max vs the output search, INT3 / FP3 / NF3;
 3. the peers (NVFP4, MXFP4, bitsandbytes NF4 +-double quant, HQQ 3/4-bit) and the AFPQ /
    INT / one-scale cells at the same bits per weight;
-4. the other RTN cells of the output search (3/4 bits, g-1/64/32, INT / FP / NF);
-5. GPTQ NF3 g-1/g32 and NF4 g-1/g64/g32, min/max vs the output search;
+4. the small-gap cells (RTN 4-bit g64/g32, NF3 g32) and GPTQ NF3 g-1;
+5. the other RTN cells of the output search (3/4 bits, g-1/64/32, INT / FP / NF), then
+   GPTQ NF3 g32 and NF4 g-1/g64/g32, min/max vs the output search;
 6. AWQ NF3 AFPQ g64, min/max vs the output search.
 
 Usage (legacy venv; hold the benchmark lock; ``--max-cells`` keeps each job short and
@@ -50,6 +51,9 @@ def plan() -> list:
                                ("int", "zp", 3, 64), ("int", "zp", 3, 32)):
         cells.append(Cell("rtn", fam, mode, None, bits, g))
     cells.append(Cell("rtn", "nf", "afpq", "output", 4, 64))
+    # the small-gap cells next (where a search could most easily be worse than min/max)
+    cells += _pair("rtn", "nf", "afpq", 4, 32) + _pair("rtn", "int", "zp", 4, 64) + _pair("rtn", "fp", "afpq", 4, 64)
+    cells += _pair("rtn", "nf", "afpq", 3, 32) + _pair("gptq", "nf", "afpq", 3, -1)
     for bits in (3, 4):
         for g in (64, -1, 32):
             for fam, mode in (("int", "zp"), ("fp", "afpq"), ("nf", "afpq")):
