@@ -212,7 +212,8 @@ def cmd_bench_accuracy(args) -> int:
     peers = preset["peers"] if args.peers is None else args.peers
     plan = acc.build_plan(args.methods, groups, rtn_bits=args.bits, calibrated_rows=preset["calibrated_rows"],
                           search_methods=[m for m in search if m in args.methods], rtn_rows=preset["rtn_rows"],
-                          peers=peers, extra=[c for c in preset["extra"] if c.group_size in groups],
+                          peers=peers, extra=[c for c in preset["extra"] if c.group_size in groups
+                                              and (c.method != "rtn" or c.bits in args.bits)],
                           search_rows=preset["search_rows"])
     if peers:
         from .study.peers import peer_available
