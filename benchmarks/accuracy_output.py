@@ -4,9 +4,9 @@ Runs a targeted plan of the accuracy study (same settings, same JSON file as
 ``afpq bench accuracy``, so the cells are shared and resumable), in priority order:
 
 1. the headline pairs: RTN and GPTQ NF3 AFPQ g64, min/max vs the output search;
-2. RTN 3-bit whole rows (g-1), min/max vs the output search, INT3 / FP3 / NF3;
-3. the peers (NVFP4, MXFP4, bitsandbytes NF4 +-double quant, HQQ 3/4-bit) and the AFPQ /
+2. the peers (NVFP4, MXFP4, bitsandbytes NF4 +-double quant, HQQ 3/4-bit) and the AFPQ /
    INT / one-scale cells at the same bits per weight;
+3. RTN 3-bit whole rows (g-1), min/max vs the output search, NF3 / INT3 / FP3;
 4. the small-gap cells (RTN 4-bit g64/g32, NF3 g32) and GPTQ NF3 g-1;
 5. the other RTN cells of the output search (3/4 bits, g-1/64/32, INT / FP / NF), then
    GPTQ NF3 g32 and NF4 g-1/g64/g32, min/max vs the output search;
@@ -43,13 +43,13 @@ def _pair(method, fam, mode, bits, g):
 
 def plan() -> list:
     cells = _pair("rtn", "nf", "afpq", 3, 64) + _pair("gptq", "nf", "afpq", 3, 64)
-    for fam, mode in (("int", "zp"), ("fp", "afpq"), ("nf", "afpq")):
-        cells += _pair("rtn", fam, mode, 3, -1)
     cells += [c for c in peer_cells() if peer_available(c.family) is None]
-    for fam, mode, bits, g in (("nf", "afpq", 4, 64), ("nf", "sym", 4, 32), ("nf", "sym", 4, 64), ("int", "zp", 4, 64),
-                               ("fp", "afpq", 4, 64), ("nf", "afpq", 4, 192), ("nf", "sym", 3, 32),
-                               ("int", "zp", 3, 64), ("int", "zp", 3, 32)):
+    for fam, mode, bits, g in (("nf", "afpq", 4, 64), ("nf", "sym", 4, 32), ("int", "zp", 4, 64), ("nf", "sym", 3, 32),
+                               ("int", "zp", 3, 64), ("nf", "sym", 4, 64), ("fp", "afpq", 4, 64), ("nf", "afpq", 4, 192),
+                               ("int", "zp", 3, 32)):
         cells.append(Cell("rtn", fam, mode, None, bits, g))
+    for fam, mode in (("nf", "afpq"), ("int", "zp"), ("fp", "afpq")):
+        cells += _pair("rtn", fam, mode, 3, -1)
     cells.append(Cell("rtn", "nf", "afpq", "output", 4, 64))
     # the small-gap cells next (where a search could most easily be worse than min/max)
     cells += _pair("rtn", "nf", "afpq", 4, 32) + _pair("rtn", "int", "zp", 4, 64) + _pair("rtn", "fp", "afpq", 4, 64)
