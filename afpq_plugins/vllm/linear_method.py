@@ -214,10 +214,8 @@ class AFPQLinearMethod(LinearMethodBase):
                     f"({qc.format} {qc.bits}-bit, {qc.layout} layout, group_size {qc.group_size}, "
                     f"in_features {layer.input_size}, out_features {out_f})"
                 )
-            if loaded_weight.dtype != dtype:
-                ok = dtype.is_floating_point and loaded_weight.is_floating_point()
-                if not ok:
-                    raise CheckpointError(f"tensor {key!r} has dtype {loaded_weight.dtype}, expected {dtype}")
+            if dtype is not None and loaded_weight.dtype != dtype:
+                raise CheckpointError(f"tensor {key!r} has dtype {loaded_weight.dtype}, expected {dtype}")
             if loaded_weight.is_floating_point() and not torch.isfinite(loaded_weight).all():
                 raise CheckpointError(f"tensor {key!r} holds NaN or Inf")
             if suffix == "g_idx":
