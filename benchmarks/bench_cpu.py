@@ -1,6 +1,7 @@
 """CPU benchmark: the native AFPQ kernel next to float F.linear, torch's INT4 CPU kernel and the torch path.
 
-    python benchmarks/bench_cpu.py [--quick] [--part layers|e2e|all] [--threads N] [--json benchmarks/out/cpu.json]
+    python benchmarks/bench_cpu.py [--quick] [--part layers|e2e|all] [--threads N] [--e2e-rounds R]
+                                   [--layer-budget S] [--json benchmarks/out/cpu.json]
 
 Layers: shapes (out x in) 4096x4096, 11008x4096, 4096x11008 at group 128 and SmolLM2's
 576x1536, 1536x576 at group 64; M in {1, 4, 16, 64, 512}. Per (shape, M), the median wall
@@ -99,7 +100,7 @@ def _bytes_m1(layer, x) -> int:
         + x.numel() * x.element_size() + layer.out_features * 4
 
 
-def bench_layers(quick: bool) -> dict:
+def bench_layers(quick: bool, budget: float = 3.0) -> dict:
     torch.set_grad_enabled(False)
     shapes = SHAPES[:1] + SHAPES[3:] if quick else SHAPES
     ms = (1, 16, 512) if quick else MS
@@ -126,7 +127,7 @@ def bench_layers(quick: bool) -> dict:
                 for f, layer in extra.items():
                     fns[f] = (lambda layer=layer: layer(x))
             kernel = choose_kernel(x, nf4)[0].name
-            t = _interleaved(fns, budget_s=3.0 if m < 512 else 8.0)
+            t = _interleaved(fns, budget_s=budget if m < 512 else 2.5 * budget)
             row = {"out": out_f, "in": in_f, "group": gs, "M": m, "kernel": kernel,
                    **{k: v * 1e6 for k, v in t.items()}}
             row["int4/nf4_bf16"] = t["int4"] / t["nf4_bf16"]
@@ -156,7 +157,8 @@ def _print_row(r) -> None:
 
 def _generate_time(model, ids, new_tokens: int) -> float:
     t = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False)
     dt = time.perf_counter() - t
     assert out.shape[1] == ids.shape[1] + new_tokens
     return dt
@@ -173,7 +175,7 @@ def _cli_eval(model: str, windows: int) -> dict:
     return {"wall_s": wall, "eval_s": out.get("seconds"), "ppl": out.get("ppl", out.get("perplexity"))}
 
 
-def bench_e2e(quick: bool) -> dict:
+def bench_e2e(quick: bool, rounds: int = 2) -> dict:
     import copy
 
     from afpq_plugins.data import default_model_path, load_model_and_tokenizer
@@ -197,21 +199,22 @@ def bench_e2e(quick: bool) -> dict:
     _generate_time(qmodel, ids, 4)
     res = {"new_tokens": new_tokens, "threads": torch.get_num_threads()}
     t_f, t_q, t_t = [], [], []
-    for _ in range(2):  # two interleaved rounds; the faster of each is kept
+    torch_tokens = min(new_tokens, 32)  # the torch path is slow: fewer tokens, same tok/s measure
+    for _ in range(rounds):  # interleaved rounds; the faster of each is kept
         t_f.append(_generate_time(model, ids, new_tokens))
         t_q.append(_generate_time(qmodel, ids, new_tokens))
         os.environ["AFPQ_KERNEL"] = "torch"
         try:
-            t_t.append(_generate_time(qmodel, ids, new_tokens))
+            t_t.append(_generate_time(qmodel, ids, torch_tokens))
         finally:
             del os.environ["AFPQ_KERNEL"]
     res.update({
-        "float32 tok/s": new_tokens / min(t_f), "afpq nf4 g64 tok/s": new_tokens / min(t_q),
-        "afpq torch path tok/s": new_tokens / min(t_t), "afpq/float32 speed": min(t_f) / min(t_q),
-        "afpq torch path/float32 speed": min(t_f) / min(t_t),
+        "rounds": rounds, "float32 tok/s": new_tokens / min(t_f), "afpq nf4 g64 tok/s": new_tokens / min(t_q),
+        f"afpq torch path tok/s ({torch_tokens} tokens)": torch_tokens / min(t_t),
+        "afpq/float32 speed": min(t_f) / min(t_q),
     })
     print(json.dumps(res), flush=True)
-    windows = 2 if quick else 4
+    windows = 2 if quick or rounds < 2 else 4
     ev_f = _cli_eval("default", windows)
     ev_q = _cli_eval(ckpt, windows)
     res["eval"] = {"float32": ev_f, "afpq": ev_q, "windows": windows,
@@ -227,16 +230,20 @@ def main() -> None:
     ap.add_argument("--part", choices=("layers", "e2e", "all"), default="all")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--e2e-rounds", type=int, default=2, help="generate rounds (1: also 2 eval windows)")
+    ap.add_argument("--layer-budget", type=float, default=3.0, help="seconds of timing per layer case")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
     out = {}
+    if args.part == "all":  # the end-to-end part first: it is shorter and bounded
+        out["e2e"] = bench_e2e(args.quick, args.e2e_rounds)
     if args.part in ("layers", "all"):
-        out["layers"] = bench_layers(args.quick)
-    if args.part in ("e2e", "all"):
-        out["e2e"] = bench_e2e(args.quick)
+        out["layers"] = bench_layers(args.quick, args.layer_budget)
+    if args.part == "e2e":
+        out["e2e"] = bench_e2e(args.quick, args.e2e_rounds)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         tmp = args.json + ".tmp"
