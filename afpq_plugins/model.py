@@ -151,6 +151,11 @@ def save_quantized(
     cfg = model.config.to_dict() if hasattr(model, "config") else {}
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)  # machine-specific; keeps saves deterministic
+    if not cfg.get("architectures") and hasattr(model, "config"):
+        # As transformers' save_pretrained does: a model built with from_config has
+        # architectures=None, and engines that pick the class from it (vLLM) would load
+        # the bare base model instead of the causal-LM head.
+        cfg["architectures"] = [type(model).__name__]
     _add_legacy_rope_keys(cfg)
 
     def extra(tmp: str) -> None:

@@ -358,3 +358,17 @@ def test_load_with_dtype(saved):
     a, b = _logits(loaded, ids), _logits(ref, ids)
     assert a.dtype == torch.bfloat16 and torch.isfinite(a).all()
     assert (a.float() - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_save_names_the_architecture_of_a_model_built_from_config(tmp_path):
+    """A model built with ``from_config`` has ``architectures=None``; the checkpoint names its
+    class as transformers' ``save_pretrained`` does (engines such as vLLM pick the class by it)."""
+    from _tiny import tiny_llama
+
+    model = tiny_llama()
+    assert not model.config.architectures
+    qc = quantize_model_rtn(model, "nf4", 32, progress=False)
+    out = save_quantized(model, str(tmp_path / "q"), qc)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
+    assert type(load_quantized(out)).__name__ == "LlamaForCausalLM"
