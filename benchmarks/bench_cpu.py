@@ -168,7 +168,8 @@ def _cli_eval(model: str, windows: int) -> dict:
     t = time.perf_counter()
     res = subprocess.run(
         [sys.executable, "-m", "afpq_plugins.cli", "eval", model, "--windows", str(windows), "--json", "--quiet"],
-        check=True, capture_output=True, text=True, env=os.environ.copy(),
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # the same threads as the rest
     )
     wall = time.perf_counter() - t
     out = json.loads(res.stdout.strip().splitlines()[-1])
