@@ -1,4 +1,4 @@
-"""AutoAWQ 0.2.9 adapter (issue 4), end to end on a tiny random Llama, CPU only.
+"""AutoAWQ 0.2.9 adapter, end to end on a tiny random Llama, CPU only.
 
 Hidden size 128 (out_features of every projection a multiple of 64, which AutoAWQ's
 clip search asserts), 2 layers, tiny BPE tokenizer; calibration from token-id lists.
