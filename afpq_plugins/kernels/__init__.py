@@ -118,14 +118,14 @@ def _triton_linear():
 
 
 def _triton_can(x: torch.Tensor, layer) -> Tuple[bool, str]:
-    if _triton_linear() is None:
-        return False, "triton is not importable"
     if not x.is_cuda:
         # Triton's interpreter runs CPU tensors, far too slowly to be chosen automatically:
         # only when it is asked for by name (tests of the kernels on a CPU-only machine).
-        if os.environ.get("TRITON_INTERPRET") == "1" and _requested(layer) == "triton":
-            return True, ""
-        return False, "input is not on a CUDA device"
+        # Checked before importing triton, so CPU forwards never pay that import.
+        if not (os.environ.get("TRITON_INTERPRET") == "1" and _requested(layer) == "triton"):
+            return False, "input is not on a CUDA device"
+    if _triton_linear() is None:
+        return False, "triton is not importable"
     return True, ""
 
 
