@@ -386,14 +386,21 @@ register_method(Method("awq", "gptqmodel", _gptqmodel("awq"), requires=("gptqmod
 
 
 # -- llm-compressor 0.14 (modern venv) ---------------------------------------------------------------
-def _llmcompressor_gptq(model, tokenizer, spec: FormatSpec, calib: Calibration, progress: bool = True,
-                        damp_percent: float = 0.01):
-    from .llmcompressor import quantize_model
+def _llmcompressor(method: str):
+    def run(model, tokenizer, spec: FormatSpec, calib: Calibration, progress: bool = True, **options):
+        from .llmcompressor import quantize_model
 
-    return quantize_model(model, tokenizer, spec, calib, progress=progress, damp_percent=damp_percent)
+        return quantize_model(model, tokenizer, spec, calib, method=method, progress=progress, **options)
+
+    run.__name__ = f"_llmcompressor_{method}"
+    return run
 
 
-register_method(Method("gptq", "llmcompressor", _llmcompressor_gptq, requires=("llmcompressor",),
-                       install_hint="; use .venv-modern (pip install llmcompressor==0.14.0.1)",
+_LLMC = "; use .venv-modern (pip install llmcompressor==0.14.0.1)"
+register_method(Method("gptq", "llmcompressor", _llmcompressor("gptq"), requires=("llmcompressor",), install_hint=_LLMC,
                        default_calibration=(512, 2048), options=("damp_percent",),
                        description="GPTQ through llm-compressor 0.14 oneshot (AFPQGPTQModifier)"))
+# calibration: llm-compressor's AWQ examples (256 samples x 512 tokens)
+register_method(Method("awq", "llmcompressor", _llmcompressor("awq"), requires=("llmcompressor",), install_hint=_LLMC,
+                       default_calibration=(256, 512), options=("duo_scaling", "n_grid"),
+                       description="AWQ through llm-compressor 0.14 oneshot (AFPQAWQModifier)"))

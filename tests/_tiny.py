@@ -42,6 +42,16 @@ def tiny_llama(vocab_size: int = 320, seed: int = 0, tie: bool = True, hidden: i
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_qwen2(vocab_size: int = 320, seed: int = 1):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
 def tiny_llama_folder(path: str, seed: int = 0) -> str:
     """Save a tiny random Llama and a matching tokenizer as a local model folder."""
     tok = tiny_tokenizer()

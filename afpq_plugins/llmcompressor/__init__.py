@@ -1,21 +1,32 @@
-"""llm-compressor 0.14 adapter: AFPQ as a drop-in for ``GPTQModifier`` in ``oneshot``.
+"""llm-compressor 0.14 adapter: AFPQ as a drop-in for ``GPTQModifier`` and ``AWQModifier`` in ``oneshot``.
 
     from llmcompressor import oneshot
-    from afpq_plugins.llmcompressor import AFPQGPTQModifier, save
+    from afpq_plugins.llmcompressor import AFPQAWQModifier, AFPQGPTQModifier, save
     recipe = [AFPQGPTQModifier(fmt="nf3", group_size=64, ignore=["lm_head"])]
+    # or AWQ: [AFPQAWQModifier(fmt="nf3", group_size=64, ignore=["lm_head"], duo_scaling="both")]
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=128)
     save(model, out, tokenizer=tok)          # the project's checkpoint format
 
-``AWQModifier`` is not covered: llm-compressor 0.14's AWQ is a transform whose scale
-search quantizes through compressed-tensors' ``forward_quantize`` (an affine
-``(q - zero) * scale`` with one scale per group; only the rounding step ``_quantize`` is
-a registered ``ImplBackend`` entry point, the dequantization is not), so a two-scale
-grid cannot be put into its search without overriding private methods.
+All are subclasses of llm-compressor's modifiers; nothing of llm-compressor is edited.
+
+* :class:`AFPQGPTQModifier` (:mod:`.gptq`): overrides ``compress_module_list`` and registers
+  GPTQ's column update with compressed-tensors' ``ImplBackend``.
+* AWQ (:mod:`.awq`): llm-compressor 0.14's AWQ is a transform followed by a quantization
+  modifier, and so is the drop-in: ``AFPQAWQTransformModifier`` + ``AFPQQuantizationModifier``
+  (``AFPQAWQModifier(...)`` returns both, like llm-compressor's own one-call
+  ``AWQModifier``). AWQ's scale search (``_compute_best_scale``) dequantizes through
+  compressed-tensors' one-scale ``(q - zero) * scale`` (``forward_quantize``, no registered
+  entry point), so the override rebinds that name in llm-compressor's AWQ module to core's
+  two-scale fake quantizer for the duration of each search call only; the smoothed
+  weights are quantized by core and packed at ``on_finalize``. llm-compressor's AWQ has no
+  clip search.
 """
 
 from __future__ import annotations
 
-__all__ = ["AFPQGPTQModifier", "save", "quantize_model"]
+__all__ = ["AFPQGPTQModifier", "AFPQAWQModifier", "AFPQAWQTransformModifier", "AFPQQuantizationModifier", "save",
+           "quantize_model"]
+_AWQ = ("AFPQAWQModifier", "AFPQAWQTransformModifier", "AFPQQuantizationModifier")
 
 
 def __getattr__(name):
@@ -23,11 +34,15 @@ def __getattr__(name):
         from .gptq import AFPQGPTQModifier
 
         return AFPQGPTQModifier
+    if name in _AWQ:
+        from . import awq
+
+        return getattr(awq, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def save(model, out_dir: str, tokenizer=None, overwrite: bool = True) -> str:
-    """Write a model quantized by :class:`AFPQGPTQModifier` as an AFPQ checkpoint."""
+    """Write a model quantized by an AFPQ modifier (GPTQ, AWQ, quantization) as an AFPQ checkpoint."""
     from ..model import save_quantized
 
     qc = getattr(model, "_afpq_config", None)
@@ -36,22 +51,32 @@ def save(model, out_dir: str, tokenizer=None, overwrite: bool = True) -> str:
     return save_quantized(model, out_dir, qc, tokenizer=tokenizer, overwrite=overwrite)
 
 
-def quantize_model(model, tokenizer, spec, calib, progress: bool = True, damp_percent: float = 0.01):
-    """GPTQ with ``spec``'s grid through llm-compressor's ``oneshot`` on the in-memory ``model``.
+def quantize_model(model, tokenizer, spec, calib, method: str = "gptq", progress: bool = True,
+                   damp_percent: float = 0.01, duo_scaling=True, n_grid: int = 20):
+    """GPTQ or AWQ with ``spec``'s grid through llm-compressor's ``oneshot`` on the in-memory ``model``.
 
-    The registry's ``gptq`` method with ``--backend llmcompressor``; ``calib``: a resolved
-    :class:`~afpq_plugins.methods.Calibration` (Austen windows).
+    The registry's ``gptq`` and ``awq`` methods with ``--backend llmcompressor``; ``calib``: a
+    resolved :class:`~afpq_plugins.methods.Calibration` (Austen windows). ``damp_percent``:
+    GPTQ only; ``duo_scaling`` / ``n_grid``: AWQ only (llm-compressor's defaults).
     """
     from datasets import Dataset
     from llmcompressor import oneshot
 
-    from .gptq import AFPQGPTQModifier
+    common = dict(fmt=spec.fmt, group_size=spec.group_size, mode=spec.mode, scale_dtype=spec.scale_dtype,
+                  scale_search=spec.scale_search, ignore=list(spec.skip))
+    if method == "gptq":
+        from .gptq import AFPQGPTQModifier
 
+        recipe = [AFPQGPTQModifier(**common, dampening_frac=damp_percent)]
+    elif method == "awq":
+        from .awq import AFPQAWQModifier
+
+        recipe = AFPQAWQModifier(**common, layout=spec.layout, duo_scaling=duo_scaling, n_grid=n_grid)
+    else:
+        raise ValueError(f"llm-compressor: unknown method {method!r} (gptq or awq)")
     samples = calib.samples(tokenizer)
     ds = Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
                             "attention_mask": [[1] * s.numel() for s in samples]})
-    mod = AFPQGPTQModifier(fmt=spec.fmt, group_size=spec.group_size, mode=spec.mode, scale_dtype=spec.scale_dtype,
-                           scale_search=spec.scale_search, ignore=list(spec.skip), dampening_frac=damp_percent)
-    oneshot(model=model, dataset=ds, recipe=[mod], num_calibration_samples=len(samples),
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(samples),
             max_seq_length=calib.seqlen, tokenizer=tokenizer)
     return model._afpq_config

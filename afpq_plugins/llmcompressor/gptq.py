@@ -21,8 +21,7 @@ Save with :func:`afpq_plugins.llmcompressor.save` (the project's checkpoint form
 ``save_pretrained`` (compressed-tensors has no AFPQ compressor).
 
 Not supported here: activation ordering (``actorder`` other than None), batched or
-distributed compression (one module at a time), and ``AWQModifier`` (see the package
-docstring).
+distributed compression (one module at a time). AWQ: :mod:`afpq_plugins.llmcompressor.awq`.
 """
 
 from __future__ import annotations
@@ -35,14 +34,14 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from pydantic import PrivateAttr, model_validator
 
 from ..core.checkpoint import AFPQConfigDict
-from ..core.formats import get_format, resolve_mode
+from ..core.formats import get_format
 from ..core.gptq import encode_gptq
 from ..core.quantize import QuantizedWeight, fake_quantize_groups, find_params, round_params
-from ..core.search import search_dict
+from ._common import DTYPES as _DTYPES
+from ._common import afpq_fields, record_config, replace_module
 
 __all__ = ["AFPQGPTQModifier"]
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("afpq_llmcompressor_grid", default=None)
 
 
@@ -98,24 +97,10 @@ class AFPQGPTQModifier(GPTQModifier):
     def _afpq_scheme(cls, data):
         if not isinstance(data, dict):
             return data
-        data = dict(data)
-        f = get_format(data.get("fmt", "nf4"))
-        gs = int(data.get("group_size", 128))
-        if data.get("scale_dtype", "float16") not in _DTYPES:
-            raise ValueError(f"AFPQGPTQModifier: scale_dtype must be one of {', '.join(_DTYPES)}")
         if data.get("actorder") not in (None,):
             raise ValueError("AFPQGPTQModifier: activation ordering is not supported (use actorder=None)")
+        data = afpq_fields(data, "AFPQGPTQModifier")
         data["actorder"] = None
-        data["mode"] = resolve_mode(f, data.get("mode"))
-        data["scale_search"] = search_dict(data.get("scale_search"))
-        if data.get("config_groups") or data.get("scheme"):
-            raise ValueError("AFPQGPTQModifier builds its own config group from fmt and group_size; "
-                             "pass targets/ignore, not config_groups or scheme")
-        weights = {"num_bits": f.bits, "type": "int", "symmetric": False,
-                   "strategy": "group" if gs > 0 else "channel"}
-        if gs > 0:
-            weights["group_size"] = gs
-        data["config_groups"] = {"afpq": {"targets": data.pop("targets", ["Linear"]), "weights": weights}}
         data["batched_quantization"] = None
         return data
 
@@ -172,9 +157,7 @@ class AFPQGPTQModifier(GPTQModifier):
             qw = QuantizedWeight(res.codes, res.scales.to(sdt), None if self.mode == "sym" else res.scales2.to(sdt),
                                  res.g_idx.to(torch.int32), f, self.mode, self.group_size)
             bias = lin.bias.detach().cpu() if lin.bias is not None else None
-            layer = AFPQLinear.from_quantized(qw, bias, "gptq", name=name).to(lin.weight.device)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            replace_module(model, name, AFPQLinear.from_quantized(qw, bias, "gptq", name=name).to(lin.weight.device))
         self._afpq_config = AFPQConfigDict(
             format=f.name, bits=f.bits, group_size=self.group_size, mode=self.mode, layout="gptq", desc_act=False,
             scale_dtype=self.scale_dtype, method="gptq", modules_to_not_convert=list(self.ignore or []),
@@ -182,9 +165,7 @@ class AFPQGPTQModifier(GPTQModifier):
             extra={"quantizer": "llmcompressor 0.14", "damp_percent": self.dampening_frac,
                    "block_size": self.block_size, "scale_search": self.scale_search},
         )
-        if hasattr(model, "config"):
-            model.config.quantization_config = self._afpq_config.to_dict()
-        model._afpq_config = self._afpq_config
+        record_config(model, self._afpq_config)
 
     @property
     def checkpoint_config(self) -> Optional[AFPQConfigDict]:

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("gptqmodel")
 transformers = pytest.importorskip("transformers")
 
-from _tiny import TEXT, tiny_llama, tiny_tokenizer  # noqa: E402
+from _tiny import TEXT  # noqa: E402
 
 import afpq_plugins  # noqa: E402,F401
 from afpq_plugins.methods import Calibration, FormatSpec, quantize  # noqa: E402
@@ -26,32 +26,6 @@ from afpq_plugins.model import load_quantized, save_quantized  # noqa: E402
 from afpq_plugins.nn import AFPQLinear  # noqa: E402
 
 CALIB = Calibration(nsamples=6, seqlen=48)
-
-
-def _tiny_qwen2(vocab_size):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(1)
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
-                      tie_word_embeddings=True)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, tok):
-    out = {}
-    for arch, build in (("llama", lambda v: tiny_llama(vocab_size=v)), ("qwen2", _tiny_qwen2)):
-        path = str(tmp_path_factory.mktemp(arch) / "model")
-        build(len(tok)).save_pretrained(path)
-        tok.save_pretrained(path)
-        out[arch] = path
-    return out
 
 
 def _one_error(err: str) -> bool:
