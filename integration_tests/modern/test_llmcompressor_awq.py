@@ -254,3 +254,15 @@ def test_quantization_modifier_alone_is_rtn(folders, spies):
     for name in qc.quantized_modules:
         assert torch.equal(spies["smoothed"][name], ref.get_submodule(name).weight), name  # nothing smoothed
         assert_on_grid(model.get_submodule(name).dequantize(), ref.get_submodule(name).weight, "nf3", 32, "afpq", name)
+    # scale_search reaches the final scales: core's MSE search, not min/max
+    from afpq_plugins.core.quantize import fake_quantize
+
+    model = _float(folders["qwen2"])
+    oneshot(model=model, recipe=[AFPQQuantizationModifier(fmt="nf3", group_size=32, ignore=["lm_head"],
+                                                          scale_search="mse")])
+    assert model._afpq_config.extra["scale_search"]["method"] == "mse"
+    name = qc.quantized_modules[0]
+    w = ref.get_submodule(name).weight.detach()
+    got = model.get_submodule(name).dequantize()
+    assert torch.equal(got, fake_quantize(w, "nf3", 32, "afpq", name=name, search="mse"))
+    assert not torch.equal(got, fake_quantize(w, "nf3", 32, "afpq", name=name))
