@@ -38,6 +38,13 @@ with afpq_processors(awq_processor=P):
     qm.quantize(rows, tokenizer=tok, batch_size=1)
 for n, w in cap.items(): m.get_submodule(n).weight.data = w
 print("RES stock-awq", err(m), flush=True)
+from afpq_plugins.gptqmodel.awq_search import fixed_scale_search
+m = copy.deepcopy(base); cap.clear()
+qm = MODEL_MAP["llama"](m, quantized=False, quantize_config=cfg, tokenizer=tok)
+with afpq_processors(awq_processor=P), fixed_scale_search():
+    qm.quantize(rows, tokenizer=tok, batch_size=1)
+for n, w in cap.items(): m.get_submodule(n).weight.data = w
+print("RES stock-awq-fixed-search", err(m), flush=True)
 for clip in ("engine", "symmetric"):
     mm = copy.deepcopy(base)
     quantize(mm, tok, "awq", FormatSpec("int3", 32), Calibration(8, 64), backend="gptqmodel", progress=False, clip=clip)

@@ -106,12 +106,6 @@ def _run(qmodel, spec: AFPQSpec, cfg, quantize, *args, **kwargs):
     method = _method_name(cfg)
     if method not in ("gptq", "awq"):
         raise ValueError(f"AFPQ through GPTQModel supports method gptq or awq, got {method!r}")
-    if method == "awq":
-        import warnings
-
-        warnings.warn("AWQ through GPTQModel with an AFPQ grid gave a broken model on SmolLM2-135M (perplexity "
-                      "8e7 at INT3 g64, benchmarks/RESULTS.md); check the result, or use AutoAWQ (.venv-legacy)",
-                      RuntimeWarning, stacklevel=3)
     s = spec.settings(cfg.group_size)
     if method == "gptq":
         proc = gptq_processor_class(s)

@@ -9,7 +9,9 @@ handling, threading) and change only what the grid touches:
   result into :class:`~afpq_plugins.nn.AFPQLinear` (core's ``encode_gptq``, then the
   project's packer) instead of gptqmodel's ``QuantLinear``.
 * AWQ: ``pseudo_quantize_tensor`` (which AWQ's scale and clip searches call) is core's
-  :func:`~afpq_plugins.core.quantize.fake_quantize_rows`; the clip search is core's
+  :func:`~afpq_plugins.core.quantize.fake_quantize_rows`; the smoothing-scale search is
+  :func:`~afpq_plugins.gptqmodel.awq_search.compute_best_scale` (gptqmodel's own corrupts
+  float32 weights on the CPU, see that module); the clip search is core's
   (:func:`~afpq_plugins.core.search.symmetric_clip`, or ``two_sided_clip``; ``clip="engine"``
   keeps gptqmodel's own loop); ``pack_module`` writes :class:`AFPQLinear` (4-bit: the
   ``awq`` layout, else ``gptq``).
@@ -32,6 +34,7 @@ from ..core.gptq import encode_gptq
 from ..core.quantize import QuantizedWeight, fake_quantize_rows
 from ..core.search import apply_two_sided_clip, resolve_search, symmetric_clip, two_sided_clip
 from ..nn import AFPQLinear
+from .awq_search import compute_best_scale
 
 __all__ = ["Settings", "CLIP_MODES", "gptq_processor_class", "awq_processor_class"]
 
@@ -126,6 +129,8 @@ def awq_processor_class(settings: Settings) -> type:
 
         def _pseudo_quantize_tensor_into(self, src: torch.Tensor, dst: torch.Tensor) -> None:
             dst.copy_(self.pseudo_quantize_tensor(src)[0])
+
+        _compute_best_scale = compute_best_scale
 
         def _fq(self, t: torch.Tensor) -> torch.Tensor:
             return self.pseudo_quantize_tensor(t)[0]
