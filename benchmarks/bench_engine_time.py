@@ -10,7 +10,7 @@ Per engine, three variants of the same quantization of the embedded SmolLM2-135M
 * ``int-stock``: the engine's own INT3 asymmetric path, no afpq code in it. GPTQModel:
   ``QuantizeConfig(bits=3, group_size=64, sym=False, method=...)`` and ``quantize()`` on the
   in-memory model, which packs each layer into GPTQModel's INT kernel module inside ``quantize()``
-  (GPTQ: ``TorchQuantLinear``; AWQ: ``AwqTorchLinear`` through the scoped shim
+  (GPTQ: its ``TorchLinear``; AWQ: ``AwqTorchLinear`` through the scoped shim
   :func:`awq_torch_kernel_float32`, because GPTQModel's default AWQ kernel refuses CPU with
   "AWQ: CUDA is not available" and its torch AWQ kernel refuses a float32 layer; the AWQ
   algorithm and the packing code stay GPTQModel's).

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from afpq_plugins.core.formats import get_format
-from afpq_plugins.core.gptq import GridQuantizerMixin, encode_gptq
+from afpq_plugins.core.gptq import ColumnQuantizer, GridQuantizerMixin, encode_gptq
 from afpq_plugins.core.quantize import fake_quantize, find_params, quantize_weight, round_params
 from afpq_plugins.core.search import ScaleSearch
 
@@ -67,6 +67,22 @@ def test_quantizer_contract_per_group_and_column(fmt, mode):
         q.find_params(w, weight=False)
     with pytest.raises(ValueError, match="has 3 bits, asked for 4"):
         Q("nf3", "afpq")._check_bits(4)
+
+
+@pytest.mark.parametrize("fmt,mode", [("nf3", "afpq"), ("nf4", "sym"), ("int3", "zp"), ("nf3", "zp")])
+def test_column_quantizer_from_params(fmt, mode):
+    """Built from given parameters (llm-compressor computes them itself): the same column path as
+    the quantizer built from the weights, and the float64 nearest grid value."""
+    w = _w(1)
+    p1, p2 = round_params(*find_params(w, fmt, mode), mode=mode)
+    cq = ColumnQuantizer.from_params(p1[:, 0], p2[:, 0], fmt, mode)  # any shape, one pair per row
+    own = ColumnQuantizer(w, fmt, mode, torch.float16)
+    assert torch.equal(cq.p1, own.p1) and torch.equal(cq.p2, own.p2)
+    cols = torch.cat([cq(w[:, i:i + 1]) for i in range(w.shape[1])], 1)
+    assert torch.equal(cols, torch.cat([own(w[:, i:i + 1]) for i in range(w.shape[1])], 1))
+    assert torch.equal(cols, fake_quantize(w, fmt, -1, mode))
+    if mode != "zp":
+        assert np.allclose(cols.double().numpy(), _nearest64(w, fmt, mode, p1[:, 0], p2[:, 0]), rtol=0, atol=1e-7)
 
 
 def test_gptq_mse_flag_and_explicit_search():

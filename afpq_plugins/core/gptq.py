@@ -43,8 +43,8 @@ class ColumnQuantizer:
 
     def __init__(self, x: torch.Tensor, fmt, mode: Optional[str] = None, scale_dtype: torch.dtype = torch.float16,
                  perchannel: bool = True, search=None, name: str = "GPTQ weight") -> None:
-        self.fmt = f = get_format(fmt)
-        self.mode = mode = resolve_mode(f, mode)
+        f = get_format(fmt)
+        mode = resolve_mode(f, mode)
         rows = x.shape[0]
         x2 = x.flatten(1) if perchannel else x.flatten().unsqueeze(0)
         check_finite(x2, name)
@@ -52,8 +52,19 @@ class ColumnQuantizer:
                               name=name)
         if not perchannel:
             p1, p2 = p1.expand(rows, 1), p2.expand(rows, 1)
-        self.p1 = p1.reshape(rows, 1).clone()
-        self.p2 = p2.reshape(rows, 1).clone()
+        self._setup(f, mode, p1.reshape(rows, 1).clone(), p2.reshape(rows, 1).clone())
+
+    @classmethod
+    def from_params(cls, p1: torch.Tensor, p2: torch.Tensor, fmt, mode: Optional[str] = None) -> "ColumnQuantizer":
+        """The column path for given parameters (one pair per row, any shape; already rounded to the
+        storage dtype): for engines that compute the group parameters themselves (llm-compressor)."""
+        self = cls.__new__(cls)
+        f = get_format(fmt)
+        self._setup(f, resolve_mode(f, mode), p1.reshape(-1, 1).float().clone(), p2.reshape(-1, 1).float().clone())
+        return self
+
+    def _setup(self, f, mode: str, p1: torch.Tensor, p2: torch.Tensor) -> None:
+        self.fmt, self.mode, self.p1, self.p2 = f, mode, p1, p2
         self._div1, self._div2 = _safe(self.p1), _safe(self.p2)
         self._uniform = mode == "zp" and f.uniform_int
         self.table = decode_table(f, mode, self.p1.squeeze(1), self.p2.squeeze(1))  # [rows, 2**bits]

@@ -8,7 +8,8 @@ A drop-in for ``GPTQModifier`` in a ``oneshot`` recipe, through public extension
   group's AFPQ parameters with core (``find_params`` / ``round_params``, scale search
   included, from the weights before GPTQ, as llm-compressor does) and runs
   llm-compressor's own ``quantize_weight`` (Hessian, dampening, blocks, error feedback);
-* the column quantization inside that GPTQ is registered with compressed-tensors'
+* the column quantization inside that GPTQ (core's ``ColumnQuantizer`` column path, one
+  per group of the block, as in the other GPTQ engines) is registered with compressed-tensors'
   ``ImplBackend`` under ``gptq_block_update`` (its documented priority registry), active
   only while an AFPQ modifier compresses (a context variable), so INT recipes in the same
   process run the stock block update;
@@ -35,8 +36,8 @@ from pydantic import PrivateAttr, model_validator
 
 from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format
-from ..core.gptq import encode_gptq
-from ..core.quantize import QuantizedWeight, fake_quantize_groups, find_params, round_params
+from ..core.gptq import ColumnQuantizer, encode_gptq
+from ..core.quantize import QuantizedWeight, find_params, round_params
 from ._common import DTYPES as _DTYPES
 from ._common import afpq_fields, record_config, replace_module
 
@@ -60,17 +61,32 @@ def _register_block_update() -> None:
         width = W1.shape[-1]
         p1, p2 = column_scale_window(scale, zero_point, global_scale, g_idx, quant_args, num_rows=W1.shape[-2],
                                      i1=i1, i2=i1 + width)
+        per_column = p1.shape[-1] == width
+        owner = _group_starts(p1, p2) if per_column else [0] * width
+        quantizers: Dict[int, ColumnQuantizer] = {}  # one per group in the block (the column path's tables)
         for i in range(width):
+            k = owner[i]
+            cq = quantizers.get(k)
+            if cq is None:
+                cq = quantizers[k] = ColumnQuantizer.from_params(p1[..., k], p2[..., k], fmt, mode)
             w = W1[:, :, i]
-            c1 = p1[..., i] if p1.shape[-1] == width else p1[..., 0]
-            c2 = p2[..., i] if p2.shape[-1] == width else p2[..., 0]
-            q = fake_quantize_groups(w, fmt, mode, c1, c2, w.dtype)
+            q = cq.column(w.reshape(-1, 1)).reshape(w.shape).to(w.dtype)
             diagonal = Hinv1[:, i, i]
             error = (w - q) / diagonal[:, None]
             Q1[:, :, i] = q
             Err1[:, :, i] = error
             losses1[:, :, i] = error.square()
             W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
+
+
+def _group_starts(p1: torch.Tensor, p2: torch.Tensor) -> list:
+    """For each column of a ``[..., rows, width]`` parameter window, the first column of its run of
+    columns with the same parameters (a group): their quantizer is built once."""
+    same = ((p1[..., 1:] == p1[..., :-1]) & (p2[..., 1:] == p2[..., :-1])).flatten(0, -2).all(0).tolist()
+    owner = [0]
+    for i, s in enumerate(same, 1):
+        owner.append(owner[-1] if s else i)
+    return owner
 
 
 class AFPQGPTQModifier(GPTQModifier):
