@@ -17,6 +17,10 @@ Per engine, three variants of the same quantization of the embedded SmolLM2-135M
   llm-compressor: ``oneshot`` with a stock ``GPTQModifier`` (INT3 asymmetric, group 64); it leaves
   fake-quantized ``Linear`` modules and packs only in ``save_pretrained`` (not timed), so its
   stock row has no packing while the two adapter rows below pack into ``AFPQLinear``.
+* ``int-stock-fixed`` (GPTQModel AWQ only): the same stock INT3 AWQ with the corrected smoothing-scale
+  search (``afpq_plugins.gptqmodel.awq_search.fixed_scale_search``, what the adapter uses): GPTQModel
+  7.6's own search corrupts float32 CPU weights (its "master copy" is the live tensor), so the plain
+  stock row times a run whose weights blow up.
 * ``int-core``: our adapter with core's INT3 grid (``FormatSpec("int3", 64)``): the same
   adapter code, processors and packing as AFPQ, only the grid differs.
 * ``nf3-afpq``: our adapter with NF3 two scales (``FormatSpec("nf3", 64, "afpq")``).
@@ -29,7 +33,7 @@ default damping (GPTQ), llm-compressor dampening 0.01, AWQ clip search as ``--aw
 Timed: only the quantize call (the dataset rows built from the calibration windows tokenized once before,
 the engine's capture, quantization and its in-``quantize()`` packing); each run gets a fresh
 deep copy of the float model made before the timer, and nothing is saved. Runs are interleaved
-(``int-stock, nf3-afpq, int-core``, then the reverse order on the next repeat, and so on), after
+(``int-stock, nf3-afpq, int-core[, int-stock-fixed]``, then the reverse order on the next repeat, and so on), after
 one untimed warm-up of every variant on a one-layer copy with 2 x 64 tokens (imports, first calls).
 Progress on stderr; the table on stdout; JSON (atomic) to ``--out``.
 """
@@ -59,6 +63,7 @@ from afpq_plugins.methods import Calibration  # noqa: E402  (light: no engine, n
 
 ENGINES = ("gptqmodel-gptq", "gptqmodel-awq", "llmcompressor-gptq")
 VARIANTS = ("int-stock", "nf3-afpq", "int-core")
+AWQ_FIXED = "int-stock-fixed"  # GPTQModel AWQ only: stock INT with the corrected scale search
 GROUP = 64
 TARGET = 1.15
 
@@ -70,7 +75,8 @@ def run_order(repeat: int, variants: Sequence[str] = VARIANTS) -> List[str]:
 
 
 def summarize(times: Dict[str, List[float]]) -> dict:
-    """Median seconds per variant and the ratios nf3-afpq / int-stock and nf3-afpq / int-core."""
+    """Median seconds per variant and the ratios of nf3-afpq to int-stock, int-core and (when timed)
+    int-stock-fixed."""
     for k, v in times.items():
         if not v:
             raise ValueError(f"summarize: variant {k!r} has no timed run")
@@ -80,12 +86,15 @@ def summarize(times: Dict[str, List[float]]) -> dict:
     def ratio(ref):
         return None if afpq is None or ref not in med else afpq / med[ref]
 
-    return {"median_s": med, "runs_s": {k: list(v) for k, v in times.items()},
-            "ratio_vs_stock": ratio("int-stock"), "ratio_vs_core": ratio("int-core")}
+    out = {"median_s": med, "runs_s": {k: list(v) for k, v in times.items()},
+           "ratio_vs_stock": ratio("int-stock"), "ratio_vs_core": ratio("int-core")}
+    if AWQ_FIXED in med:
+        out["ratio_vs_stock_fixed"] = ratio(AWQ_FIXED)
+    return out
 
 
 def format_table(results: Dict[str, dict], target: float = TARGET) -> str:
-    """Markdown table: engine, method, median seconds per variant, the two ratios (against ``target``)."""
+    """Markdown table: engine, method, layers, median seconds per variant, the ratios (against ``target``)."""
 
     def sec(m, k):
         return f"{m[k]:.1f}" if k in m else "-"
@@ -95,13 +104,19 @@ def format_table(results: Dict[str, dict], target: float = TARGET) -> str:
             return "-"
         return f"{r:.2f}" + ("" if r <= target else " (over)")
 
-    lines = ["| engine | method | layers | int-stock s | int-core s | nf3-afpq s | AFPQ / stock INT | AFPQ / core INT |",
-             "|---|---|---|---|---|---|---|---|"]
+    fixed = any(AWQ_FIXED in r["median_s"] for r in results.values())
+    head = ["engine", "method", "layers", "int-stock s"] + ([f"{AWQ_FIXED} s"] if fixed else []) + [
+        "int-core s", "nf3-afpq s", "AFPQ / stock INT"] + (["AFPQ / stock INT fixed"] if fixed else []) + [
+        "AFPQ / core INT"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for engine, res in results.items():
         name, method = engine.split("-", 1)
         m = res["median_s"]
-        lines.append(f"| {name} | {method} | {res.get('layers', '-')} | {sec(m, 'int-stock')} | {sec(m, 'int-core')} | {sec(m, 'nf3-afpq')} | "
-                     f"{rat(res['ratio_vs_stock'])} | {rat(res['ratio_vs_core'])} |")
+        row = [name, method, str(res.get("layers", "-")), sec(m, "int-stock")] + ([sec(m, AWQ_FIXED)] if fixed else [])
+        row += [sec(m, "int-core"), sec(m, "nf3-afpq"), rat(res["ratio_vs_stock"])]
+        row += [rat(res.get("ratio_vs_stock_fixed"))] if fixed else []
+        row += [rat(res["ratio_vs_core"])]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -205,14 +220,20 @@ def awq_torch_kernel_float32():
         AwqTorchLinear.SUPPORTS_DTYPES, base_mod.select_quant_linear = old_dtypes, old_select
 
 
-def gptqmodel_stock(method: str) -> Callable:
+def gptqmodel_stock(method: str, fixed_search: bool = False) -> Callable:
     def run(model, tok, calib):
         from gptqmodel.models.auto import MODEL_MAP
 
         cfg = _gptqmodel_config(method)
         qmodel = MODEL_MAP[model.config.model_type](model, quantized=False, quantize_config=cfg, tokenizer=tok)
         rows = [{"input_ids": s.tolist(), "attention_mask": [1] * s.numel()} for s in calib.samples(tok)]
-        with awq_torch_kernel_float32() if method == "awq" else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if method == "awq":
+                stack.enter_context(awq_torch_kernel_float32())
+            if fixed_search:  # the adapter's corrected AWQ scale search under GPTQModel's stock processor
+                from afpq_plugins.gptqmodel.awq_search import fixed_scale_search
+
+                stack.enter_context(fixed_scale_search())
             qmodel.quantize(rows, tokenizer=tok, batch_size=1)
         return qmodel
 
@@ -253,7 +274,8 @@ def variants_for(engine: str, awq_clip: str) -> Dict[str, Callable]:
     if engine == "gptqmodel-awq":
         return {"int-stock": gptqmodel_stock("awq"),
                 "nf3-afpq": adapter("awq", "gptqmodel", "nf3", "afpq", clip=awq_clip),
-                "int-core": adapter("awq", "gptqmodel", "int3", None, clip=awq_clip)}
+                "int-core": adapter("awq", "gptqmodel", "int3", None, clip=awq_clip),
+                AWQ_FIXED: gptqmodel_stock("awq", fixed_search=True)}
     if engine == "llmcompressor-gptq":
         return {"int-stock": llmcompressor_stock,
                 "nf3-afpq": adapter("gptq", "llmcompressor", "nf3", "afpq"),
@@ -288,15 +310,16 @@ def time_one(fn: Callable, base, tok, calib) -> float:
 
 def measure(engine: str, base, tok, calib, repeats: int, warm_base=None, awq_clip: str = "symmetric") -> dict:
     fns = variants_for(engine, awq_clip)
+    names = list(fns)
     if warm_base is not None:
         warm_calib = fixed_calibration(calib.windows, 2, 64)
-        for name in VARIANTS:
+        for name in names:
             log(f"{engine}: warm-up {name} (one layer, 2 x 64 tokens, untimed)")
             time_one(fns[name], warm_base, tok, warm_calib)
             _quiet()
-    times: Dict[str, List[float]] = {k: [] for k in VARIANTS}
+    times: Dict[str, List[float]] = {k: [] for k in names}
     for r in range(repeats):
-        for name in run_order(r):
+        for name in run_order(r, names):
             log(f"{engine}: repeat {r + 1}/{repeats} {name} ...")
             dt = time_one(fns[name], base, tok, calib)
             _quiet()

@@ -115,3 +115,16 @@ def test_parse_layers_all_and_per_engine(bench):
     for bad, msg in (("x", "ENGINE=K"), ("0", ">= 1"), ("vllm-gptq=2", "unknown engine"), ("gptqmodel-awq=", "ENGINE=K")):
         with pytest.raises(ValueError, match=msg):
             bench.parse_layers([bad], eng)
+
+
+def test_fixed_stock_variant_adds_its_columns(bench):
+    res = bench.summarize({"int-stock": [40.0], "int-stock-fixed": [10.0], "nf3-afpq": [11.0], "int-core": [10.0]})
+    assert res["ratio_vs_stock"] == pytest.approx(11.0 / 40.0)
+    assert res["ratio_vs_stock_fixed"] == pytest.approx(1.1)
+    lines = bench.format_table({"gptqmodel-awq": dict(res, layers=1),
+                                "gptqmodel-gptq": bench.summarize({"int-stock": [2.0], "nf3-afpq": [2.0]})}).splitlines()
+    assert lines[0] == ("| engine | method | layers | int-stock s | int-stock-fixed s | int-core s | nf3-afpq s | "
+                        "AFPQ / stock INT | AFPQ / stock INT fixed | AFPQ / core INT |")
+    assert lines[1] == "|" + "---|" * 10
+    assert lines[2] == "| gptqmodel | awq | 1 | 40.0 | 10.0 | 10.0 | 11.0 | 0.28 | 1.10 | 1.10 |"
+    assert lines[3] == "| gptqmodel | gptq | - | 2.0 | - | - | 2.0 | 1.00 | - | - |"
