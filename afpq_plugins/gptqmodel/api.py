@@ -111,6 +111,9 @@ def _run(qmodel, spec: AFPQSpec, cfg, quantize, *args, **kwargs):
         proc = gptq_processor_class(s)
         ctx = afpq_processors(gptq_processor=proc, gptq_cls=gptq_class(s.fmt, s.mode, s.scale_dtype, s.search))
     else:
+        from .awq_search import fix_mlp_input_norm
+
+        fix_mlp_input_norm(qmodel)
         proc = awq_processor_class(s)
         ctx = afpq_processors(awq_processor=proc)
     with ctx:

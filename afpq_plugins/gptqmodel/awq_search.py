@@ -22,17 +22,34 @@ gptqmodel's own (``_iter_module_forward_outputs``, ``_iter_reference_output_chun
 attention kwargs, rotary embeddings and micro-batching are unchanged. The AFPQ AWQ
 processor uses it always; :func:`fixed_scale_search` puts it under gptqmodel's stock
 ``AWQProcessor`` for a scoped run (e.g. a fair stock-INT baseline).
+
+A second gap, for models with one rotary embedding per attention type (Gemma 3 in
+transformers 5: ``Gemma3RotaryEmbedding.forward(x, position_ids, layer_type)``):
+gptqmodel 7.6 recomputes the position embeddings for its AWQ forwards as
+``rotary(x, position_ids)``, a ``TypeError`` there, stock INT included.
+:func:`rotary_for_layer` wraps such a rotary so that it is called with the layer type of
+the attention module being run (its ``layer_type``).
+
+A third: gptqmodel 7.6 folds AWQ's scales into a preceding norm by dividing its weight,
+and knows only Gemma and Gemma 2's norms as ``x_hat * (1 + weight)``; Gemma 3's norm has
+the same form, so its folded gain becomes ``1 + w/s`` instead of ``(1 + w)/s`` and the
+model drifts (a tiny Gemma 3 at NF4 g32: output error 0.58 against GPTQ's 0.1).
+:func:`fixed_norm_folding` folds into any norm whose weight is an offset from one (found by
+running the norm with a zero weight) correctly, and hands every other norm to gptqmodel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 from typing import Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["compute_best_scale", "candidate_scales", "fixed_scale_search", "N_GRID"]
+__all__ = ["compute_best_scale", "candidate_scales", "fixed_scale_search", "N_GRID", "LayerTypedRotary",
+           "rotary_for_layer", "fold_into_offset_norm", "is_offset_norm", "fixed_norm_folding"]
 
 N_GRID = 20
 
@@ -88,6 +105,56 @@ def compute_best_scale(self, x: torch.Tensor, w_mean: torch.Tensor, x_mean: torc
     return best[1].detach().cpu(), best[0]
 
 
+def is_offset_norm(ln: nn.Module) -> bool:
+    """True when ``ln`` multiplies by ``1 + weight`` (a zero weight leaves the normalised input as is)."""
+    w = getattr(ln, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        return False
+    probe = copy.deepcopy(ln).float()
+    with torch.no_grad():
+        probe.weight.zero_()
+        if getattr(probe, "bias", None) is not None:
+            probe.bias.zero_()
+        out = probe(torch.linspace(-1.0, 1.0, w.numel()).view(1, -1))
+    return bool(out.abs().max() > 0.5)
+
+
+#: norms of the ``1 + weight`` form that gptqmodel 7.6 already folds correctly
+_HANDLED_UPSTREAM = ("GemmaRMSNorm", "Gemma2RMSNorm")
+
+
+def fold_into_offset_norm(ln: nn.Module, fcs, scales: torch.Tensor) -> None:
+    """AWQ's fold for a ``x_hat * (1 + weight)`` norm: gain ``(1 + w) / s``, Linears' columns times ``s``."""
+    fcs = fcs if isinstance(fcs, (list, tuple)) else [fcs]
+    with torch.no_grad():
+        s = scales.to(ln.weight.device)
+        ln.weight.add_(1).div_(s).sub_(1)
+        if getattr(ln, "bias", None) is not None:
+            ln.bias.div_(s)
+        for fc in fcs:
+            fc.weight.mul_(s.view(1, -1).to(fc.weight.dtype))
+
+
+@contextlib.contextmanager
+def fixed_norm_folding() -> Iterator[None]:
+    """gptqmodel's ``scale_ln_fcs`` with :func:`fold_into_offset_norm` for the ``1 + weight`` norms it does
+    not know, for the duration (restored on exit)."""
+    from gptqmodel.quantization.awq.quantize import scale as upstream
+
+    from .._patching import patched
+
+    stock = upstream.scale_ln_fcs
+
+    def scale_ln_fcs(ln, fcs, scales):
+        if type(ln).__name__ not in _HANDLED_UPSTREAM and is_offset_norm(ln):
+            fold_into_offset_norm(ln, fcs, scales)
+        else:
+            stock(ln, fcs, scales)
+
+    with patched(upstream, "scale_ln_fcs", scale_ln_fcs):
+        yield
+
+
 @contextlib.contextmanager
 def fixed_scale_search() -> Iterator[None]:
     """gptqmodel's stock ``AWQProcessor`` with :func:`compute_best_scale` for the duration (restored on exit)."""
@@ -97,3 +164,55 @@ def fixed_scale_search() -> Iterator[None]:
 
     with patched(AWQProcessor, "_compute_best_scale", compute_best_scale):
         yield
+
+
+class LayerTypedRotary(nn.Module):
+    """``rotary(x, position_ids)`` for a rotary that also wants the attention type of the layer."""
+
+    def __init__(self, rotary: nn.Module, layer_type: str):
+        super().__init__()
+        self.rotary = rotary
+        self.layer_type = layer_type
+
+    def forward(self, x, position_ids):
+        return self.rotary(x, position_ids, layer_type=self.layer_type)
+
+
+def rotary_for_layer(rotary, layer_type):
+    """``rotary`` itself, or a :class:`LayerTypedRotary` when its forward takes ``layer_type`` and the
+    module being run has one (else gptqmodel's own call and its own error handling stay as they are)."""
+    if rotary is None or layer_type is None or "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return rotary
+    return LayerTypedRotary(rotary, layer_type)
+
+
+def fix_mlp_input_norm(qmodel) -> bool:
+    """Point AWQ's MLP scaling at ``pre_feedforward_layernorm`` where a model has one (Gemma 3).
+
+    gptqmodel 7.6 describes Gemma 3 text models with Llama's layer tree, in which the norm
+    before the MLP is ``post_attention_layernorm``; in Gemma 3 that norm is applied to the
+    attention output, and the MLP's input norm is ``pre_feedforward_layernorm``. AWQ folds
+    the gate/up scales into the norm before them, so with Llama's tree it folds them into
+    the wrong one. This swaps the entry on ``qmodel``'s own tree (the class is untouched).
+    Returns whether it changed anything.
+    """
+    from gptqmodel.models import base
+
+    layers = None
+    for name, mod in qmodel.model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and hasattr(mod[0], "pre_feedforward_layernorm"):
+            layers = mod
+            break
+    if layers is None or not hasattr(layers[0], "post_attention_layernorm"):
+        return False
+    tree = base._thaw_module_tree(qmodel.effective_module_tree)
+    changed = False
+    for node in tree:
+        if isinstance(node, dict) and "pre_feedforward_layernorm" not in node and tuple(
+                node.get("post_attention_layernorm", ())) == ("post_attention_layernorm:!",):
+            node["post_attention_layernorm"] = ("pre_feedforward_layernorm:!",)
+            changed = True
+    if changed:
+        qmodel.effective_module_tree = base._freeze_module_tree(tree)
+        qmodel.module_tree = qmodel.effective_module_tree
+    return changed

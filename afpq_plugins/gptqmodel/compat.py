@@ -7,7 +7,8 @@ INT config quantized in the same process (before, after or in another model obje
 gptqmodel's stock code. It also replaces ``models.base.select_quant_linear``: gptqmodel
 7.6 checks before quantizing that one of its INT kernels can pack the result (for AWQ on
 CPU none can: "AWQ: CUDA is not available"); AFPQ packs into its own modules, so the
-check answers with a placeholder class that no module is an instance of.
+check answers with a placeholder class that no module is an instance of. For AWQ it also
+folds scales into Gemma 3 style norms correctly (:func:`.awq_search.fixed_norm_folding`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ def afpq_processors(gptq_processor=None, awq_processor=None, gptq_cls=None) -> I
             if new is not None:
                 saved.append((mod, name, getattr(mod, name)))
                 setattr(mod, name, new)
-        yield
+        if awq_processor is not None:
+            from .awq_search import fixed_norm_folding
+
+            with fixed_norm_folding():
+                yield
+        else:
+            yield
     finally:
         for mod, name, old in reversed(saved):
             setattr(mod, name, old)

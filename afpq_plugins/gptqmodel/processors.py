@@ -11,7 +11,8 @@ handling, threading) and change only what the grid touches:
 * AWQ: ``pseudo_quantize_tensor`` (which AWQ's scale and clip searches call) is core's
   :func:`~afpq_plugins.core.quantize.fake_quantize_rows`; the smoothing-scale search is
   :func:`~afpq_plugins.gptqmodel.awq_search.compute_best_scale` (gptqmodel's own corrupts
-  float32 weights on the CPU, see that module); the clip search is core's
+  float32 weights on the CPU, see that module; that module's ``rotary_for_layer`` also gives
+  Gemma 3's per-layer-type rotary its layer type); the clip search is core's
   (:func:`~afpq_plugins.core.search.symmetric_clip`, or ``two_sided_clip``; ``clip="engine"``
   keeps gptqmodel's own loop); ``pack_module`` writes :class:`AFPQLinear` (4-bit: the
   ``awq`` layout, else ``gptq``).
@@ -34,7 +35,7 @@ from ..core.gptq import encode_gptq
 from ..core.quantize import QuantizedWeight, fake_quantize_rows
 from ..core.search import apply_two_sided_clip, resolve_search, symmetric_clip, two_sided_clip
 from ..nn import AFPQLinear
-from .awq_search import compute_best_scale
+from .awq_search import compute_best_scale, rotary_for_layer
 
 __all__ = ["Settings", "CLIP_MODES", "gptq_processor_class", "awq_processor_class"]
 
@@ -131,6 +132,16 @@ def awq_processor_class(settings: Settings) -> type:
             dst.copy_(self.pseudo_quantize_tensor(src)[0])
 
         _compute_best_scale = compute_best_scale
+
+        _running = threading.local()  # the module gptqmodel is running, for its rotary call
+
+        def _iter_module_forward_outputs(self, x, module, module_kwargs):
+            self._running.layer_type = getattr(module, "layer_type", None)
+            yield from super()._iter_module_forward_outputs(x, module, module_kwargs)
+
+        def _get_rotary_for_device(self, target_device):
+            return rotary_for_layer(super()._get_rotary_for_device(target_device),
+                                    getattr(self._running, "layer_type", None))
 
         def _fq(self, t: torch.Tensor) -> torch.Tensor:
             return self.pseudo_quantize_tensor(t)[0]

@@ -148,3 +148,72 @@ def test_awq_through_gptqmodel_beats_corrupted_search_end_to_end():
     awq = copy.deepcopy(base)
     quantize(awq, tok, "awq", FormatSpec("int3", GROUP), Calibration(8, 64), backend="gptqmodel", progress=False)
     assert err(awq) < 1.05 * err(rtn)
+
+
+def test_norm_folding_keeps_the_function_for_one_plus_weight_norms():
+    """Gemma 3's norm multiplies by ``1 + weight``: folding ``1/s`` into it and ``s`` into the next
+    Linear leaves ``fc(ln(x))`` unchanged (float64); gptqmodel's plain fold does not."""
+    from gptqmodel.quantization.awq.quantize import scale as upstream
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from afpq_plugins.gptqmodel.awq_search import fixed_norm_folding, is_offset_norm
+
+    g = torch.Generator().manual_seed(3)
+    assert is_offset_norm(Gemma3RMSNorm(16)) and not is_offset_norm(LlamaRMSNorm(16))
+    x = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    s = torch.rand(16, generator=g, dtype=torch.float64) + 0.5
+
+    def build():
+        ln = Gemma3RMSNorm(16).double()
+        fc = torch.nn.Linear(16, 8).double()
+        with torch.no_grad():
+            ln.weight.copy_(torch.randn(16, generator=torch.Generator().manual_seed(4)) * 0.3)
+            fc.weight.copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(5)))
+            fc.bias.copy_(torch.randn(8, generator=torch.Generator().manual_seed(6)))
+        return ln, fc
+
+    ln, fc = build()
+    with torch.no_grad():
+        ref = fc(ln(x))
+    upstream.scale_ln_fcs(ln, [fc], s)
+    with torch.no_grad():
+        assert not torch.allclose(fc(ln(x)), ref, atol=1e-6)  # the defect
+    ln, fc = build()
+    with torch.no_grad():
+        assert torch.equal(fc(ln(x)), ref)
+    stock = upstream.scale_ln_fcs
+    with fixed_norm_folding():
+        upstream.scale_ln_fcs(ln, [fc], s)
+    assert upstream.scale_ln_fcs is stock
+    with torch.no_grad():
+        assert torch.allclose(fc(ln(x)), ref, rtol=1e-5, atol=1e-5)  # the norms compute in float32
+    # a plain norm still goes to gptqmodel's own fold, which is right for it
+    ln2, fc2 = LlamaRMSNorm(16).double(), torch.nn.Linear(16, 8).double()
+    with torch.no_grad():
+        ref2 = fc2(ln2(x))
+        with fixed_norm_folding():
+            upstream.scale_ln_fcs(ln2, [fc2], s)
+        assert torch.allclose(fc2(ln2(x)), ref2, rtol=1e-5, atol=1e-5)  # the norms compute in float32
+
+
+def test_gemma3_mlp_scales_fold_into_the_pre_feedforward_norm(tok):
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.models.auto import MODEL_MAP
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from afpq_plugins.gptqmodel.awq_search import fix_mlp_input_norm
+
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    qcfg = QuantizeConfig(bits=4, group_size=32, method="awq", offload_to_disk=False)
+    qm = MODEL_MAP["gemma3_text"](Gemma3ForCausalLM(cfg), quantized=False, quantize_config=qcfg, tokenizer=tok)
+    layer = [n for n in qm.effective_module_tree if isinstance(n, dict)][0]
+    assert tuple(layer["post_attention_layernorm"]) == ("post_attention_layernorm:!",)  # Llama's tree
+    assert fix_mlp_input_norm(qm)
+    layer = [n for n in qm.effective_module_tree if isinstance(n, dict)][0]
+    assert tuple(layer["post_attention_layernorm"]) == ("pre_feedforward_layernorm:!",)
+    assert list(layer).index("post_attention_layernorm") < list(layer).index("mlp")
+    fresh = MODEL_MAP["gemma3_text"](Gemma3ForCausalLM(cfg), quantized=False, quantize_config=qcfg, tokenizer=tok)
+    assert tuple([n for n in fresh.effective_module_tree if isinstance(n, dict)][0]["post_attention_layernorm"]) == (
+        "post_attention_layernorm:!",)  # the class's tree is untouched
