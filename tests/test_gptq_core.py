@@ -85,6 +85,24 @@ def test_column_quantizer_from_params(fmt, mode):
         assert np.allclose(cols.double().numpy(), _nearest64(w, fmt, mode, p1[:, 0], p2[:, 0]), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("fmt,mode", [("nf3", "afpq"), ("fp4", "afpq"), ("nf4", "sym"), ("nf3", "zp")])
+def test_column_path_on_and_beside_the_rounding_thresholds(fmt, mode):
+    """Scaled values exactly on each rounding threshold and one float32 step either side: the
+    column path picks the same grid value as ``decode(encode())`` (core's encoder)."""
+    from afpq_plugins.core.quantize import decode, encode
+
+    f = get_format(fmt)
+    t = f.thresholds(mode)
+    y = torch.cat([t, torch.nextafter(t, torch.full_like(t, -np.inf)), torch.nextafter(t, torch.full_like(t, np.inf)),
+                   torch.tensor([-1e6, 1e6, 0.0, -0.0])])
+    ones = torch.ones(y.numel(), 1)
+    p2 = torch.zeros_like(ones) if mode == "zp" else ones  # zp: y = x / s + z
+    cq = ColumnQuantizer.from_params(ones, p2, fmt, mode)
+    x = y.unsqueeze(1)
+    want = decode(encode(x, f, mode, ones, p2), f, mode, ones, p2)
+    assert torch.equal(cq.column(x), want)
+
+
 def test_gptq_mse_flag_and_explicit_search():
     q = Q("nf3", "afpq")
     q._gptq_mse(grid=100, maxshrink=0.8, norm=2.4)
