@@ -6,7 +6,7 @@ in benchmarks/RESULTS.md::
 
     .venv-modern/bin/python benchmarks/check_awq_gptqmodel.py
 """
-import os, sys, copy
+import os, sys, copy, contextlib
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests")); sys.path.insert(0, ROOT)
@@ -27,24 +27,22 @@ def err(m):
     with torch.no_grad(): return float((m(x).logits-ref).norm()/ref.norm())
 m = copy.deepcopy(base)
 quantize(m, tok, "rtn", FormatSpec("int3", 32), progress=False); print("RES rtn", err(m), flush=True)
-m = copy.deepcopy(base)
-cfg = QuantizeConfig(bits=3, group_size=32, method="awq", sym=False, offload_to_disk=False); cfg.device = normalize_device("cpu")
-qm = MODEL_MAP["llama"](m, quantized=False, quantize_config=cfg, tokenizer=tok)
-cap = {}
-class P(A.AWQProcessor):
-    def pack_module(self, module):
-        cap[module.full_name] = module.state.pop("wq").detach().clone().float(); module.state.clear()
-with afpq_processors(awq_processor=P):
-    qm.quantize(rows, tokenizer=tok, batch_size=1)
-for n, w in cap.items(): m.get_submodule(n).weight.data = w
-print("RES stock-awq", err(m), flush=True)
 from afpq_plugins.gptqmodel.awq_search import fixed_scale_search
-m = copy.deepcopy(base); cap.clear()
-qm = MODEL_MAP["llama"](m, quantized=False, quantize_config=cfg, tokenizer=tok)
-with afpq_processors(awq_processor=P), fixed_scale_search():
-    qm.quantize(rows, tokenizer=tok, batch_size=1)
-for n, w in cap.items(): m.get_submodule(n).weight.data = w
-print("RES stock-awq-fixed-search", err(m), flush=True)
+cfg = QuantizeConfig(bits=3, group_size=32, method="awq", sym=False, offload_to_disk=False); cfg.device = normalize_device("cpu")
+def stock_awq(label, search_ctx):
+    """GPTQModel's stock INT3 AWQ; its fake-quantized weights captured before packing."""
+    m = copy.deepcopy(base)
+    qm = MODEL_MAP["llama"](m, quantized=False, quantize_config=cfg, tokenizer=tok)
+    cap = {}
+    class P(A.AWQProcessor):
+        def pack_module(self, module):
+            cap[module.full_name] = module.state.pop("wq").detach().clone().float(); module.state.clear()
+    with afpq_processors(awq_processor=P), search_ctx:
+        qm.quantize(rows, tokenizer=tok, batch_size=1)
+    for n, w in cap.items(): m.get_submodule(n).weight.data = w
+    print("RES", label, err(m), flush=True)
+stock_awq("stock-awq", contextlib.nullcontext())
+stock_awq("stock-awq-fixed-search", fixed_scale_search())
 for clip in ("engine", "symmetric"):
     mm = copy.deepcopy(base)
     quantize(mm, tok, "awq", FormatSpec("int3", 32), Calibration(8, 64), backend="gptqmodel", progress=False, clip=clip)
