@@ -62,7 +62,7 @@ def side_effects() -> dict:
     """
     import sys
 
-    from .core.formats import _REGISTRY
+    from .core.formats import get_format, list_formats
 
     hf = "off"
     reg = sys.modules.get("afpq_plugins.hf.registration")
@@ -75,7 +75,7 @@ def side_effects() -> dict:
     hooks = sys.modules.get("afpq_plugins.autogptq.hooks")
     if hooks is not None and "auto_gptq" in sys.modules and hooks.is_registered():
         gptq = "wrapped"
-    custom = sorted(n for n, f in _REGISTRY.items() if f.kind == "custom")
+    custom = sorted(n for n in list_formats() if get_format(n).kind == "custom")
     return {"transformers": hf, "autogptq": gptq, "custom_formats": custom}
 
 

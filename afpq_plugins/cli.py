@@ -21,12 +21,11 @@ from typing import List, Optional
 
 import torch
 
+from .core.constants import QUANTIZED_KEY_SUFFIXES, SCALE_DTYPES
 from .core.formats import MODES, get_format, list_formats, resolve_mode
 from .core.packing import LAYOUTS
+from .core.search_registry import SEARCHES
 from .methods import engines_for, list_methods
-
-from .core.constants import QUANTIZED_KEY_SUFFIXES as _QUANT_SUFFIXES  # noqa: E402
-from .core.constants import SCALE_DTYPES as _SCALE_DTYPES  # noqa: E402
 
 
 def _err(msg: str) -> int:
@@ -51,7 +50,7 @@ def _refuse_stripped_checkpoint(path) -> None:
     if not os.path.isfile(weights):
         return
     header, _, _ = read_header(weights)
-    quant = sorted(k for k in header if k.endswith(_QUANT_SUFFIXES))
+    quant = sorted(k for k in header if k.endswith(QUANTIZED_KEY_SUFFIXES))
     if quant:
         raise ValueError(f"{os.path.join(path, 'config.json')} has no quantization_config, but {weights} holds "
                          f"quantized tensors ({quant[0]!r}, ...): loaded as a float model those layers would be "
@@ -115,28 +114,30 @@ def _method_options(args, method) -> dict:
 
 
 def cmd_quantize(args) -> int:
-    from .methods import Calibration, FormatSpec, MethodUnavailable, get_method, quantize
+    from .core.spec import QuantSpec
+    from .methods import Calibration, MethodUnavailable, get_method, quantize
     from .model import save_quantized
 
     try:
         fmt = get_format(args.format)
         mode = resolve_mode(fmt, args.mode, sym=args.sym)
         method = get_method(args.method, args.backend)
+        # the one settings value, from here to the kernels (layout None: the method's default)
+        spec = QuantSpec(fmt, args.group_size, mode, args.scale_dtype, args.layout, tuple(args.skip),
+                         args.scale_search).resolved(method.name)
     except MethodUnavailable as exc:
         return _err(str(exc))
     except ValueError as exc:
         return _err(str(exc))
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         return _err(f"OUT {args.out!r} exists and is not empty (use --overwrite)")
-    spec = FormatSpec(fmt.name, args.group_size, mode, args.scale_dtype, args.layout, tuple(args.skip),
-                      args.scale_search)
     calib = Calibration(args.nsamples, args.calib_seqlen).resolved(method)
     t0 = time.perf_counter()
     src, model, tok = _load_float(args.model)
     t1 = time.perf_counter()
     timer = contextlib.nullcontext()
     if method.calibrated and not args.quiet:
-        from .methods import FirstLayerTimer, describe_plan
+        from .progress import FirstLayerTimer, describe_plan
 
         print(describe_plan(method, model, calib), file=sys.stderr, flush=True)
         if next(model.parameters()).device.type == "cpu":
@@ -151,8 +152,8 @@ def cmd_quantize(args) -> int:
     out = save_quantized(model, args.out, qc, tokenizer=tok, overwrite=args.overwrite)
     t3 = time.perf_counter()
     print(
-        f"quantized {len(qc.quantized_modules)} layers of {src} with {args.method} {fmt.name}/{mode} "
-        f"group {args.group_size} layout {qc.layout} -> {out} "
+        f"quantized {len(qc.quantized_modules)} layers of {src} with {args.method} {spec.fmt}/{spec.mode} "
+        f"group {spec.group_size} layout {qc.layout} -> {out} "
         f"(load {t1 - t0:.1f}s, quantize {t2 - t1:.1f}s, save {t3 - t2:.1f}s)"
     )
     return 0
@@ -278,19 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local model folder, or 'default' for the embedded SmolLM2-135M-Instruct")
     q.add_argument("out", help="output folder (written atomically)")
     q.add_argument("--method", choices=list_methods(), default="rtn",
-                   help="quantization algorithm (gptq, awq: through the engine --backend names; awq writes layout "
-                        "awq at 4 bits, gptq at 3)")
+                   help="quantization algorithm (gptq, awq: through the engine --backend names)")
     q.add_argument("--backend", default=None,
                    help="engine running --method: " + "; ".join(f"{m}: {', '.join(engines_for(m))}" for m in list_methods())
                         + " (default: the first one installed in this environment)")
-    q.add_argument("--format", default="nf4", help=f"grid: one of {', '.join(list_formats())}")
+    q.add_argument("--format", default="nf4", help=f"grid: one of {', '.join(list_formats())} "
+                   "(or a custom format registered in this process)")
     q.add_argument("--group-size", type=int, default=128, help="input columns per group, -1 = whole row")
     q.add_argument("--sym", action="store_true", help="one absmax scale instead of AFPQ's two")
     q.add_argument("--mode", choices=MODES, default=None, help="afpq (two scales), sym, zp (scale + zero-point)")
-    q.add_argument("--layout", choices=LAYOUTS, default="gptq", help="packing layout of qweight")
+    q.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="packing layout of qweight (default: awq for --method awq at 4 bits, else gptq)")
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="module names kept in float")
-    q.add_argument("--scale-dtype", choices=sorted(_SCALE_DTYPES), default="float16")
-    q.add_argument("--scale-search", choices=["minmax", "mse", "output"], default="minmax",
+    q.add_argument("--scale-dtype", choices=sorted(SCALE_DTYPES), default="float16")
+    q.add_argument("--scale-search", choices=list(SEARCHES), default="minmax",
                    help="minmax = the paper's scales; mse = search per-side shrink factors minimising each group's "
                         "weight error; output = minimising the layer-output error on calibration inputs "
                         "(diag(X^T X)-weighted; RTN calibrates with --nsamples/--calib-seqlen, default 32 x 512)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,11 +25,9 @@ from .core.checkpoint import (
     validate_layer_tensors,
     write_checkpoint,
 )
-from .core.formats import get_format, resolve_mode
-from .core.packing import packed_shape
-from .core.quantize import check_finite, group_count, resolve_search
-from .core.constants import LAYER_PARAM_SUFFIXES, scale_dtype_name
-from .core.constants import scale_dtype as to_scale_dtype
+from .core.constants import LAYER_PARAM_SUFFIXES
+from .core.quantize import check_finite
+from .core.spec import DEFAULT_SKIP, QuantSpec, is_skipped
 from .nn import AFPQLinear
 from .nn.skeleton import build_skeleton, plan_skeleton, set_module, tied_parameter_names
 
@@ -40,12 +38,10 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "is_afpq_checkpoint",
+    "prepare_layers",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Modules left in float by default (embeddings are not Linears and are never touched).
-DEFAULT_SKIP: Tuple[str, ...] = ("lm_head",)
 
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -53,15 +49,11 @@ _TOKENIZER_FILES = (
 )
 
 
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    return any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip)
-
-
 def find_linears(model: nn.Module, skip: Sequence[str] = DEFAULT_SKIP) -> Dict[str, nn.Linear]:
     """``{name: module}`` of the ``nn.Linear`` layers to quantize, in model order."""
     return {
         name: mod for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and not _skipped(name, skip)
+        if isinstance(mod, nn.Linear) and not is_skipped(name, skip)
     }
 
 
@@ -76,56 +68,50 @@ def quantize_model_rtn(
     progress: bool = True,
     scale_search=None,
     layer_searches: Optional[dict] = None,
+    *,
+    spec: Optional[QuantSpec] = None,
 ) -> AFPQConfigDict:
     """Replace the model's Linears with round-to-nearest :class:`AFPQLinear` (in place).
 
-    Every layer is checked first (group size, packing constraints, finite weights); if
-    anything still fails while layers are replaced, the replaced ones are put back, so
-    on an error the caller's model is as it was.
+    The settings come whole as ``spec`` (:class:`~afpq_plugins.core.spec.QuantSpec`), or as
+    the separate arguments, which build one. Every layer is checked first (group size,
+    packing constraints, finite weights: one check per layer); if anything still fails
+    while layers are replaced, the replaced ones are put back, so on an error the caller's
+    model is as it was.
 
-    ``scale_search`` (``None`` = the paper's min/max scales, ``"mse"`` or a
-    :class:`~afpq_plugins.core.quantize.ScaleSearch`) opts into the scale search;
+    The spec's scale search (``None`` = the paper's min/max scales, ``"mse"`` or a
+    :class:`~afpq_plugins.core.search.ScaleSearch`) opts into the scale search;
     ``layer_searches`` (layer name -> search object) overrides it per layer (the output
     search bound to each layer's calibration energies).
     """
-    f = get_format(fmt)
-    mode = resolve_mode(f, mode)
-    search = resolve_search(scale_search)
-    scale_dtype = to_scale_dtype(scale_dtype)
-    linears = find_linears(model, skip)
+    if spec is None:
+        spec = QuantSpec(fmt, group_size, mode, scale_dtype, layout, tuple(skip), scale_search)
+    spec = spec.resolved("rtn")
+    linears = find_linears(model, spec.skip)
     if not linears:
         raise ValueError("no nn.Linear layers to quantize (check the skip list)")
+    plan = {}
     for name, lin in linears.items():  # validate everything checkable before touching anything
-        group_count(lin.in_features, group_size, name)
-        try:
-            packed_shape(layout, f.bits, lin.out_features, lin.in_features)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
+        plan[name] = spec.layer(lin.in_features, lin.out_features, name)
         check_finite(lin.weight.detach(), f"{name}.weight")
     it = linears.items()
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, total=len(linears), desc=f"RTN {f.name}/{mode} g{group_size}", unit="layer")
+        it = tqdm(it, total=len(linears), desc=f"RTN {spec.describe()}", unit="layer")
     done: List[Tuple[str, nn.Module]] = []
     try:
         with torch.no_grad():
             for name, lin in it:
-                new = AFPQLinear.from_linear(lin, f, group_size, mode, layout, scale_dtype, name=name,
-                                             search=(layer_searches or {}).get(name, search))
+                new = AFPQLinear.from_linear(lin, name=name, search=(layer_searches or {}).get(name),
+                                             spec=spec, geometry=plan[name])
                 set_module(model, name, new)
                 done.append((name, lin))
     except BaseException:  # leave the caller's model as it was
         for name, lin in reversed(done):
             set_module(model, name, lin)
         raise
-    dtype_name = scale_dtype_name(scale_dtype)
-    return AFPQConfigDict(
-        format=f.name, bits=f.bits, group_size=group_size, mode=mode, layout=layout,
-        scale_dtype=dtype_name, method="rtn", modules_to_not_convert=list(skip),
-        quantized_modules=list(linears),
-        extra={"scale_search": search.to_dict() if search else {"method": "minmax"}},
-    )
+    return AFPQConfigDict.from_spec(spec, "rtn", quantized_modules=list(linears))
 
 
 def _state_dict_for_save(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -213,10 +199,11 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
         with torch.device("meta"):  # nothing allocated, whatever the config's sizes
             probe = _build(config, snap.config_path)
         names = quantized_module_names(qc, tensors)
-        plan = plan_skeleton(probe, qc, names, source=src)
+        plan = plan_skeleton(probe, qc, names, source=src)  # each layer checked once, here
         for name, spec in plan.items():
-            validate_layer_tensors(name, tensors, qc, spec.in_features, spec.out_features, spec.has_bias, source=src)
-        build_skeleton(probe, qc, names, source=src)
+            validate_layer_tensors(name, tensors, qc, spec.in_features, spec.out_features, spec.has_bias, source=src,
+                                   geometry=spec.geometry)
+        build_skeleton(probe, qc, names, source=src, plan=plan)
         for key in placeholder_keys(names):  # validated above; absent in older checkpoints
             tensors.pop(key, None)
         tied = _check_state_dict(probe, tensors, src)
@@ -232,7 +219,7 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
     with init_empty_weights():
         model = _build(config, snap.config_path)
     build_skeleton(model, qc, names, bias_dtypes={n: tensors[f"{n}.bias"].dtype for n in plan if plan[n].has_bias},
-                   source=src)
+                   source=src, plan=plan)
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied:
         model.tie_weights()
@@ -240,7 +227,17 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
     if leftover:
         raise CheckpointError(f"{src}: tensor {leftover[0]!r} was not loaded")
     model.config.quantization_config = qc.to_dict()
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    prepare_layers(model)
+    return model
+
+
+def prepare_layers(model: nn.Module) -> nn.Module:
+    """Call :meth:`AFPQLinear.prepare` on every AFPQ layer (after loading, before tracing)."""
+    for mod in model.modules():
+        if isinstance(mod, AFPQLinear):
+            mod.prepare()
+    return model
 
 
 def _config_from_dict(config: dict, where: str):
@@ -296,7 +293,3 @@ def _model_dtype(tensors: Dict[str, torch.Tensor], quant: set) -> torch.dtype:
         if k not in quant and t.is_floating_point():
             count[t.dtype] = count.get(t.dtype, 0) + t.numel()
     return max(count, key=lambda d: (count[d], d == torch.float32)) if count else torch.float32
-
-
-def quantized_layers(model: nn.Module) -> List[Tuple[str, AFPQLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AFPQLinear)]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from afpq_plugins.core.search import (
-    SEARCHES, ScaleSearch, apply_two_sided_clip, group_fake_quantizer, register_search, resolve_search,
-    symmetric_clip, two_sided_clip,
+    ScaleSearch, apply_two_sided_clip, group_fake_quantizer, symmetric_clip, two_sided_clip,
 )
+from afpq_plugins.core.search_registry import SEARCHES, register_search, resolve_search
 
 N_GRID, MAX_SHRINK = 20, 0.5
 K = int(N_GRID * MAX_SHRINK)

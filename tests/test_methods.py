@@ -105,7 +105,7 @@ def test_rtn_fake_equals_packed_decode(folder):
 
 def test_plan_line_and_first_layer_estimate(folder, fake_engine):
     from afpq_plugins.data import load_model_and_tokenizer
-    from afpq_plugins.methods import FirstLayerTimer, describe_plan
+    from afpq_plugins.progress import FirstLayerTimer, describe_plan
 
     model, _ = load_model_and_tokenizer(folder)
     n = model.config.num_hidden_layers

@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from afpq_plugins.core.formats import get_format, register_format
+from afpq_plugins.core.gptq import ColumnQuantizer
 from afpq_plugins.core.quantize import (
-    ColumnQuantizer,
     decode,
     dequantize_weight,
     encode,

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from afpq_plugins.core.formats import get_format
-from afpq_plugins.core.quantize import ScaleSearch, decode, encode, fake_quantize, find_params, resolve_search
+from afpq_plugins.core.quantize import decode, encode, fake_quantize, find_params
+from afpq_plugins.core.search import ScaleSearch
+from afpq_plugins.core.search_registry import resolve_search
 
 
 def _np_fq_afpq(x, table, s_pos, s_neg):

@@ -35,7 +35,7 @@ _LAZY = {
     "CLIP_MODES": ".quantizer",
     "calibration_token_lists": ".calib",
     "load_quantized": ".io",
-    "save_quantized": ".io",
+    "save_quantized": ".saving",
     "quantize_awq": ".io",
     "awq_quantize": ".io",
     "wrap_for_awq": ".io",

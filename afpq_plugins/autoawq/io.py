@@ -14,72 +14,15 @@
 from __future__ import annotations
 
 import time
-import types
 import warnings
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
-from ..core.checkpoint import AFPQConfigDict, CheckpointError
+from ..core.checkpoint import AFPQConfigDict
+from .saving import make_awq_model_safe, save_quantized
 
-__all__ = ["save_quantized", "load_quantized", "make_awq_model_safe", "wrap_for_awq", "awq_quantize", "quantize_awq"]
-
-
-def _hf_model(model) -> nn.Module:
-    """The transformers model inside an AutoAWQ wrapper (or the model itself)."""
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(model, "quant_config") and hasattr(model, "is_quantized"):
-        return inner
-    return model
-
-
-def save_quantized(model, out_dir: str, tokenizer=None, overwrite: bool = False) -> str:
-    """Write a model quantized with :class:`AFPQAwqQuantizer` as an AFPQ checkpoint.
-
-    ``model``: the AutoAWQ wrapper (or its transformers model). ``tokenizer``: saved
-    alongside (default: the one the quantizer was given).
-    """
-    from ..model import save_quantized as _save
-
-    hf = _hf_model(model)
-    qc: Optional[AFPQConfigDict] = getattr(hf, "_afpq_config", None)
-    if qc is None:
-        raise ValueError(
-            "this model was not quantized with afpq_plugins.autoawq.AFPQAwqQuantizer "
-            "(or quantize(..., export_compatible=True) was not followed by pack())"
-        )
-    from awq.modules.act import ScaledActivation
-
-    scaled = [n for n, m in hf.named_modules() if isinstance(m, ScaledActivation)]
-    if scaled:
-        raise NotImplementedError(
-            f"{scaled[0]}: AWQ folded its scales into an activation (ScaledActivation), which the "
-            "AFPQ checkpoint format cannot represent yet"
-        )
-    if tokenizer is None:
-        q = getattr(model, "quantizer", None)
-        tokenizer = getattr(q, "tokenizer", None)
-    return _save(hf, out_dir, qc, tokenizer=tokenizer, overwrite=overwrite)
-
-
-def make_awq_model_safe(awq_model, qc: AFPQConfigDict, tokenizer=None) -> None:
-    """Route the wrapper's AutoAWQ ``save_quantized`` to :func:`save_quantized`.
-
-    Patches this instance only (not the class): AutoAWQ 0.2.9's ``save_quantized``
-    would write ``quant_method: "awq"`` over AFPQ tensors. Also marks its
-    ``quant_config`` as ``afpq``.
-    """
-
-    def _safe_save(self, save_dir, safetensors=True, shard_size="5GB", overwrite=True):
-        if not safetensors:
-            raise ValueError("AFPQ checkpoints are safetensors only")
-        return save_quantized(self, save_dir, tokenizer=tokenizer, overwrite=overwrite)
-
-    object.__setattr__(awq_model, "save_quantized", types.MethodType(_safe_save, awq_model))
-    qcfg = getattr(awq_model, "quant_config", None)
-    if qcfg is not None and hasattr(qcfg, "quant_method"):
-        qcfg.quant_method = "afpq"
+__all__ = ["load_quantized", "wrap_for_awq", "awq_quantize", "quantize_awq", "run", "supports_model"]
 
 
 def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None, wrap: bool = True):
@@ -196,3 +139,24 @@ def quantize_awq(model_path: str, out_dir: Optional[str] = None, dtype: torch.dt
     if out_dir is not None:
         save_quantized(awq_model, out_dir, tokenizer=tok, overwrite=overwrite)
     return awq_model, tok, seconds
+
+
+def run(model, tokenizer, spec, calib, progress: bool = True, clip: str = "symmetric") -> AFPQConfigDict:
+    """The registry's ``awq`` method with ``--backend autoawq``: :func:`awq_quantize` with
+    ``spec``'s settings (a :class:`~afpq_plugins.core.spec.QuantSpec`; layout ``None``: ``awq``
+    at 4 bits) on ``calib``'s windows."""
+    return awq_quantize(model, tokenizer, spec.fmt, spec.group_size, spec.mode, clip=clip,
+                        layout=spec.layout_for("awq"), skip=list(spec.skip), scale_dtype=spec.torch_scale_dtype,
+                        calib_data=[s.tolist() for s in calib.samples(tokenizer)], n_samples=calib.nsamples,
+                        seqlen=calib.seqlen, progress=progress, scale_search=spec.scale_search)
+
+
+def supports_model(model) -> Optional[str]:
+    """None when AutoAWQ 0.2.9 knows ``model``'s type, else a one-line reason."""
+    with warnings.catch_warnings():  # AutoAWQ 0.2.9 warns at import that it is deprecated
+        warnings.simplefilter("ignore")
+        from awq.models.auto import AWQ_CAUSAL_LM_MODEL_MAP
+    mt = getattr(model.config, "model_type", None)
+    if mt in AWQ_CAUSAL_LM_MODEL_MAP:
+        return None
+    return f"model type {mt!r} is not supported by AutoAWQ 0.2.9 (--backend autoawq)"

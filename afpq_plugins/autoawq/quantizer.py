@@ -43,11 +43,15 @@ with warnings.catch_warnings():  # AutoAWQ 0.2.9 warns at import that it is depr
     from awq.quantize.quantizer import AwqQuantizer
     from awq.utils.module import get_op_name, set_op_by_name
 
+from .._patching import patched
 from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format, resolve_mode
+from ..core.spec import QuantSpec
 from ..core.output_search import BoundOutputSearch, grouped_energies, is_output_search
 from ..core.quantize import fake_quantize_rows, quantize_weight
-from ..core.search import apply_two_sided_clip, resolve_search, search_dict, symmetric_clip, two_sided_clip
+from ..core.constants import SCALE_DTYPES
+from ..core.search import apply_two_sided_clip, symmetric_clip, two_sided_clip
+from ..core.search_registry import resolve_search, search_dict
 from ..nn import AFPQLinear
 from .calib import calibration_token_lists
 from .compat import snapshot_state_dict
@@ -55,7 +59,6 @@ from .compat import snapshot_state_dict
 __all__ = ["AFPQAwqQuantizer", "CLIP_MODES"]
 
 CLIP_MODES = ("symmetric", "two-sided", "autoawq")
-from ..core.constants import SCALE_DTYPES as _DTYPES  # noqa: E402
 #: AutoAWQ's clip search skips these (q/k feed a bmm, hard to clip precisely).
 _AVOID_CLIPPING = ("q_", "k_", "query", "key", "Wqkv")
 
@@ -107,13 +110,13 @@ class AFPQAwqQuantizer(AwqQuantizer):
         if clip not in CLIP_MODES:
             raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {clip!r}")
         self.clip = clip
-        self.layout = layout or ("awq" if self.fmt.bits == 4 else "gptq")
+        self.layout = QuantSpec(self.fmt, mode=self.mode, layout=layout).layout_for("awq")
         if self.layout == "awq" and self.fmt.bits != 4:
             raise ValueError(f"layout 'awq' (AutoAWQ GEMM) is 4-bit only; use layout 'gptq' for {self.fmt.bits} bits")
         if str(version).lower() != "gemm":
             raise ValueError(f"AFPQ modules replace AutoAWQ's GEMM modules only; quant_config version must be 'gemm', got {version!r}")
         if isinstance(scale_dtype, str):
-            scale_dtype = _DTYPES[scale_dtype]
+            scale_dtype = SCALE_DTYPES[scale_dtype]
         self.scale_dtype = scale_dtype
         self.quantized_modules: List[str] = []
         n = kwargs.get("max_calib_samples", 128)
@@ -123,9 +126,9 @@ class AFPQAwqQuantizer(AwqQuantizer):
         # use_cache on (transformers >= 4.36), they hold a DynamicCache that grows on
         # every replayed forward and corrupts the search. Off for the whole run.
         cfg = getattr(model, "config", None)
-        self._saved_use_cache = getattr(cfg, "use_cache", None)
+        self._scoped = contextlib.ExitStack()  # closed when quantize() ends
         if cfg is not None:
-            cfg.use_cache = False
+            self._scoped.enter_context(patched(cfg, "use_cache", False))
         super().__init__(
             awq_model, model, tokenizer, w_bit, group_size, zero_point, version, calib_data,
             split, text_column, duo_scaling, *args, **kwargs,
@@ -231,8 +234,7 @@ class AFPQAwqQuantizer(AwqQuantizer):
         try:
             super().quantize()
         finally:
-            if self._saved_use_cache is not None:
-                self.model.config.use_cache = self._saved_use_cache
+            self._scoped.close()
         if not self.export_compatible:
             self._attach_config()
 
@@ -252,7 +254,7 @@ class AFPQAwqQuantizer(AwqQuantizer):
         )
 
     def _attach_config(self) -> None:
-        from .io import make_awq_model_safe
+        from .saving import make_awq_model_safe
 
         qc = self.afpq_config()
         self.model._afpq_config = qc

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -10,7 +10,7 @@ from ..core.checkpoint import AFPQConfigDict
 from .config import AFPQQuantizeConfig
 from .hooks import quantized_module_names, wrap_model
 
-__all__ = ["examples_from_ids", "quantize_model", "gptq_quantize"]
+__all__ = ["examples_from_ids", "quantize_model", "gptq_quantize", "run", "supports_model"]
 
 
 def examples_from_ids(samples: Sequence[torch.Tensor]) -> List[dict]:
@@ -57,3 +57,25 @@ def gptq_quantize(
     )
     examples = examples_from_ids(calibration_samples(tokenizer, nsamples, seqlen, seed=seed))
     return quantize_model(model, cfg, examples)
+
+
+def run(model, tokenizer, spec, calib, progress: bool = True, desc_act: bool = False, static_groups: bool = False,
+        true_sequential: bool = True, damp_percent: float = 0.01) -> AFPQConfigDict:
+    """The registry's ``gptq`` method with ``--backend autogptq``: :func:`gptq_quantize` with
+    ``spec``'s settings (a :class:`~afpq_plugins.core.spec.QuantSpec`) and ``calib``'s windows."""
+    if spec.layout_for("gptq") != "gptq" or tuple(spec.skip) != ("lm_head",):
+        raise ValueError("--method gptq writes layout gptq and keeps only lm_head in float (AutoGPTQ's layer lists)")
+    return gptq_quantize(model, tokenizer, spec.fmt, spec.group_size, spec.mode, scale_dtype=spec.scale_dtype,
+                         desc_act=desc_act, static_groups=static_groups, true_sequential=true_sequential,
+                         damp_percent=damp_percent, nsamples=calib.nsamples, seqlen=calib.seqlen, seed=calib.seed,
+                         scale_search=spec.scale_search)
+
+
+def supports_model(model) -> Optional[str]:
+    """None when AutoGPTQ 0.7.1 knows ``model``'s type, else a one-line reason."""
+    from auto_gptq.modeling.auto import GPTQ_CAUSAL_LM_MODEL_MAP
+
+    mt = getattr(model.config, "model_type", None)
+    if mt in GPTQ_CAUSAL_LM_MODEL_MAP:
+        return None
+    return f"model type {mt!r} is not supported by AutoGPTQ 0.7.1 (--backend autogptq)"

@@ -52,22 +52,7 @@ def _patching():
 
 
 patched = _patching().patched
-
-
-def _noop(*args, **kwargs) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def no_cuda_synchronize() -> Iterator[None]:
-    """auto-gptq 0.7.1 ``GPTQ.fasterquant`` calls ``torch.cuda.synchronize()``
-    unconditionally (only to time itself); on a CPU-only torch that raises
-    "Torch not compiled with CUDA enabled". Made a no-op while CUDA is absent."""
-    if cuda_available():
-        yield
-        return
-    with patched(torch.cuda, "synchronize", _noop):
-        yield
+no_cuda_synchronize = _patching().no_cuda_synchronize  # shared with optimum on auto-gptq (hf.compat)
 
 
 @contextlib.contextmanager

@@ -10,16 +10,16 @@ from typing import Optional
 from auto_gptq.modeling._base import BaseQuantizeConfig
 
 from ..core.checkpoint import AFPQConfigDict, CheckpointError, QUANT_METHOD
+from ..core.constants import SCALE_DTYPE_NAMES
 from ..core.formats import get_format, resolve_mode
-from ..core.quantize import search_dict
+from ..core.search_registry import search_dict
+from ..core.spec import QuantSpec
 
 __all__ = ["AFPQQuantizeConfig", "GPTQ_EXTRA_KEYS"]
 
 #: AutoGPTQ settings kept in the checkpoint's ``quantization_config`` next to the AFPQ
 #: keys (they do not change how the tensors decode; they record how they were made).
 GPTQ_EXTRA_KEYS = ("damp_percent", "static_groups", "true_sequential", "sym", "scale_search")
-
-from ..core.constants import SCALE_DTYPE_NAMES as _SCALE_DTYPES  # noqa: E402
 
 
 @dataclass
@@ -49,8 +49,8 @@ class AFPQQuantizeConfig(BaseQuantizeConfig):
         if f.bits != self.bits:
             raise ValueError(f"AFPQQuantizeConfig: format {f.name!r} has {f.bits} bits but bits={self.bits}")
         self.mode = resolve_mode(f, self.mode, sym=self.sym)
-        if self.scale_dtype not in _SCALE_DTYPES:
-            raise ValueError(f"AFPQQuantizeConfig: scale_dtype must be one of {', '.join(_SCALE_DTYPES)}")
+        if self.scale_dtype not in SCALE_DTYPE_NAMES:
+            raise ValueError(f"AFPQQuantizeConfig: scale_dtype must be one of {', '.join(SCALE_DTYPE_NAMES)}")
         try:
             self.scale_search = search_dict(self.scale_search)  # JSON form, stored in the checkpoint
         except (TypeError, ValueError) as exc:
@@ -61,10 +61,14 @@ class AFPQQuantizeConfig(BaseQuantizeConfig):
         return get_format(self.fmt)
 
     @property
-    def torch_scale_dtype(self):
-        import torch
+    def spec(self) -> QuantSpec:
+        """These settings as the one settings value (AutoGPTQ writes the gptq layout)."""
+        return QuantSpec(self.fmt, self.group_size, self.mode, self.scale_dtype, "gptq", ("lm_head",),
+                         self.scale_search)
 
-        return getattr(torch, self.scale_dtype)
+    @property
+    def torch_scale_dtype(self):
+        return self.spec.torch_scale_dtype
 
     # -- the checkpoint's quantization_config ------------------------------------------------
     def to_afpq(self, quantized_modules=(), modules_to_not_convert=("lm_head",)) -> AFPQConfigDict:

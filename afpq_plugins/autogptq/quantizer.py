@@ -16,7 +16,7 @@ from auto_gptq.quantization.gptq import GPTQ
 from auto_gptq.quantization.quantizer import Quantizer
 
 from ..core.gptq import GridQuantizerMixin
-from ..core.search import resolve_search
+from ..core.search_registry import resolve_search
 
 __all__ = ["AFPQQuantizer", "AFPQGPTQ"]
 
@@ -68,3 +68,8 @@ class AFPQGPTQ(GPTQ):
         attrs = {"fmt": fmt, "mode": mode, "scale_dtype": scale_dtype, "search": resolve_search(search),
                  "__module__": cls.__module__, "__qualname__": cls.__qualname__}
         return type(cls.__name__, (cls,), attrs)
+
+
+def gptq_class(spec) -> type:
+    """AutoGPTQ's ``GPTQ`` with ``spec``'s grid bound (what optimum on auto-gptq instantiates per layer)."""
+    return AFPQGPTQ.bind(spec.fmt, spec.mode, spec.torch_scale_dtype, spec.scale_search)

@@ -18,8 +18,8 @@ import torch
 from .constants import FORMAT_VERSION, PLACEHOLDER_SUFFIXES, QUANT_METHOD, SCALE_DTYPES
 from .errors import CheckpointError
 from .formats import MODES, get_format, register_format
-from .packing import LAYOUTS, packed_shape
-from .quantize import group_count
+from .packing import LAYOUTS
+from .spec import LayerGeometry, QuantSpec
 
 __all__ = [
     "AFPQConfigDict",
@@ -164,6 +164,24 @@ class AFPQConfigDict:
     def torch_scale_dtype(self) -> torch.dtype:
         return SCALE_DTYPES[self.scale_dtype]
 
+    @property
+    def spec(self) -> QuantSpec:
+        """The settings these keys describe, as the one settings value (layout fixed,
+        ``modules_to_not_convert`` as its skip list, the recorded scale search)."""
+        return QuantSpec(self.fmt, self.group_size, self.mode, self.scale_dtype, self.layout,
+                         tuple(self.modules_to_not_convert), self.extra.get("scale_search"))
+
+    @classmethod
+    def from_spec(cls, spec: QuantSpec, method: str, quantized_modules=(), desc_act: bool = False,
+                  extra: Optional[Mapping] = None, **keys) -> "AFPQConfigDict":
+        """The checkpoint config a run with ``spec`` produces: the spec's keys
+        (:meth:`QuantSpec.checkpoint_keys`, layout as ``method`` writes it), the method, the
+        quantized modules, ``scale_search`` (the spec's search) and ``extra`` keys."""
+        ext = {"scale_search": spec.search_dict()}
+        ext.update(extra or {})
+        return cls(**spec.checkpoint_keys(method), method=method, quantized_modules=list(quantized_modules),
+                   desc_act=desc_act, extra=ext, **keys)
+
     # -- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -200,13 +218,17 @@ def second_param_name(mode: str) -> Optional[str]:
 
 
 def expected_layer_tensors(
-    qc: AFPQConfigDict, in_features: int, out_features: int, bias: bool
+    qc: AFPQConfigDict, in_features: int, out_features: int, bias: bool,
+    geometry: Optional[LayerGeometry] = None,
 ) -> Dict[str, tuple]:
-    """``{suffix: (shape, dtype)}`` of one quantized layer's tensors."""
-    groups = group_count(in_features, qc.group_size)
+    """``{suffix: (shape, dtype)}`` of one quantized layer's tensors (``geometry``: the
+    layer's already-checked :class:`LayerGeometry`, else it is checked here)."""
+    if geometry is None:
+        geometry = qc.spec.layer(in_features, out_features)
+    groups = geometry.groups
     sdt = qc.torch_scale_dtype
     exp = {
-        "qweight": (packed_shape(qc.layout, qc.bits, out_features, in_features), torch.int32),
+        "qweight": (geometry.qweight_shape, torch.int32),
         "scales": ((groups, out_features), sdt),
     }
     second = second_param_name(qc.mode)
@@ -222,13 +244,14 @@ def expected_layer_tensors(
 def validate_layer_tensors(
     name: str, tensors: Mapping[str, torch.Tensor], qc: AFPQConfigDict,
     in_features: int, out_features: int, bias: bool, source: str = "checkpoint",
+    geometry: Optional[LayerGeometry] = None,
 ) -> None:
     """Raise :class:`CheckpointError` naming the tensor if any is missing or misshapen.
 
     ``<name>.weight`` and ``<name>.qzeros``, if present, must be refusal placeholders
     (older checkpoints have none)."""
     _check_placeholders(name, tensors, source)
-    for suffix, (shape, dtype) in expected_layer_tensors(qc, in_features, out_features, bias).items():
+    for suffix, (shape, dtype) in expected_layer_tensors(qc, in_features, out_features, bias, geometry).items():
         key = f"{name}.{suffix}"
         t = tensors.get(key)
         if t is None:

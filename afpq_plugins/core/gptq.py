@@ -24,7 +24,8 @@ import torch
 
 from .formats import get_format, resolve_mode
 from .quantize import _safe, check_finite, decode, decode_table, encode, find_params, round_params
-from .search import ScaleSearch, resolve_search
+from .search import ScaleSearch
+from .search_registry import resolve_search
 
 __all__ = ["ColumnQuantizer", "GridQuantizerMixin", "GPTQCodes", "encode_gptq"]
 

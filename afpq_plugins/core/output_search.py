@@ -46,7 +46,9 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from .formats import get_format, resolve_mode
-from .quantize import ScaleSearch, _minmax, _params_from_range, fake_quantize_groups
+from .quantize import _minmax, _params_from_range, fake_quantize_groups, scan_scales
+from .search import ScaleSearch
+from .search_registry import register_search
 
 __all__ = [
     "OutputSearch",
@@ -264,30 +266,19 @@ def find_params_output(
         return p1, p2, x - fake_quantize_groups(x, f, mode, p1, p2, torch.float32)
 
     if mode != "afpq" or search.objective == "diag":
-        best1 = best2 = err1 = err2 = None
-        pos = (x > 0).float() if mode == "afpq" else None
-        neg = 1.0 - pos if mode == "afpq" else None
-        for a in factors:
-            p1, p2, e = candidate(a, a)
-            if mode == "afpq":  # separable: each side's error depends on its own scale only
-                if search.objective == "diag":
-                    eh = e.mul_(e).mul_(h)
-                    e1 = (eh * pos).sum(-1, keepdim=True)
-                    e2 = (eh * neg).sum(-1, keepdim=True)
-                else:
-                    e1, e2 = err_of(e * pos), err_of(e * neg)
-            else:
-                e1 = e2 = err_of(e)
-            if best1 is None:
-                best1, best2, err1, err2 = p1, p2, e1, e2
-                continue
-            take1 = e1 < err1
-            best1, err1 = torch.where(take1, p1, best1), torch.where(take1, e1, err1)
-            if mode == "afpq":
-                take2 = e2 < err2
-                best2, err2 = torch.where(take2, p2, best2), torch.where(take2, e2, err2)
-            else:  # sym / zp: the pair moves together
-                best2 = torch.where(take1, p2, best2)
+        if mode == "afpq":  # separable: each side's error depends on its own scale only
+            pos = (x > 0).float()
+            neg = 1.0 - pos
+
+            def side_errors(e):
+                eh = e.mul_(e).mul_(h)
+                return (eh * pos).sum(-1, keepdim=True), (eh * neg).sum(-1, keepdim=True)
+        else:
+            def side_errors(e):
+                err = err_of(e)
+                return err, err
+
+        best1, best2 = scan_scales(x, f, mode, factors, side_errors, -1)
         return _restore(best1, dim, x), _restore(best2, dim, x)
 
     # afpq + block objective: coordinate descent from the min/max pair.
@@ -384,3 +375,6 @@ def input_energies(
     if missing:
         raise ValueError(f"no calibration input reached module(s) {missing[:3]} (not called in the forward pass)")
     return acc
+
+
+register_search("output", lambda kw: OutputSearch(**kw))

@@ -37,26 +37,23 @@ from typing import Optional, Tuple
 import torch
 
 from .formats import Format, get_format, resolve_mode
-from .search import ScaleSearch, resolve_search, search_dict
+from .search_registry import resolve_search
+from .spec import effective_group_size, group_count
 
 __all__ = [
     "QuantizedWeight",
-    "ScaleSearch",
-    "resolve_search",
-    "search_dict",
     "check_finite",
     "find_params",
+    "scan_scales",
     "round_params",
     "encode",
     "decode",
     "decode_table",
     "fake_quantize_groups",
-    "ColumnQuantizer",  # defined in core.gptq, importable from here
     "fake_quantize",
     "fake_quantize_rows",
     "quantize_weight",
     "dequantize_weight",
-    "group_count",
     "default_g_idx",
 ]
 
@@ -108,6 +105,37 @@ def find_params(
         xmax, xmin = _minmax(x, dim)
         return _params_from_range(f, mode, xmax, xmin)
     return search.params(x, f, mode, dim)
+
+
+def scan_scales(
+    x: torch.Tensor, f: Format, mode: str, factors, side_errors, dim: int = -1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The separable per-side scan every scale search runs: ``(p1, p2)`` of float32 ``x``.
+
+    Each factor ``a`` shrinks the min/max range to ``a * [xmin, xmax]``; ``side_errors(e)``
+    scores the candidate's error ``e = x - fake_quant(x)`` as ``(e1, e2)`` (reduced over
+    ``dim``, kept). In mode ``afpq`` the two sides are independent (a positive weight is
+    decoded with s_pos only, a negative one with s_neg only), so each side keeps its own
+    best factor: ``2 * len(factors)`` evaluations instead of ``len(factors) ** 2``. In
+    modes ``sym`` and ``zp`` the pair moves together, chosen by ``e1``. The first factor
+    wins ties (strictly smaller errors replace it).
+    """
+    xmax, xmin = _minmax(x, dim)
+    best1 = best2 = err1 = err2 = None
+    for a in factors:
+        p1, p2 = _params_from_range(f, mode, xmax * a, xmin * a)
+        e1, e2 = side_errors(x - fake_quantize_groups(x, f, mode, p1, p2, torch.float32))
+        if best1 is None:
+            best1, best2, err1, err2 = p1, p2, e1, e2
+            continue
+        take1 = e1 < err1
+        best1, err1 = torch.where(take1, p1, best1), torch.where(take1, e1, err1)
+        if mode == "afpq":
+            take2 = e2 < err2
+            best2, err2 = torch.where(take2, p2, best2), torch.where(take2, e2, err2)
+        else:  # sym / zp: the pair moves together
+            best2 = torch.where(take1, p2, best2)
+    return best1, best2
 
 
 def round_params(
@@ -215,18 +243,8 @@ def decode_table(fmt, mode: Optional[str], p1: torch.Tensor, p2: torch.Tensor,
     return decode(codes, f, mode, p1.unsqueeze(-1), p2.unsqueeze(-1), dtype)
 
 
-def group_count(in_features: int, group_size: int, name: str = "weight") -> int:
-    if group_size == -1:
-        return 1
-    if group_size <= 0 or in_features % group_size:
-        raise ValueError(
-            f"{name}: group_size {group_size} must be -1 or a positive divisor of in_features {in_features}"
-        )
-    return in_features // group_size
-
-
 def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
-    gs = in_features if group_size == -1 else group_size
+    gs = effective_group_size(in_features, group_size)
     return torch.arange(in_features, device=device, dtype=torch.int32) // gs
 
 
@@ -256,17 +274,18 @@ _CHUNK = 1 << 18
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     out_f, in_f = w.shape
-    gs = in_f if group_size == -1 else group_size
+    gs = effective_group_size(in_f, group_size)
     return w.reshape(out_f, in_f // gs, gs)
 
 
-def _check_weight(w: torch.Tensor, group_size: int, name: str) -> None:
+def _check_weight(w: torch.Tensor, group_size: int, name: str, groups: Optional[int] = None) -> int:
+    """Check ``w`` and return its group count (``groups``: already checked by the caller)."""
     if w.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point weight, got {w.dtype}")
     check_finite(w, name)
-    group_count(w.shape[1], group_size, name)
+    return groups if groups is not None else group_count(w.shape[1], group_size, name)
 
 
 def _rtn_chunks(w: torch.Tensor, f: Format, group_size: int, mode: str, scale_dtype: torch.dtype, name: str,
@@ -292,16 +311,18 @@ def quantize_weight(
     scale_dtype: torch.dtype = torch.float16,
     name: str = "weight",
     search=None,
+    groups: Optional[int] = None,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of a 2-D ``[out, in]`` weight, group by group.
 
-    ``search`` opts into the scale search (:class:`ScaleSearch`); default min/max.
+    ``search`` opts into the scale search (:class:`~afpq_plugins.core.search.ScaleSearch`);
+    default min/max. ``groups``: the group count when the caller checked the layer already
+    (:meth:`QuantSpec.layer <afpq_plugins.core.spec.QuantSpec.layer>`).
     """
     f = get_format(fmt)
     mode = resolve_mode(f, mode)
-    _check_weight(w, group_size, name)
+    groups = _check_weight(w, group_size, name, groups)
     out_f, in_f = w.shape
-    groups = 1 if group_size == -1 else in_f // group_size
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=w.device)
     p1s = torch.empty(out_f, groups, dtype=torch.float32, device=w.device)
     p2s = torch.empty_like(p1s)
@@ -387,11 +408,3 @@ def dequantize_weight(
     gi = g_idx.long()
     return decode(codes, f, mode, scales[gi].t(), p2[gi].t(), dtype)
 
-
-def __getattr__(name):
-    # ColumnQuantizer (GPTQ's column path) lives in core.gptq, which imports this module
-    if name == "ColumnQuantizer":
-        from .gptq import ColumnQuantizer
-
-        return ColumnQuantizer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,8 +3,8 @@
 * **Scale searches** pick each group's parameters. ``None``/``"minmax"`` is the paper's
   choice; ``"mse"`` (:class:`ScaleSearch`) shrinks the min/max scales and keeps, per
   group, the factor with the smallest weight error. Names map to implementations in one
-  place, :data:`SEARCHES` (:func:`register_search` adds one); :func:`resolve_search`
-  turns a name, a dict (the JSON form stored in checkpoints) or an object into a search.
+  place, :mod:`afpq_plugins.core.search_registry` (``register_search`` adds one;
+  ``resolve_search`` turns a name, a dict or an object into a search).
   A search object has ``params(x, fmt, mode, dim) -> (p1, p2)`` (unrounded parameters,
   reducing over ``dim``) and ``to_dict()``; :func:`~afpq_plugins.core.quantize.find_params`
   calls it, so every quantize path (RTN, GPTQ's column quantizer, AWQ) gets it.
@@ -20,13 +20,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
+from .quantize import fake_quantize_rows, scan_scales
+from .search_registry import register_search
+
 __all__ = [
-    "ScaleSearch", "SEARCHES", "register_search", "resolve_search", "search_dict",
-    "group_fake_quantizer", "clip_score", "symmetric_clip", "two_sided_clip", "apply_two_sided_clip",
+    "ScaleSearch", "group_fake_quantizer", "clip_score", "symmetric_clip", "two_sided_clip", "apply_two_sided_clip",
 ]
 
 
@@ -69,79 +71,20 @@ class ScaleSearch:
 
     def params(self, x: torch.Tensor, f, mode: str, dim: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
         """Searched ``(p1, p2)`` of float32 ``x`` reducing over ``dim`` (unrounded)."""
-        from .quantize import _minmax, _params_from_range, fake_quantize_groups
+        pos = (x > 0).float() if mode == "afpq" else None
 
-        xmax, xmin = _minmax(x, dim)
-        best1 = best2 = err1 = err2 = None
-        pos = (x > 0).float()
-        for a in self.factors():
-            p1, p2 = _params_from_range(f, mode, xmax * a, xmin * a)
-            err = (x - fake_quantize_groups(x, f, mode, p1, p2, torch.float32)).abs_().pow_(self.norm)
-            if mode == "afpq":  # separable: each side depends on its own scale only
-                e1 = (err * pos).sum(dim=dim, keepdim=True)
-                e2 = (err * (1.0 - pos)).sum(dim=dim, keepdim=True)
-            else:
-                e1 = e2 = err.sum(dim=dim, keepdim=True)
-            if best1 is None:
-                best1, best2, err1, err2 = p1, p2, e1, e2
-                continue
-            take1, take2 = e1 < err1, e2 < err2
-            best1, err1 = torch.where(take1, p1, best1), torch.where(take1, e1, err1)
-            if mode == "afpq":
-                best2, err2 = torch.where(take2, p2, best2), torch.where(take2, e2, err2)
-            else:  # sym / zp: the pair moves together
-                best2 = torch.where(take1, p2, best2)
-        return best1, best2
+        def side_errors(e: torch.Tensor):
+            err = e.abs_().pow_(self.norm)
+            if pos is None:
+                s = err.sum(dim=dim, keepdim=True)
+                return s, s
+            # separable: each side depends on its own scale only
+            return (err * pos).sum(dim=dim, keepdim=True), (err * (1.0 - pos)).sum(dim=dim, keepdim=True)
+
+        return scan_scales(x, f, mode, self.factors(), side_errors, dim)
 
 
-#: Scale-search name -> factory ``(settings dict without "method") -> search object or None``.
-#: ``minmax`` is the paper's choice (None: no search). One place: every path resolves here.
-def _output_search(kw: dict):
-    from .output_search import OutputSearch  # needs calibration energies; see that module
-
-    return OutputSearch(**kw)
-
-
-SEARCHES: Dict[str, Callable[[dict], object]] = {
-    "minmax": lambda kw: None,
-    "mse": lambda kw: ScaleSearch(**kw),
-    "output": _output_search,
-}
-
-
-def register_search(name: str, factory: Callable[[dict], object]) -> None:
-    """Add a scale search: ``factory(settings)`` returns an object with ``params`` and ``to_dict``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"register_search: name must be a non-empty string, got {name!r}")
-    SEARCHES[name] = factory
-
-
-def resolve_search(search):
-    """``None``/``"minmax"`` -> None (the paper's scales); a name -> its default search object.
-
-    A dict (what ``to_dict`` and :func:`search_dict` write) is read back; a search object
-    (anything with ``params``) passes through.
-    """
-    if search is None:
-        return None
-    if isinstance(search, str):
-        if search not in SEARCHES:
-            raise ValueError(f"scale search {search!r}: expected None, {', '.join(map(repr, SEARCHES))} or a ScaleSearch")
-        return SEARCHES[search]({})
-    if isinstance(search, dict):
-        method = search.get("method", "mse")
-        if method not in SEARCHES:
-            raise ValueError(f"scale search {search!r}: unknown method {method!r} (expected one of {', '.join(SEARCHES)})")
-        return SEARCHES[method]({k: v for k, v in search.items() if k != "method"})
-    if callable(getattr(search, "params", None)):
-        return search
-    raise ValueError(f"scale search {search!r}: expected None, {', '.join(map(repr, SEARCHES))} or a ScaleSearch")
-
-
-def search_dict(search) -> dict:
-    """JSON form of a search setting: ``{"method": "minmax"}`` or the search's ``to_dict()``."""
-    search = resolve_search(search)
-    return search.to_dict() if search is not None else {"method": "minmax"}
+register_search("mse", lambda kw: ScaleSearch(**kw))
 
 
 # -- clip searches ----------------------------------------------------------------------------------
@@ -149,8 +92,6 @@ def group_fake_quantizer(fmt, mode: Optional[str] = None, scale_dtype: torch.dty
                          search=None, name: str = "weight") -> Callable[[torch.Tensor], torch.Tensor]:
     """``fq(t)``: fake-quantize ``t`` with one group per last-dim row (parameters rounded to
     ``scale_dtype``), the quantizer AWQ's searches score candidates with."""
-    from .quantize import fake_quantize_rows
-
     def fq(t: torch.Tensor) -> torch.Tensor:
         return fake_quantize_rows(t, fmt, t.shape[-1], mode, scale_dtype, search, name)[0]
 

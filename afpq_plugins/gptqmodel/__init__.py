@@ -11,6 +11,6 @@ Importing this package imports nothing from gptqmodel and patches nothing; see :
 
 from __future__ import annotations
 
-from .api import ENGINE, AFPQSpec, GPTQModel, QuantizeConfig, quantize_model, supported_model_type
+from .api import ENGINE, GPTQModel, QuantizeConfig, quantize_model, run_awq, run_gptq, supported_model_type
 
-__all__ = ["GPTQModel", "QuantizeConfig", "AFPQSpec", "quantize_model", "supported_model_type", "ENGINE"]
+__all__ = ["GPTQModel", "QuantizeConfig", "quantize_model", "run_gptq", "run_awq", "supported_model_type", "ENGINE"]

@@ -18,44 +18,30 @@ are swapped in only while an AFPQ model's ``quantize()`` runs (:mod:`.compat`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Optional
-
-import torch
+from dataclasses import replace
+from typing import List, Optional
 
 from ..core.checkpoint import AFPQConfigDict
+from ..core.constants import SCALE_DTYPES
+from ..core.errors import MethodUnavailable
 from ..core.formats import get_format, resolve_mode
-from ..core.search import search_dict
-from .processors import Settings
+from ..core.spec import QuantSpec
+from .processors import CLIP_MODES
 
-__all__ = ["AFPQSpec", "QuantizeConfig", "GPTQModel", "quantize_model", "supported_model_type", "ENGINE"]
+__all__ = ["QuantizeConfig", "GPTQModel", "quantize_model", "run_gptq", "run_awq", "supported_model_type",
+           "ENGINE"]
 
 ENGINE = "gptqmodel 7.6"
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class AFPQSpec:
-    """The AFPQ part of a GPTQModel config (kept on it as ``config.afpq``)."""
-
-    fmt: str
-    mode: str
-    scale_dtype: str = "float16"
-    scale_search: Any = None
-    layout: Optional[str] = None
-    clip: str = "symmetric"
-
-    def settings(self, group_size: int) -> Settings:
-        return Settings(self.fmt, self.mode, group_size, _DTYPES[self.scale_dtype], self.scale_search, self.layout,
-                        self.clip)
 
 
 def QuantizeConfig(*, fmt: Optional[str] = None, mode: Optional[str] = None, scale_dtype: str = "float16",
                    scale_search=None, layout: Optional[str] = None, clip: str = "symmetric", **kwargs):
-    """gptqmodel's ``QuantizeConfig(**kwargs)``; with ``fmt`` it carries an AFPQ grid (``.afpq``).
+    """gptqmodel's ``QuantizeConfig(**kwargs)``; with ``fmt`` it carries an AFPQ grid.
 
-    ``bits`` defaults to the format's (and must equal it); ``sym`` is decided by the grid.
-    ``method="awq"`` for GPTQModel's AWQ (``clip``: ``symmetric``, ``two-sided`` or ``engine``).
+    The AFPQ settings ride on the config as ``.afpq`` (a :class:`~afpq_plugins.core.spec.QuantSpec`
+    with the config's group size) and ``.afpq_clip``. ``bits`` defaults to the format's (and
+    must equal it); ``sym`` is decided by the grid. ``method="awq"`` for GPTQModel's AWQ
+    (``clip``: ``symmetric``, ``two-sided`` or ``engine``).
     """
     from gptqmodel import QuantizeConfig as Upstream
 
@@ -65,10 +51,10 @@ def QuantizeConfig(*, fmt: Optional[str] = None, mode: Optional[str] = None, sca
     bits = kwargs.setdefault("bits", f.bits)
     if bits != f.bits:
         raise ValueError(f"QuantizeConfig: format {f.name!r} has {f.bits} bits, but bits={bits}")
-    if scale_dtype not in _DTYPES:
-        raise ValueError(f"QuantizeConfig: scale_dtype must be one of {', '.join(_DTYPES)}")
-    spec = AFPQSpec(f.name, resolve_mode(f, mode, sym=bool(kwargs.pop("sym", False))), scale_dtype,
-                    search_dict(scale_search), layout, clip)
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"QuantizeConfig: scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+    if clip not in CLIP_MODES:
+        raise ValueError(f"QuantizeConfig: clip must be one of {', '.join(CLIP_MODES)}, got {clip!r}")
     if str(kwargs.get("method", "gptq")).lower().endswith("gptq"):
         # gptqmodel's group-aware reordering is off unless asked for (as in the optimum adapter): the
         # same GPTQ as the other engines, and whole-row groups (-1) allowed
@@ -76,8 +62,11 @@ def QuantizeConfig(*, fmt: Optional[str] = None, mode: Optional[str] = None, sca
     # the AFPQ save writes the in-memory model; gptqmodel's disk offload would leave the float modules
     # (embeddings, norms, lm_head) on the meta device until gptqmodel's own save
     kwargs.setdefault("offload_to_disk", False)
+    sym = bool(kwargs.pop("sym", False))
     cfg = Upstream(sym=True, **kwargs)
-    cfg.afpq = spec
+    cfg.afpq = QuantSpec(f, cfg.group_size, resolve_mode(f, mode, sym=sym), scale_dtype, layout, ("lm_head",),
+                         scale_search)
+    cfg.afpq_clip = clip
     return cfg
 
 
@@ -96,7 +85,7 @@ def _method_name(cfg) -> str:
     return str(getattr(cfg.method, "value", cfg.method)).lower()
 
 
-def _run(qmodel, spec: AFPQSpec, cfg, quantize, *args, **kwargs):
+def _run(qmodel, spec: QuantSpec, cfg, quantize, *args, **kwargs):
     """``quantize(*args, **kwargs)`` (gptqmodel's, on ``qmodel``) with the AFPQ classes swapped in;
     returns the checkpoint config."""
     from .compat import afpq_processors
@@ -106,15 +95,18 @@ def _run(qmodel, spec: AFPQSpec, cfg, quantize, *args, **kwargs):
     method = _method_name(cfg)
     if method not in ("gptq", "awq"):
         raise ValueError(f"AFPQ through GPTQModel supports method gptq or awq, got {method!r}")
-    s = spec.settings(cfg.group_size)
+    if spec.group_size != cfg.group_size:
+        spec = replace(spec, group_size=cfg.group_size)
+    spec = spec.resolved(method)
+    clip = getattr(cfg, "afpq_clip", "symmetric")
     if method == "gptq":
-        proc = gptq_processor_class(s)
-        ctx = afpq_processors(gptq_processor=proc, gptq_cls=gptq_class(s.fmt, s.mode, s.scale_dtype, s.search))
+        proc = gptq_processor_class(spec)
+        ctx = afpq_processors(gptq_processor=proc, gptq_cls=gptq_class(spec))
     else:
         from .awq_search import fix_mlp_input_norm
 
         fix_mlp_input_norm(qmodel)
-        proc = awq_processor_class(s)
+        proc = awq_processor_class(spec, clip)
         ctx = afpq_processors(awq_processor=proc)
     with ctx:
         quantize(*args, **kwargs)
@@ -127,13 +119,8 @@ def _run(qmodel, spec: AFPQSpec, cfg, quantize, *args, **kwargs):
         extra["damp_percent"] = cfg.damp_percent
         extra["static_groups"] = bool(getattr(cfg, "static_groups", False))
     else:
-        extra["awq"] = {"clip": spec.clip, "upstream": ENGINE}
-    extra["scale_search"] = spec.scale_search
-    qc = AFPQConfigDict(
-        format=spec.fmt, bits=get_format(spec.fmt).bits, group_size=cfg.group_size, mode=spec.mode,
-        layout=s.layout_for(method), desc_act=bool(cfg.desc_act), scale_dtype=spec.scale_dtype, method=method,
-        modules_to_not_convert=["lm_head"], quantized_modules=names, extra=extra,
-    )
+        extra["awq"] = {"clip": clip, "upstream": ENGINE}
+    qc = AFPQConfigDict.from_spec(spec, method, quantized_modules=names, desc_act=bool(cfg.desc_act), extra=extra)
     qmodel.model.config.quantization_config = qc.to_dict()
     qmodel._afpq_config = qc
     qmodel._afpq_mismatches = proc.mismatches
@@ -177,7 +164,7 @@ def quantize_model(model, tokenizer, spec, calib, method: str = "gptq", progress
                    damp_percent: Optional[float] = None, clip: str = "symmetric") -> AFPQConfigDict:
     """GPTQModel's GPTQ or AWQ with ``spec``'s grid on the in-memory ``model`` (in place).
 
-    ``spec``: a :class:`~afpq_plugins.methods.FormatSpec`; ``calib``: a resolved
+    ``spec``: a :class:`~afpq_plugins.core.spec.QuantSpec`; ``calib``: a resolved
     :class:`~afpq_plugins.methods.Calibration` (Austen windows). ``damp_percent=None``
     is gptqmodel's own default.
     """
@@ -186,23 +173,30 @@ def quantize_model(model, tokenizer, spec, calib, method: str = "gptq", progress
 
     why = supported_model_type(model)
     if why:
-        from ..methods import MethodUnavailable
-
         raise MethodUnavailable(why)
     if tuple(spec.skip) != ("lm_head",):
         raise ValueError("--backend gptqmodel quantizes the decoder layers and keeps lm_head in float "
                          "(GPTQModel's layer lists); --skip is not supported")
-    kw = dict(bits=get_format(spec.fmt).bits, group_size=spec.group_size, desc_act=desc_act,
+    kw = dict(bits=spec.bits, group_size=spec.group_size, desc_act=desc_act,
               true_sequential=true_sequential, method=method)
     if method == "gptq":
         kw["static_groups"] = static_groups
         if damp_percent is not None:
             kw["damp_percent"] = damp_percent
-    layout = None if method == "awq" and spec.layout in (None, "gptq") else spec.layout  # AWQ: awq at 4 bits
     cfg = QuantizeConfig(fmt=spec.fmt, mode=spec.mode, scale_dtype=spec.scale_dtype, scale_search=spec.scale_search,
-                         layout=layout, clip=clip, **kw)
+                         layout=spec.layout_for(method), clip=clip, **kw)
     cfg.device = normalize_device(str(next(model.parameters()).device.type))
     cfg.offload_to_disk = False
     qmodel = MODEL_MAP[model.config.model_type](model, quantized=False, quantize_config=cfg, tokenizer=tokenizer)
     rows: List[dict] = [{"input_ids": s.tolist(), "attention_mask": [1] * s.numel()} for s in calib.samples(tokenizer)]
     return _run(qmodel, cfg.afpq, cfg, qmodel.quantize, rows, tokenizer=tokenizer, batch_size=1)
+
+
+def run_gptq(model, tokenizer, spec: QuantSpec, calib, progress: bool = True, **options) -> AFPQConfigDict:
+    """The registry's ``gptq`` method with ``--backend gptqmodel`` (:func:`quantize_model`)."""
+    return quantize_model(model, tokenizer, spec, calib, method="gptq", progress=progress, **options)
+
+
+def run_awq(model, tokenizer, spec: QuantSpec, calib, progress: bool = True, **options) -> AFPQConfigDict:
+    """The registry's ``awq`` method with ``--backend gptqmodel`` (:func:`quantize_model`)."""
+    return quantize_model(model, tokenizer, spec, calib, method="awq", progress=progress, **options)

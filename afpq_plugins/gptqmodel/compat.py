@@ -18,6 +18,8 @@ from typing import Iterator
 
 from torch import nn
 
+from .._patching import patched
+
 __all__ = ["afpq_processors"]
 
 
@@ -31,26 +33,20 @@ def _no_kernel(*args, **kwargs):
 
 @contextlib.contextmanager
 def afpq_processors(gptq_processor=None, awq_processor=None, gptq_cls=None) -> Iterator[None]:
-    """Swap ``gptq_processor.GPTQProcessor`` / ``.GPTQ`` and ``awq_processor.AWQProcessor`` (gptqmodel 7.6)."""
+    """Swap ``gptq_processor.GPTQProcessor`` / ``.GPTQ`` and ``awq_processor.AWQProcessor`` (gptqmodel 7.6),
+    each through :func:`afpq_plugins._patching.patched` (restored on exit, in reverse order)."""
     from gptqmodel.looper import awq_processor as awq_mod
     from gptqmodel.looper import gptq_processor as gptq_mod
     from gptqmodel.models import base as base_mod
 
     patches = [(gptq_mod, "GPTQProcessor", gptq_processor), (gptq_mod, "GPTQ", gptq_cls),
                (awq_mod, "AWQProcessor", awq_processor), (base_mod, "select_quant_linear", _no_kernel)]
-    saved = []
-    try:
+    with contextlib.ExitStack() as stack:
         for mod, name, new in patches:
             if new is not None:
-                saved.append((mod, name, getattr(mod, name)))
-                setattr(mod, name, new)
+                stack.enter_context(patched(mod, name, new))
         if awq_processor is not None:
             from .awq_search import fixed_norm_folding
 
-            with fixed_norm_folding():
-                yield
-        else:
-            yield
-    finally:
-        for mod, name, old in reversed(saved):
-            setattr(mod, name, old)
+            stack.enter_context(fixed_norm_folding())
+        yield

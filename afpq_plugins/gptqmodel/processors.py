@@ -17,7 +17,8 @@ handling, threading) and change only what the grid touches:
   keeps gptqmodel's own loop); ``pack_module`` writes :class:`AFPQLinear` (4-bit: the
   ``awq`` layout, else ``gptq``).
 
-The bound classes carry the settings (:class:`Settings`) and collect the names of the
+The bound classes carry the settings (a :class:`~afpq_plugins.core.spec.QuantSpec`, layout
+resolved for the method, plus AWQ's clip search) and collect the names of the
 modules they packed (``quantized_modules``) and the count of weights that did not
 re-encode exactly (``mismatches``, zero when GPTQ used the AFPQ quantizer).
 """
@@ -25,64 +26,33 @@ re-encode exactly (``mismatches``, zero when GPTQ used the AFPQ quantizer).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 
-from ..core.formats import get_format
-from ..core.gptq import encode_gptq
-from ..core.quantize import QuantizedWeight, fake_quantize_rows
-from ..core.search import apply_two_sided_clip, resolve_search, symmetric_clip, two_sided_clip
-from ..nn import AFPQLinear
+from ..core.quantize import fake_quantize_rows
+from ..core.spec import QuantSpec
+from ..core.search import apply_two_sided_clip, symmetric_clip, two_sided_clip
+from ..nn.convert import linear_from_engine
+from ..nn.skeleton import set_module
 from .awq_search import compute_best_scale, rotary_for_layer
 
-__all__ = ["Settings", "CLIP_MODES", "gptq_processor_class", "awq_processor_class"]
+__all__ = ["CLIP_MODES", "gptq_processor_class", "awq_processor_class"]
 
 CLIP_MODES = ("symmetric", "two-sided", "engine")
 _AVOID_CLIPPING = ("q_", "k_", "query", "key", "Wqkv")  # as gptqmodel/AutoAWQ: q/k feed a bmm
 _LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
-class Settings:
-    fmt: str
-    mode: str
-    group_size: int
-    scale_dtype: torch.dtype = torch.float16
-    search: object = None
-    layout: Optional[str] = None  # None: gptq (AWQ: awq at 4 bits)
-    clip: str = "symmetric"
-
-    def layout_for(self, method: str) -> str:
-        if self.layout:
-            return self.layout
-        return "awq" if method == "awq" and get_format(self.fmt).bits == 4 else "gptq"
-
-
-def _replace(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    with _LOCK:
-        setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _pack(cls, root, module, p1, p2, g_idx, method: str) -> None:
+def _pack(cls, root, module, p1, p2, g_idx) -> None:
     """AFPQLinear from the engine's result (weight = its fake-quantized weight) into ``root``."""
-    s: Settings = cls.afpq
     lin = getattr(module, "module", module)
-    W = lin.weight.data.detach().to("cpu")
-    res = encode_gptq(W.float(), p1.detach().cpu(), p2.detach().cpu(), None if g_idx is None else g_idx.cpu(),
-                      s.fmt, s.mode, s.group_size, dtype=W.dtype)
-    qw = QuantizedWeight(codes=res.codes, scales=res.scales.to(s.scale_dtype),
-                         scales2=None if s.mode == "sym" else res.scales2.to(s.scale_dtype),
-                         g_idx=res.g_idx.to(torch.int32), fmt=get_format(s.fmt), mode=s.mode, group_size=s.group_size)
-    bias = lin.bias.detach().cpu() if getattr(lin, "bias", None) is not None else None
     name = module.full_name
-    layer = AFPQLinear.from_quantized(qw, bias, s.layout_for(method), name=name).to(lin.weight.device)
-    _replace(root, name, layer)
+    layer, mismatches = linear_from_engine(cls.afpq, lin, p1, p2, g_idx, name)
+    set_module(root, name, layer)
     with _LOCK:
         cls.quantized_modules.append(name)
-        cls.mismatches += res.mismatches
+        cls.mismatches += mismatches
 
 
 def _take_state(proc, module, keys):
@@ -94,39 +64,41 @@ def _take_state(proc, module, keys):
         return tuple(module.state.pop(k).clone() for k in keys)
 
 
-def gptq_processor_class(settings: Settings) -> type:
-    """gptqmodel's ``GPTQProcessor`` packing into AFPQLinear, bound to ``settings``."""
+def gptq_processor_class(spec: QuantSpec) -> type:
+    """gptqmodel's ``GPTQProcessor`` packing into AFPQLinear, bound to ``spec`` (layout resolved)."""
     from gptqmodel.looper.gptq_processor import GPTQProcessor
 
     class AFPQGPTQProcessor(GPTQProcessor):
-        afpq = settings
+        afpq = spec
         quantized_modules: List[str] = []
         mismatches = 0
 
         def submodule_finalize(self, module, model, **kwargs):
             q_scales, q_zeros, q_g_idx = _take_state(self, module, ("q_scales", "q_zeros", "q_g_idx"))
-            _pack(type(self), model.model, module, q_scales, q_zeros, q_g_idx, "gptq")
+            _pack(type(self), model.model, module, q_scales, q_zeros, q_g_idx)
 
     AFPQGPTQProcessor.quantized_modules = []
     return AFPQGPTQProcessor
 
 
-def awq_processor_class(settings: Settings) -> type:
-    """gptqmodel's ``AWQProcessor`` on the AFPQ grid, packing into AFPQLinear, bound to ``settings``."""
+def awq_processor_class(spec: QuantSpec, clip: str = "symmetric") -> type:
+    """gptqmodel's ``AWQProcessor`` on the AFPQ grid, packing into AFPQLinear, bound to ``spec``
+    (layout resolved) and the clip search ``clip``."""
     from gptqmodel.looper.awq_processor import AWQProcessor
 
-    if settings.clip not in CLIP_MODES:
-        raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {settings.clip!r}")
-    search = resolve_search(settings.search)
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {clip!r}")
 
     class AFPQAWQProcessor(AWQProcessor):
-        afpq = settings
+        afpq = spec
+        afpq_clip = clip
         quantized_modules: List[str] = []
         mismatches = 0
 
         def pseudo_quantize_tensor(self, w: torch.Tensor):
             s = self.afpq
-            return fake_quantize_rows(w, s.fmt, self.qcfg.group_size, s.mode, s.scale_dtype, search, "AWQ weight")
+            return fake_quantize_rows(w, s.format, self.qcfg.group_size, s.mode, s.torch_scale_dtype, s.scale_search,
+                                      "AWQ weight")
 
         def _pseudo_quantize_tensor_into(self, src: torch.Tensor, dst: torch.Tensor) -> None:
             dst.copy_(self.pseudo_quantize_tensor(src)[0])
@@ -148,13 +120,13 @@ def awq_processor_class(settings: Settings) -> type:
 
         @torch.inference_mode()
         def _compute_best_clip(self, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_token=512):
-            if self.afpq.clip == "engine":
+            if self.afpq_clip == "engine":
                 return super()._compute_best_clip(w, input_feat, n_grid, max_shrink, n_sample_token)
             return symmetric_clip(w, input_feat, self._fq, self.qcfg.group_size, n_grid=n_grid,
                                   max_shrink=max_shrink, n_sample_token=n_sample_token)
 
         def _search_best_clip(self, layer, named_linears, input_feat):
-            if self.afpq.clip != "two-sided":
+            if self.afpq_clip != "two-sided":
                 return super()._search_best_clip(layer, named_linears, input_feat)
             with torch.inference_mode():
                 for name, lin in named_linears.items():
@@ -168,7 +140,7 @@ def awq_processor_class(settings: Settings) -> type:
 
         def pack_module(self, module):
             q_scales, q_zeros = _take_state(self, module, ("q_scales", "q_zeros"))
-            _pack(type(self), self.gptq_model.model, module, q_scales, q_zeros, None, "awq")
+            _pack(type(self), self.gptq_model.model, module, q_scales, q_zeros, None)
 
     AFPQAWQProcessor.quantized_modules = []
     return AFPQAWQProcessor

@@ -14,7 +14,7 @@ import functools
 import torch
 
 from ..core.gptq import GridQuantizerMixin
-from ..core.search import resolve_search
+from ..core.spec import QuantSpec
 
 __all__ = ["quantizer_class", "gptq_class"]
 
@@ -56,15 +56,14 @@ def _base_classes():
     return AFPQGptqModelQuantizer, AFPQGptqModelGPTQ
 
 
-def quantizer_class(fmt: str, mode: str, scale_dtype: torch.dtype, search=None) -> type:
-    """The gptqmodel ``Quantizer`` subclass with the grid (and scale search) bound."""
+def quantizer_class(spec: QuantSpec) -> type:
+    """The gptqmodel ``Quantizer`` subclass with ``spec``'s grid (and scale search) bound."""
     qcls, _ = _base_classes()
-    return type(qcls.__name__, (qcls,), {"fmt": fmt, "mode": mode, "scale_dtype": scale_dtype,
-                                         "search": resolve_search(search), "__module__": __name__})
+    return type(qcls.__name__, (qcls,), {"fmt": spec.fmt, "mode": spec.mode, "scale_dtype": spec.torch_scale_dtype,
+                                         "search": spec.scale_search, "__module__": __name__})
 
 
-def gptq_class(fmt: str, mode: str, scale_dtype: torch.dtype, search=None) -> type:
+def gptq_class(spec: QuantSpec) -> type:
     """gptqmodel's ``GPTQ`` with the bound quantizer (what optimum 2.3 instantiates per layer)."""
     _, gcls = _base_classes()
-    return type(gcls.__name__, (gcls,), {"quantizer_cls": quantizer_class(fmt, mode, scale_dtype, search),
-                                         "__module__": __name__})
+    return type(gcls.__name__, (gcls,), {"quantizer_cls": quantizer_class(spec), "__module__": __name__})

@@ -15,8 +15,8 @@ restores it on exit; none is active outside its ``with`` block).
   and overrides ``pack_model`` / ``post_init_model`` / ``save``, the only places that
   use gptqmodel), and optimum would log "Detected gptqmodel and auto-gptq, will use
   gptqmodel", which is false here: that one record is filtered out while the shim is on.
-* auto-gptq 0.7.1's ``GPTQ.fasterquant`` calls ``torch.cuda.synchronize()``: the
-  AutoGPTQ adapter's ``afpq_plugins.autogptq.compat.no_cuda_synchronize`` is reused.
+* auto-gptq 0.7.1's ``GPTQ.fasterquant`` calls ``torch.cuda.synchronize()``: the shared
+  shim ``afpq_plugins._patching.no_cuda_synchronize`` (also the AutoGPTQ adapter's) is reused.
 
 optimum 2.3.0 with gptqmodel 7.6.0 needs no CPU shim.
 """
@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from .._patching import patched
+from .._patching import no_cuda_synchronize, patched
 
 __all__ = ["patched", "gptq_class", "cpu_calibration_optimum_2_0", "no_cuda_synchronize"]
 
@@ -62,12 +62,3 @@ def cpu_calibration_optimum_2_0() -> Iterator[None]:
             yield
     finally:
         oq.logger.removeFilter(note)
-
-
-@contextlib.contextmanager
-def no_cuda_synchronize() -> Iterator[None]:
-    """auto-gptq 0.7.1's ``fasterquant`` synchronizes CUDA to time itself (see module doc)."""
-    from ..autogptq.compat import no_cuda_synchronize as shim
-
-    with shim():
-        yield

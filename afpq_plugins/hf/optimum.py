@@ -31,25 +31,26 @@ import inspect
 import logging
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-import torch
 from torch import nn
 
 from optimum.gptq import GPTQQuantizer
 from optimum.gptq import quantizer as _oq
 
 from ..core.checkpoint import AFPQConfigDict
+from ..core.constants import SCALE_DTYPES
+from ..core.errors import MethodUnavailable
 from ..core.formats import get_format, resolve_mode
-from ..core.gptq import encode_gptq
-from ..core.quantize import QuantizedWeight
-from ..core.search import search_dict
+from ..core.search_registry import search_dict
+from ..core.spec import QuantSpec
+from ..methods import gptq_layer_class
 from ..nn import AFPQLinear
+from ..nn.convert import linear_from_engine
+from ..nn.skeleton import set_module
 from . import compat
 
 __all__ = ["AFPQGPTQQuantizer", "uses_gptqmodel"]
 
 log = logging.getLogger(__name__)
-
-from ..core.constants import SCALE_DTYPES as _SCALE_DTYPES  # noqa: E402
 
 
 def uses_gptqmodel() -> bool:
@@ -57,20 +58,17 @@ def uses_gptqmodel() -> bool:
     return bool(_oq.is_gptqmodel_available())
 
 
-def _bound_gptq_class(fmt: str, mode: str, scale_dtype: torch.dtype, search=None) -> type:
-    """The per-layer GPTQ class for the installed backend, with the grid (and scale search) bound."""
-    if uses_gptqmodel():
-        from ..gptqmodel.quantizer import gptq_class
-
-        return gptq_class(fmt, mode, scale_dtype, search)
+def _bound_gptq_class(spec: QuantSpec) -> type:
+    """The per-layer GPTQ class for the installed backend, with ``spec``'s grid (and scale search)
+    bound: the engine's own class, looked up in the method registry (no import of a sibling adapter)."""
+    engine = "gptqmodel" if uses_gptqmodel() else "autogptq"
     try:
-        from ..autogptq.quantizer import AFPQGPTQ
-    except ImportError as exc:
+        return gptq_layer_class(engine, spec)
+    except (ImportError, MethodUnavailable) as exc:
         raise ImportError(
-            "AFPQGPTQQuantizer on optimum without gptqmodel needs auto-gptq and afpq_plugins.autogptq "
+            f"AFPQGPTQQuantizer on optimum without gptqmodel needs auto-gptq and afpq_plugins.autogptq "
             f"(the AutoGPTQ adapter): {exc}"
         ) from exc
-    return AFPQGPTQ.bind(fmt, mode, scale_dtype, search)
 
 
 # -- the optimum subclass ------------------------------------------------------------------------
@@ -113,8 +111,8 @@ class AFPQGPTQQuantizer(GPTQQuantizer):
             bits = f.bits
         if bits != f.bits:
             raise ValueError(f"AFPQGPTQQuantizer: format {f.name!r} has {f.bits} bits, but bits={bits}")
-        if scale_dtype not in _SCALE_DTYPES:
-            raise ValueError(f"AFPQGPTQQuantizer: scale_dtype must be one of {', '.join(_SCALE_DTYPES)}")
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"AFPQGPTQQuantizer: scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
         if layout not in ("gptq", "awq"):
             raise ValueError(f"AFPQGPTQQuantizer: layout must be 'gptq' or 'awq', got {layout!r}")
         if layout == "awq" and desc_act:
@@ -124,6 +122,11 @@ class AFPQGPTQQuantizer(GPTQQuantizer):
         self.scale_dtype = scale_dtype
         self.layout = layout
         self.modules_to_not_convert = list(modules_to_not_convert)
+        try:  # the settings as one value (the packer and the GPTQ class take it whole)
+            self.spec = QuantSpec(f, group_size, self.mode, scale_dtype, layout, tuple(modules_to_not_convert),
+                                  self.scale_search)
+        except ValueError as exc:
+            raise ValueError(f"AFPQGPTQQuantizer: {exc}") from None
         self.quantized_modules: List[str] = []
         params = inspect.signature(GPTQQuantizer.__init__).parameters
         if "act_group_aware" in params or uses_gptqmodel():
@@ -148,7 +151,7 @@ class AFPQGPTQQuantizer(GPTQQuantizer):
     # -- quantize ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _hooks(self) -> Iterator[None]:
-        gcls = _bound_gptq_class(self.fmt, self.mode, _SCALE_DTYPES[self.scale_dtype], self.scale_search)
+        gcls = _bound_gptq_class(self.spec)
         with contextlib.ExitStack() as stack:
             stack.enter_context(compat.gptq_class(gcls))
             if not uses_gptqmodel():
@@ -173,31 +176,11 @@ class AFPQGPTQQuantizer(GPTQQuantizer):
         for name, (_, scale, zero, g_idx) in quantizers.items():
             if any(name == s or name.endswith("." + s) for s in self.modules_to_not_convert):
                 continue
-            lin = model.get_submodule(name)
-            layer = self._pack_layer(name, lin, scale, zero, g_idx)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.to(lin.weight.device))
+            layer, _ = linear_from_engine(self.spec, model.get_submodule(name), scale, zero, g_idx, name)
+            set_module(model, name, layer)
             names.append(name)
         order = [n for n, _ in model.named_modules()]
         self.quantized_modules = sorted(names, key=order.index)
-
-    def _pack_layer(self, name: str, lin: nn.Module, scale, zero, g_idx) -> AFPQLinear:
-        f = get_format(self.fmt)
-        sdt = _SCALE_DTYPES[self.scale_dtype]
-        W = lin.weight.data
-        if type(lin).__name__ == "Conv1D":
-            W = W.t()
-        W = W.detach().to("cpu", torch.float32).contiguous()
-        res = encode_gptq(W, scale.detach().cpu(), zero.detach().cpu(), None if g_idx is None else g_idx.cpu(),
-                          f, self.mode, self.group_size, dtype=lin.weight.dtype)
-        if res.mismatches:
-            log.warning("%s: %d weight(s) do not decode back to GPTQ's value", name, res.mismatches)
-        qw = QuantizedWeight(
-            codes=res.codes, scales=res.scales.to(sdt), scales2=None if self.mode == "sym" else res.scales2.to(sdt),
-            g_idx=res.g_idx.to(torch.int32), fmt=f, mode=self.mode, group_size=self.group_size,
-        )
-        bias = lin.bias.detach().cpu() if getattr(lin, "bias", None) is not None else None
-        return AFPQLinear.from_quantized(qw, bias, self.layout, name=name)
 
     def post_init_model(self, model: nn.Module) -> nn.Module:
         return model  # AFPQLinear needs no kernel post-init

@@ -153,7 +153,8 @@ class AFPQHfQuantizer(HfQuantizer):
             layers: Dict[str, Tuple[int, int, bool]] = {
                 name: (spec.in_features, spec.out_features, spec.has_bias) for name, spec in plan.items()
             }
-            validate_against_model(tensors, model, qc, layers)  # includes the refusal placeholders
+            validate_against_model(tensors, model, qc, layers,  # includes the refusal placeholders
+                                   geometries={name: spec.geometry for name, spec in plan.items()})
             stamp = config_stamp(qc)
             for f, meta in tensors.metadata.items():  # config.json and the tensors of one save
                 if meta.get(STAMP_METADATA_KEY, stamp) != stamp:
@@ -222,6 +223,10 @@ class AFPQHfQuantizer(HfQuantizer):
             finally:
                 self._tensors.close()
         self._tensors = None  # no file handles or caches kept
+        for mod in model.modules():  # buffers were replaced in place above: choose kernels afresh
+            if isinstance(mod, AFPQLinear) and mod.qweight.device.type != "meta":
+                mod.invalidate()
+                mod.prepare()
         return model
 
     def _quantize_on_load(self, model):
@@ -268,4 +273,6 @@ class AFPQHfQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
-        return False  # the AFPQLinear kernels are not checked under torch.compile
+        # AFPQLinear traces as one custom op (torch.ops.afpq.linear, with a fake implementation):
+        # tests/test_linear.py compiles an AFPQ model with fullgraph=True
+        return True

@@ -160,14 +160,17 @@ def _tied_names(model: nn.Module) -> set:
 def validate_against_model(
     tensors: CheckpointTensors, model: nn.Module, qc: AFPQConfigDict,
     layers: Mapping[str, Tuple[int, int, bool]],
+    geometries: Optional[Mapping] = None,
 ) -> None:
     """Raise :class:`CheckpointError` naming the tensor unless the checkpoint fits ``model``.
 
     ``layers``: ``{name: (in_features, out_features, has_bias)}`` of the quantized layers;
     ``model`` already holds the AFPQ modules (so its state-dict keys are the checkpoint's).
+    ``geometries``: ``{name: LayerGeometry}`` already checked by the skeleton's plan.
     """
     for name, (in_f, out_f, bias) in layers.items():
-        validate_layer_tensors(name, tensors, qc, in_f, out_f, bias, source=tensors.source(f"{name}.qweight"))
+        validate_layer_tensors(name, tensors, qc, in_f, out_f, bias, source=tensors.source(f"{name}.qweight"),
+                               geometry=(geometries or {}).get(name))
     sd = model.state_dict()
     expected = set(sd)
     tied = _tied_names(model)

@@ -13,6 +13,15 @@ returns the first that can run the call, with the reason each one before it was 
 kernel that cannot run the call is an error that says why. ``torch`` (reference LUT
 dequantize + matmul) runs everything and is always last.
 
+Chosen once: :func:`prepare` makes the choice for one layer and one kind of call (input
+device and dtype, whether autograd needs a backward, the forced name, on CUDA whether the
+batch is a small one) and caches it on the layer, so a forward does no registry work after
+the first; :func:`afpq_linear` goes through it. The cache is dropped when the registry
+changes (:func:`register_kernel`) and when an :class:`~afpq_plugins.nn.AFPQLinear` moves
+(``.to()``) or gets new buffers (:meth:`~afpq_plugins.nn.AFPQLinear.invalidate`). What a
+kernel derives from the weights (the native CPU kernel's repacked codes) is its own cache,
+checked against in-place edits of the buffers.
+
 Registering a new kernel is one :func:`register_kernel` call in this module's
 ``_register_builtin`` (built-in) or from the kernel's own module.
 """
@@ -28,7 +37,8 @@ import torch
 
 from . import torch_ref
 
-__all__ = ["Kernel", "register_kernel", "kernels", "choose_kernel", "explain", "afpq_linear", "select_backend"]
+__all__ = ["Kernel", "register_kernel", "kernels", "choose_kernel", "prepare", "explain", "afpq_linear",
+           "SMALL_M"]
 
 Check = Callable[[torch.Tensor, object], Tuple[bool, str]]
 Apply = Callable[[torch.Tensor, object], torch.Tensor]
@@ -43,12 +53,18 @@ class Kernel:
 
 
 _KERNELS: Dict[str, Kernel] = {}
+#: Bumped by every registry change: choices cached on layers under an older value are stale.
+_GENERATION = [0]
+#: On CUDA, batches of at most this many rows are a separate kind of call (decode kernels).
+SMALL_M = 8
+_CACHE_ATTR = "_afpq_kernel_choice"
 
 
 def register_kernel(kernel: Kernel) -> Kernel:
     """Add (or replace, same name) a kernel. Idempotent."""
     _KERNELS[kernel.name] = kernel
     kernels.cache_clear()
+    _GENERATION[0] += 1
     return kernel
 
 
@@ -93,9 +109,34 @@ def explain(x: torch.Tensor, layer) -> str:
     return f"{k.name}{why}"
 
 
-def select_backend(x: torch.Tensor, layer) -> str:
-    """Name of the chosen kernel (kept for callers of the old API)."""
-    return choose_kernel(x, layer)[0].name
+def _call_key(x: torch.Tensor, layer) -> tuple:
+    """What the choice depends on besides the layer's static description."""
+    small = x.numel() <= SMALL_M * layer.in_features if x.is_cuda else None
+    return (_GENERATION[0], x.device, x.dtype, x.requires_grad and torch.is_grad_enabled(),
+            getattr(layer, "backend", "auto") or "auto", os.environ.get("AFPQ_KERNEL", "auto"),
+            layer.qweight.device, small)
+
+
+def prepare(x: torch.Tensor, layer) -> Kernel:
+    """The kernel for ``layer(x)``, chosen once per kind of call and cached on the layer."""
+    cache = layer.__dict__.get(_CACHE_ATTR) if hasattr(layer, "__dict__") else None
+    if cache is None:
+        cache = {}
+        try:
+            object.__setattr__(layer, _CACHE_ATTR, cache)
+        except (AttributeError, TypeError):  # a layer object without a writable __dict__: no cache
+            pass
+    key = _call_key(x, layer)
+    k = cache.get(key)
+    if k is None:
+        k = cache[key] = choose_kernel(x, layer)[0]
+    return k
+
+
+def invalidate(layer) -> None:
+    """Forget the kernel choices cached on ``layer`` (its device or buffers changed)."""
+    if hasattr(layer, "__dict__"):
+        layer.__dict__.pop(_CACHE_ATTR, None)
 
 
 def afpq_linear(x: torch.Tensor, layer) -> torch.Tensor:
@@ -103,7 +144,7 @@ def afpq_linear(x: torch.Tensor, layer) -> torch.Tensor:
         raise ValueError(
             f"AFPQLinear: input has {x.shape[-1]} features, the layer expects {layer.in_features}"
         )
-    return choose_kernel(x, layer)[0].apply(x, layer)
+    return prepare(x, layer).apply(x, layer)
 
 
 # -- built-in kernels -------------------------------------------------------------------------

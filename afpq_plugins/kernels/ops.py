@@ -21,15 +21,16 @@ from typing import Optional
 
 import torch
 
-from ..core.formats import Format, get_format
+from ..core.spec import QuantSpec
 
-__all__ = ["LayerView", "linear", "register_view", "OP_NAME"]
+__all__ = ["LayerView", "linear", "register_view", "layer_key", "OP_NAME"]
 
 OP_NAME = "afpq::linear"
 
 
 class LayerView:
-    """Duck-typed stand-in for :class:`~afpq_plugins.nn.AFPQLinear` (what kernels read).
+    """Duck-typed stand-in for :class:`~afpq_plugins.nn.AFPQLinear` (what kernels read): the
+    layer's tensors plus its :class:`~afpq_plugins.core.spec.QuantSpec` and shape.
 
     Kernels may cache derived data on the layer object (the native CPU kernel keeps its
     repacked weights there), so an engine should keep one view per layer alive and
@@ -37,12 +38,13 @@ class LayerView:
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, second: Optional[torch.Tensor],
-                 g_idx: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: Format, mode: str,
-                 layout: str, group_size: int, in_features: int, out_features: int,
-                 default_order: bool, backend: str = "auto") -> None:
+                 g_idx: Optional[torch.Tensor], bias: Optional[torch.Tensor], spec: QuantSpec,
+                 in_features: int, out_features: int, default_order: bool, backend: str = "auto") -> None:
         self.qweight, self.scales, self.second, self.g_idx, self.bias = qweight, scales, second, g_idx, bias
-        self.fmt, self.bits, self.mode, self.layout = fmt, fmt.bits, mode, layout
-        self.group_size, self.in_features, self.out_features = group_size, in_features, out_features
+        spec = spec.resolved()
+        self.spec = spec
+        self.fmt, self.bits, self.mode, self.layout = spec.format, spec.bits, spec.mode, spec.layout
+        self.group_size, self.in_features, self.out_features = spec.group_size, in_features, out_features
         self.backend = backend
         self._default_order = default_order
 
@@ -50,11 +52,11 @@ class LayerView:
         return self._default_order
 
     def key(self) -> tuple:
-        return _key(self.qweight, self.scales, self.fmt.name, self.mode, self.layout, self.group_size,
+        return layer_key(self.qweight, self.scales, self.fmt.name, self.mode, self.layout, self.group_size,
                     self.in_features, self.out_features)
 
 
-def _key(qweight, scales, fmt: str, mode: str, layout: str, group_size: int, in_features: int, out_features: int):
+def layer_key(qweight, scales, fmt: str, mode: str, layout: str, group_size: int, in_features: int, out_features: int):
     return (qweight.data_ptr(), scales.data_ptr(), str(qweight.device), fmt, mode, layout, group_size,
             in_features, out_features)
 
@@ -78,11 +80,11 @@ def _linear_impl(
 ) -> torch.Tensor:
     from . import afpq_linear
 
-    view = _VIEWS.get(_key(qweight, scales, fmt, mode, layout, group_size, in_features, out_features))
+    view = _VIEWS.get(layer_key(qweight, scales, fmt, mode, layout, group_size, in_features, out_features))
     if view is None:
-        view = LayerView(qweight, scales, second, g_idx, bias, get_format(fmt), mode, layout, group_size,
-                         in_features, out_features, default_order)
-    else:
+        spec = QuantSpec(fmt, group_size, mode, scales.dtype, layout)
+        view = LayerView(qweight, scales, second, g_idx, bias, spec, in_features, out_features, default_order)
+    elif isinstance(view, LayerView):
         view.qweight, view.scales, view.second, view.g_idx, view.bias = qweight, scales, second, g_idx, bias
         view._default_order = default_order
     y = afpq_linear(x, view)

@@ -25,7 +25,7 @@ All are subclasses of llm-compressor's modifiers; nothing of llm-compressor is e
 from __future__ import annotations
 
 __all__ = ["AFPQGPTQModifier", "AFPQAWQModifier", "AFPQAWQTransformModifier", "AFPQQuantizationModifier", "save",
-           "quantize_model"]
+           "quantize_model", "run_gptq", "run_awq"]
 _AWQ = ("AFPQAWQModifier", "AFPQAWQTransformModifier", "AFPQQuantizationModifier")
 
 
@@ -56,7 +56,8 @@ def quantize_model(model, tokenizer, spec, calib, method: str = "gptq", progress
     """GPTQ or AWQ with ``spec``'s grid through llm-compressor's ``oneshot`` on the in-memory ``model``.
 
     The registry's ``gptq`` and ``awq`` methods with ``--backend llmcompressor``; ``calib``: a
-    resolved :class:`~afpq_plugins.methods.Calibration` (Austen windows). ``damp_percent``:
+    resolved :class:`~afpq_plugins.methods.Calibration` (Austen windows); ``spec``: a
+    :class:`~afpq_plugins.core.spec.QuantSpec` (AWQ: layout ``None`` writes ``awq`` at 4 bits). ``damp_percent``:
     GPTQ only; ``duo_scaling`` / ``n_grid``: AWQ only (llm-compressor's defaults).
     """
     from datasets import Dataset
@@ -71,7 +72,7 @@ def quantize_model(model, tokenizer, spec, calib, method: str = "gptq", progress
     elif method == "awq":
         from .awq import AFPQAWQModifier
 
-        recipe = AFPQAWQModifier(**common, layout=spec.layout, duo_scaling=duo_scaling, n_grid=n_grid)
+        recipe = AFPQAWQModifier(**common, layout=spec.layout_for("awq"), duo_scaling=duo_scaling, n_grid=n_grid)
     else:
         raise ValueError(f"llm-compressor: unknown method {method!r} (gptq or awq)")
     samples = calib.samples(tokenizer)
@@ -80,3 +81,13 @@ def quantize_model(model, tokenizer, spec, calib, method: str = "gptq", progress
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(samples),
             max_seq_length=calib.seqlen, tokenizer=tokenizer)
     return model._afpq_config
+
+
+def run_gptq(model, tokenizer, spec, calib, progress: bool = True, **options):
+    """The registry's ``gptq`` method with ``--backend llmcompressor`` (:func:`quantize_model`)."""
+    return quantize_model(model, tokenizer, spec, calib, method="gptq", progress=progress, **options)
+
+
+def run_awq(model, tokenizer, spec, calib, progress: bool = True, **options):
+    """The registry's ``awq`` method with ``--backend llmcompressor`` (:func:`quantize_model`)."""
+    return quantize_model(model, tokenizer, spec, calib, method="awq", progress=progress, **options)

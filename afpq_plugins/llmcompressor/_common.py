@@ -3,13 +3,15 @@ group those fields stand for, and installing the packed layers and the checkpoin
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..core.checkpoint import AFPQConfigDict
+from ..core.constants import SCALE_DTYPES
 from ..core.formats import get_format, resolve_mode
-from ..core.search import search_dict
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from ..core.search_registry import search_dict
+from ..core.spec import QuantSpec
 
 
 def afpq_fields(data, owner: str):
@@ -28,8 +30,9 @@ def afpq_fields(data, owner: str):
     gs = int(data.get("group_size", 128))
     if gs == 0 or gs < -1:
         raise ValueError(f"{owner}: group_size must be positive or -1 (whole rows), got {gs}")
-    if data.get("scale_dtype", "float16") not in DTYPES:
-        raise ValueError(f"{owner}: scale_dtype must be one of {', '.join(DTYPES)}, got {data.get('scale_dtype')!r}")
+    if data.get("scale_dtype", "float16") not in SCALE_DTYPES:
+        raise ValueError(f"{owner}: scale_dtype must be one of {', '.join(SCALE_DTYPES)}, "
+                         f"got {data.get('scale_dtype')!r}")
     try:
         data["mode"] = resolve_mode(f, data.get("mode"))
     except (KeyError, ValueError) as e:
@@ -45,9 +48,11 @@ def afpq_fields(data, owner: str):
     return data
 
 
-def replace_module(model: torch.nn.Module, name: str, layer: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
+def modifier_spec(modifier, layout: Optional[str] = None) -> QuantSpec:
+    """A modifier's AFPQ fields (validated by :func:`afpq_fields`) as the one settings value;
+    ``ignore`` is its skip list."""
+    return QuantSpec(modifier.fmt, modifier.group_size, modifier.mode, modifier.scale_dtype, layout,
+                     tuple(modifier.ignore or ()), modifier.scale_search)
 
 
 def record_config(model: torch.nn.Module, qc: AFPQConfigDict) -> None:

@@ -38,7 +38,6 @@ Save with :func:`afpq_plugins.llmcompressor.save`, not ``save_pretrained``.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
@@ -51,30 +50,15 @@ from pydantic import PrivateAttr, model_validator
 from .._patching import patched
 from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format
-from ..core.quantize import fake_quantize_rows, quantize_weight
-from ._common import DTYPES, afpq_fields, record_config, replace_module
+from ..core.quantize import fake_quantize_rows
+from ..nn.skeleton import set_module
+from ._common import afpq_fields, modifier_spec, record_config
 
-__all__ = ["AFPQAWQModifier", "AFPQAWQTransformModifier", "AFPQQuantizationModifier", "Grid", "cpu_pinning_shim"]
+__all__ = ["AFPQAWQModifier", "AFPQAWQTransformModifier", "AFPQQuantizationModifier", "cpu_pinning_shim"]
 
 _LAYOUTS = (None, "gptq", "awq")
 _GRID_ATTR = "afpq_grid"
 _QUANT_KEYS = ("targets", "ignore", "fmt", "group_size", "mode", "scale_dtype", "scale_search", "layout")
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The AFPQ grid of one Linear (what :class:`AFPQQuantizationModifier` tags it with)."""
-
-    fmt: str
-    group_size: int
-    mode: str
-    scale_dtype: str
-    name: str = "weight"  # the layer's, for errors
-
-    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
-        """Min/max group scales rounded to ``scale_dtype``, nearest grid value (core)."""
-        return fake_quantize_rows(w, self.fmt, self.group_size, self.mode, DTYPES[self.scale_dtype], None,
-                                  f"{self.name} (AWQ search)")[0]
 
 
 def AFPQAWQModifier(**kwargs) -> list:  # noqa: N802 -- named as llm-compressor's one-call AWQModifier
@@ -131,7 +115,9 @@ def _pseudo_quantize(module, value, base_name, args):
         return _ct_forward_quantize(module, value, base_name, args)
     if base_name != "weight":
         raise RuntimeError(f"AFPQAWQTransformModifier: AWQ asked to quantize {base_name!r}, not a weight")
-    return grid.fake_quantize(value.detach())
+    spec, name = grid  # min/max group scales rounded to the scale dtype, nearest grid value (core)
+    return fake_quantize_rows(value.detach(), spec.format, spec.group_size, spec.mode, spec.torch_scale_dtype, None,
+                              f"{name} (AWQ search)")[0]
 
 
 class AFPQQuantizationModifier(QuantizationModifier):
@@ -176,9 +162,10 @@ class AFPQQuantizationModifier(QuantizationModifier):
             raise ValueError(f"AFPQQuantizationModifier: the recipe's {stock[0]} would search AWQ's scales on the "
                              "INT proxy grid; use AFPQAWQTransformModifier (or AFPQAWQModifier(...))")
         out = super().on_initialize(state, **kwargs)
+        spec = self.spec
         for name, m in match_named_modules(state.model, self.resolved_targets, self.ignore):
             if isinstance(m, torch.nn.Linear) and getattr(m, "quantization_scheme", None) is not None:
-                setattr(m, _GRID_ATTR, Grid(self.fmt, self.group_size, self.mode, self.scale_dtype, f"{name}.weight"))
+                setattr(m, _GRID_ATTR, (spec, f"{name}.weight"))
                 self._afpq_names.append(name)
         if not self._afpq_names:
             raise ValueError(f"AFPQQuantizationModifier: no Linear layer matches targets "
@@ -196,25 +183,23 @@ class AFPQQuantizationModifier(QuantizationModifier):
 
         from ..nn import AFPQLinear
 
-        f = get_format(self.fmt)
-        layout = self.layout or ("awq" if f.bits == 4 else "gptq")
+        awq = [m for m in _recipe() if isinstance(m, AFPQAWQTransformModifier)]
+        method = "awq" if awq else "rtn"
+        spec = self.spec.resolved("awq")  # layout None: awq at 4 bits, else gptq (also without the transform)
         for name in tqdm(self._afpq_names, desc="AFPQ: quantizing the weights", leave=False):
             lin = model.get_submodule(name)
-            qw = quantize_weight(lin.weight.detach(), f, self.group_size, self.mode, DTYPES[self.scale_dtype],
-                                 name=f"{name}.weight", search=self.scale_search)
-            bias = lin.bias.detach() if lin.bias is not None else None
-            replace_module(model, name, AFPQLinear.from_quantized(qw, bias, layout, name=name).to(lin.weight.device))
-        awq = [m for m in _recipe() if isinstance(m, AFPQAWQTransformModifier)]
-        extra = {"quantizer": "llmcompressor 0.14", "scale_search": self.scale_search}
+            set_module(model, name, AFPQLinear.from_linear(lin, name=name, spec=spec).to(lin.weight.device))
+        extra = {"quantizer": "llmcompressor 0.14"}
         if awq:
             extra.update(duo_scaling=awq[0].duo_scaling, n_grid=awq[0].n_grid,
                          clip="none (llm-compressor's AWQ has none)")
-        self._afpq_config = AFPQConfigDict(
-            format=f.name, bits=f.bits, group_size=self.group_size, mode=self.mode, layout=layout, desc_act=False,
-            scale_dtype=self.scale_dtype, method="awq" if awq else "rtn",
-            modules_to_not_convert=list(self.ignore or []),
-            quantized_modules=list(self._afpq_names), extra=extra)
+        self._afpq_config = AFPQConfigDict.from_spec(spec, method, quantized_modules=self._afpq_names, extra=extra)
         record_config(model, self._afpq_config)
+
+    @property
+    def spec(self):
+        """The modifier's settings as a :class:`~afpq_plugins.core.spec.QuantSpec`."""
+        return modifier_spec(self, self.layout)
 
     @property
     def checkpoint_config(self) -> Optional[AFPQConfigDict]:

@@ -35,11 +35,11 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from pydantic import PrivateAttr, model_validator
 
 from ..core.checkpoint import AFPQConfigDict
-from ..core.formats import get_format
-from ..core.gptq import ColumnQuantizer, encode_gptq
-from ..core.quantize import QuantizedWeight, find_params, round_params
-from ._common import DTYPES as _DTYPES
-from ._common import afpq_fields, record_config, replace_module
+from ..core.gptq import ColumnQuantizer
+from ..core.quantize import find_params, round_params
+from ..nn.convert import linear_from_engine
+from ..nn.skeleton import set_module
+from ._common import afpq_fields, modifier_spec, record_config
 
 __all__ = ["AFPQGPTQModifier"]
 
@@ -126,7 +126,8 @@ class AFPQGPTQModifier(GPTQModifier):
         from llmcompressor.modifiers.gptq.helpers import prepare_batch
 
         _register_block_update()
-        f = get_format(self.fmt)
+        spec = self.spec
+        f = spec.format
         token = _ACTIVE.set((f, self.mode))
         try:
             for module in module_list:
@@ -136,10 +137,10 @@ class AFPQGPTQModifier(GPTQModifier):
                     weights, hessians, _, _, _ = prepare_batch(
                         [module], [module.weight_observer.get_qparams()], self._hessians, self._num_samples)
                     W = weights[0]
-                    gs = W.shape[1] if self.group_size <= 0 else self.group_size
+                    gs = spec.effective_group_size(W.shape[1])
                     wg = W.float().reshape(W.shape[0], -1, gs)
                     p1, p2 = round_params(*find_params(wg, f, self.mode, search=self.scale_search), mode=self.mode,
-                                          dtype=_DTYPES[self.scale_dtype], name=f"{name}.weight")
+                                          dtype=spec.torch_scale_dtype, name=f"{name}.weight")
                     p1, p2 = p1[..., 0].to(W.device), p2[..., 0].to(W.device)  # [rows, groups]
                     quantized, _, _ = quantize_weight(
                         weights=weights, hessians=hessians, scale=p1[None], zero_point=p2[None], global_scale=None,
@@ -157,31 +158,24 @@ class AFPQGPTQModifier(GPTQModifier):
         return out
 
     def _swap_in_afpq(self, model) -> None:
-        from ..nn import AFPQLinear
-
-        f = get_format(self.fmt)
-        sdt = _DTYPES[self.scale_dtype]
+        spec = self.spec
         order = [n for n, _ in model.named_modules()]
         names = sorted(self._afpq_params, key=order.index)
         for name in names:
             p1, p2 = self._afpq_params[name]
-            lin = model.get_submodule(name)
-            W = lin.weight.detach().cpu()
-            res = encode_gptq(W.float(), p1, p2, None, f, self.mode, self.group_size, dtype=W.dtype)
-            if res.mismatches:
-                raise RuntimeError(f"{name}: {res.mismatches} weight(s) of GPTQ's result are off the {f.name} grid")
-            qw = QuantizedWeight(res.codes, res.scales.to(sdt), None if self.mode == "sym" else res.scales2.to(sdt),
-                                 res.g_idx.to(torch.int32), f, self.mode, self.group_size)
-            bias = lin.bias.detach().cpu() if lin.bias is not None else None
-            replace_module(model, name, AFPQLinear.from_quantized(qw, bias, "gptq", name=name).to(lin.weight.device))
-        self._afpq_config = AFPQConfigDict(
-            format=f.name, bits=f.bits, group_size=self.group_size, mode=self.mode, layout="gptq", desc_act=False,
-            scale_dtype=self.scale_dtype, method="gptq", modules_to_not_convert=list(self.ignore or []),
-            quantized_modules=names,
+            layer, _ = linear_from_engine(spec, model.get_submodule(name), p1, p2, None, name)
+            set_module(model, name, layer)
+        self._afpq_config = AFPQConfigDict.from_spec(
+            spec, "gptq", quantized_modules=names,
             extra={"quantizer": "llmcompressor 0.14", "damp_percent": self.dampening_frac,
-                   "block_size": self.block_size, "scale_search": self.scale_search},
+                   "block_size": self.block_size},
         )
         record_config(model, self._afpq_config)
+
+    @property
+    def spec(self):
+        """The modifier's settings as a :class:`~afpq_plugins.core.spec.QuantSpec` (layout gptq)."""
+        return modifier_spec(self, "gptq")
 
     @property
     def checkpoint_config(self) -> Optional[AFPQConfigDict]:

@@ -20,13 +20,15 @@ module is replaced, so a bad config leaves the model exactly as it was.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ..core.checkpoint import AFPQConfigDict, CheckpointError, quantized_module_names
+from ..core.spec import LayerGeometry, QuantSpec
 from .linear import AFPQLinear
 
 __all__ = ["LayerSpec", "build_skeleton", "plan_skeleton", "linear_dims", "set_module", "tied_parameter_names"]
@@ -40,13 +42,19 @@ class LayerSpec:
     out_features: int
     has_bias: bool
     bias_dtype: Optional[torch.dtype] = None
+    geometry: Optional[LayerGeometry] = field(default=None, compare=False)  # checked once by plan_skeleton
+
+
+_SET_LOCK = threading.Lock()
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """``model.<name> = new`` for a dotted ``name``."""
+    """``model.<name> = new`` for a dotted ``name`` (the one module swap of the package;
+    serialized, so engines that finalize layers on worker threads may call it)."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    with _SET_LOCK:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
 
 
 def linear_dims(mod: nn.Module, name: str, source: str = "checkpoint"):
@@ -63,10 +71,13 @@ def linear_dims(mod: nn.Module, name: str, source: str = "checkpoint"):
 
 def plan_skeleton(
     model: nn.Module, qc: AFPQConfigDict, names: Iterable[str], source: str = "checkpoint",
+    spec: Optional[QuantSpec] = None,
 ) -> Dict[str, LayerSpec]:
     """``{name: LayerSpec}`` of the layers :func:`build_skeleton` would replace; raises
     :class:`CheckpointError` naming the module or key, changes nothing. A module that is
-    already an :class:`AFPQLinear` (a repeated call) is described as it is."""
+    already an :class:`AFPQLinear` (a repeated call) is described as it is. Each layer is
+    checked once against the spec (``qc.spec`` unless given): the plan carries its geometry."""
+    spec = spec if spec is not None else qc.spec
     names = list(names)
     if not names:
         raise CheckpointError(f"{source}: quantization_config.quantized_modules is empty and no tensor ends in .qweight")
@@ -91,12 +102,11 @@ def plan_skeleton(
             continue
         in_f, out_f = linear_dims(mod, name, source)
         bias = getattr(mod, "bias", None)
-        plan[name] = LayerSpec(in_f, out_f, bias is not None, bias.dtype if bias is not None else None)
         try:
-            AFPQLinear(in_f, out_f, False, fmt=qc.fmt, group_size=qc.group_size, mode=qc.mode,
-                       layout=qc.layout, scale_dtype=qc.torch_scale_dtype, device="meta")
+            geometry = spec.layer(in_f, out_f, f"AFPQLinear({in_f}->{out_f})")
         except ValueError as exc:  # e.g. group size does not divide in_features
             raise CheckpointError(f"{source}: quantized module {name!r}: {exc}") from None
+        plan[name] = LayerSpec(in_f, out_f, bias is not None, bias.dtype if bias is not None else None, geometry)
     return plan
 
 
@@ -107,6 +117,7 @@ def build_skeleton(
     keys: Iterable[str] = (),
     bias_dtypes: Optional[Mapping[str, torch.dtype]] = None,
     source: str = "checkpoint",
+    plan: Optional[Dict[str, LayerSpec]] = None,
 ) -> Dict[str, LayerSpec]:
     """Replace the checkpoint's quantized modules of ``model`` by empty :class:`AFPQLinear` s.
 
@@ -115,11 +126,14 @@ def build_skeleton(
     checkpoint's tensor ``keys``). ``bias_dtypes``: ``{name: dtype}`` of the biases
     (default: the float module's bias dtype). Each new layer is on the replaced module's
     device (``meta`` under ``init_empty_weights``) and needs no gradient. Returns the
-    plan (:func:`plan_skeleton`); nothing is replaced unless every layer checks out.
+    plan (:func:`plan_skeleton`; ``plan``: one made already for this config, reused without
+    checking the layers again); nothing is replaced unless every layer checks out.
     """
-    if names is None:
-        names = quantized_module_names(qc, keys)
-    plan = plan_skeleton(model, qc, names, source)
+    spec_all = qc.spec
+    if plan is None:
+        if names is None:
+            names = quantized_module_names(qc, keys)
+        plan = plan_skeleton(model, qc, names, source, spec=spec_all)
     for name, spec in plan.items():
         old = model.get_submodule(name)
         if isinstance(old, AFPQLinear):
@@ -128,8 +142,8 @@ def build_skeleton(
         device = device.device if isinstance(device, torch.Tensor) else None
         bias_dtype = (bias_dtypes or {}).get(name, spec.bias_dtype) if spec.has_bias else None
         layer = AFPQLinear(
-            spec.in_features, spec.out_features, spec.has_bias, fmt=qc.fmt, group_size=qc.group_size,
-            mode=qc.mode, layout=qc.layout, scale_dtype=qc.torch_scale_dtype, bias_dtype=bias_dtype, device=device,
+            spec.in_features, spec.out_features, spec.has_bias, spec=spec_all, geometry=spec.geometry,
+            bias_dtype=bias_dtype, device=device,
         )
         layer.requires_grad_(False)
         set_module(model, name, layer)

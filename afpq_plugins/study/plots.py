@@ -7,7 +7,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from .report import _blocks, _groups, _ppl, _rows_for
+from .plan import cell_ppl, rows_for, table_blocks, table_groups
 
 
 def _pyplot():
@@ -25,18 +25,18 @@ def plot_results(sec: dict, path: str) -> str:
     """Perplexity against group size: one panel per method and bit width, one line per format."""
     plt = _pyplot()
     cells, fp32 = sec["cells"], (sec.get("fp32") or {}).get("ppl")
-    blocks = _blocks(cells)
+    blocks = table_blocks(cells)
     if not blocks:
         raise ValueError("no finished cells to plot")
-    groups = sorted(_groups(cells), key=lambda g: (g == -1, g))  # small groups left, whole rows right
+    groups = sorted(table_groups(cells), key=lambda g: (g == -1, g))  # small groups left, whole rows right
     xs = {g: i for i, g in enumerate(groups)}
     fig, axes = plt.subplots(1, len(blocks), figsize=(3.6 * len(blocks), 3.6), squeeze=False)
     colors = {"int": "tab:gray", "fp": "tab:blue", "nf": "tab:red"}
     styles = {"afpq": "-", "sym": ":", "zp": "--"}
     handles = {}
     for ax, (method, bits) in zip(axes[0], blocks):
-        for r in _rows_for(method):
-            pts = [(xs[g], _ppl(cells, method, r, bits, g)) for g in groups]
+        for r in rows_for(method):
+            pts = [(xs[g], cell_ppl(cells, method, r, bits, g)) for g in groups]
             pts = [(x, y) for x, y in pts if y is not None]
             if not pts:
                 continue

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
-from .plan import (CALIBRATED_OUTPUT_ROWS, CALIBRATED_ROWS, CALIBRATED_SEARCH_ROWS, CAVEAT, METHODS, RTN_OUTPUT_ROWS,                    RTN_ROWS, Cell, Row, cell_key)
+from .plan import CAVEAT, Cell, Row, cell_ppl, rows_for, table_blocks, table_groups
 
 
 def gap_closed(fp32: float, baseline: float, improved: float) -> Optional[float]:
@@ -29,49 +29,28 @@ def _fmt_ppl(x: Optional[float]) -> str:
     return f"{x:.2f}"
 
 
-def _rows_for(method: str) -> Tuple[Row, ...]:
-    if method == "rtn":
-        return RTN_ROWS + RTN_OUTPUT_ROWS
-    return CALIBRATED_ROWS + CALIBRATED_SEARCH_ROWS + CALIBRATED_OUTPUT_ROWS
-
-
-def _blocks(cells: Dict[str, dict]) -> List[Tuple[str, int]]:
-    present = {(c["method"], c["bits"]) for c in cells.values()}
-    return [(m, b) for m in METHODS for b in (3, 4) if (m, b) in present]
-
-
-def _groups(cells: Dict[str, dict]) -> List[int]:
-    gs = {c["group_size"] for c in cells.values() if c["method"] != "peer"}
-    return sorted(gs, key=lambda g: (g != -1, -g))
-
-
-def _ppl(cells, method, row: Row, bits, g) -> Optional[float]:
-    c = cells.get(cell_key(method, f"{row.family}{bits}", row.mode, row.search, g))
-    return None if c is None else c["ppl"]
-
-
 def markdown_tables(sec: dict) -> str:
     """The paper's layout: per method and bit width, rows = formats, columns = group sizes."""
     cells, fp32 = sec["cells"], (sec.get("fp32") or {}).get("ppl")
-    groups = _groups(cells)
+    groups = table_groups(cells)
     out = []
-    for method, bits in _blocks(cells):
+    for method, bits in table_blocks(cells):
         out.append(f"**{method.upper()} {bits}-bit** (perplexity, lower is better; best minmax row per column in bold)")
         out.append("")
         out.append("| format | " + " | ".join(f"g{g}" for g in groups) + " |")
         out.append("|---|" + "---|" * len(groups))
         out.append(f"| {_fp32_label(sec)} | " + " | ".join(_fmt_ppl(fp32) for _ in groups) + " |")
-        rows = [r for r in _rows_for(method)
-                if any(_ppl(cells, method, r, bits, g) is not None for g in groups)]
+        rows = [r for r in rows_for(method)
+                if any(cell_ppl(cells, method, r, bits, g) is not None for g in groups)]
         best = {}
         for g in groups:
-            vals = [_ppl(cells, method, r, bits, g) for r in rows if r.search is None]
+            vals = [cell_ppl(cells, method, r, bits, g) for r in rows if r.search is None]
             vals = [v for v in vals if v is not None]
             best[g] = min(vals) if vals else None
         for r in rows:
             vals = []
             for g in groups:
-                v = _ppl(cells, method, r, bits, g)
+                v = cell_ppl(cells, method, r, bits, g)
                 s = _fmt_ppl(v)
                 if v is not None and r.search is None and v == best[g]:
                     s = f"**{s}**"
@@ -87,12 +66,12 @@ def two_scale_table(sec: dict) -> str:
     cells = sec["cells"]
     lines = ["| method | bits | group | FP zp | FP sym | FP AFPQ | NF zp | NF sym | NF AFPQ |", "|---|---|---|---|---|---|---|---|---|"]
     n = 0
-    for method, bits in _blocks(cells):
-        for g in _groups(cells):
+    for method, bits in table_blocks(cells):
+        for g in table_groups(cells):
             vals = {}
             for fam in ("fp", "nf"):
                 for mode in ("zp", "sym", "afpq"):
-                    vals[fam, mode] = _ppl(cells, method, Row(fam, mode, None, ""), bits, g)
+                    vals[fam, mode] = cell_ppl(cells, method, Row(fam, mode, None, ""), bits, g)
             if vals["fp", "zp"] is None and vals["nf", "zp"] is None:
                 continue
             row = []
@@ -111,13 +90,13 @@ def search_table(sec: dict) -> str:
     cells, fp32 = sec["cells"], (sec.get("fp32") or {}).get("ppl")
     lines = ["| method | format | group | minmax | + search | gap to fp32 closed |", "|---|---|---|---|---|---|"]
     n = 0
-    for method, bits in _blocks(cells):
-        for r in _rows_for(method):
+    for method, bits in table_blocks(cells):
+        for r in rows_for(method):
             if r.search is None:
                 continue
             base_row = Row(r.family, r.mode, None, "")
-            for g in _groups(cells):
-                a, b = _ppl(cells, method, base_row, bits, g), _ppl(cells, method, r, bits, g)
+            for g in table_groups(cells):
+                a, b = cell_ppl(cells, method, base_row, bits, g), cell_ppl(cells, method, r, bits, g)
                 if a is None or b is None or fp32 is None:
                     continue
                 gc = gap_closed(fp32, a, b)
@@ -132,17 +111,17 @@ def afpq_losses(sec: dict) -> List[str]:
     """Cells where an AFPQ (two-scale, minmax) row is not better than INT or than the same grid with one scale / zero-point."""
     cells = sec["cells"]
     out = []
-    for method, bits in _blocks(cells):
-        for g in _groups(cells):
-            integer = _ppl(cells, method, Row("int", "zp", None, ""), bits, g)
+    for method, bits in table_blocks(cells):
+        for g in table_groups(cells):
+            integer = cell_ppl(cells, method, Row("int", "zp", None, ""), bits, g)
             for fam in ("nf", "fp"):
-                a = _ppl(cells, method, Row(fam, "afpq", None, ""), bits, g)
+                a = cell_ppl(cells, method, Row(fam, "afpq", None, ""), bits, g)
                 if a is None:
                     continue
                 for other, name in ((Row(fam, "sym", None, ""), f"{fam.upper()}{bits} sym"),
                                     (Row(fam, "zp", None, ""), f"{fam.upper()}{bits} scale+zero"),
                                     (Row("int", "zp", None, ""), f"INT{bits}")):
-                    v = integer if other.family == "int" else _ppl(cells, method, other, bits, g)
+                    v = integer if other.family == "int" else cell_ppl(cells, method, other, bits, g)
                     if v is not None and a >= v:
                         out.append(f"{method.upper()} {bits}-bit g{g}: {fam.upper()}{bits} AFPQ {_fmt_ppl(a)} "
                                    f"vs {name} {_fmt_ppl(v)}")

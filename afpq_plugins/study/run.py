@@ -53,7 +53,7 @@ def load_inputs(settings: Settings):
 
 def check_groups(model: torch.nn.Module, groups: Iterable[int]) -> None:
     """Every group size must divide every quantized layer's input width (clear error otherwise)."""
-    from ..core.quantize import group_count
+    from ..core.spec import group_count
     from ..model import find_linears
 
     linears = find_linears(model)

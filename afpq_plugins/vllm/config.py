@@ -26,7 +26,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from ..core.checkpoint import AFPQConfigDict, CheckpointError, quantized_module_names
-from ..model import _skipped  # the one rule for modules_to_not_convert
+from ..core.spec import is_skipped  # the one rule for modules_to_not_convert
 
 __all__ = ["AFPQVllmConfig", "SUPPORTED_BITS"]
 
@@ -48,7 +48,8 @@ class AFPQVllmConfig(QuantizationConfig):
                 f"adapter (gptq: 2/3/4/8 bits, awq: 4 bits)"
             )
         self.qc = qc
-        self.fmt = qc.fmt  # registers a custom table in this process
+        self.spec = qc.spec  # the settings every layer is built with (registers a custom table)
+        self.fmt = self.spec.format
         self.quantized: Optional[List[str]] = list(qc.quantized_modules) or None
         self.not_converted: List[str] = list(qc.modules_to_not_convert or [])
 
@@ -137,7 +138,7 @@ class AFPQVllmConfig(QuantizationConfig):
             qset = set(self.quantized)
             flags = [n in qset for n in names]
         else:
-            flags = [not _skipped(n, self.not_converted) for n in names]
+            flags = [not is_skipped(n, self.not_converted) for n in names]
         if all(flags):
             return True
         if not any(flags):

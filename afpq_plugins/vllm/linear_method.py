@@ -48,7 +48,7 @@ from vllm.model_executor.parameter import (
 from ..core.checkpoint import CheckpointError, expected_layer_tensors, is_refusal_placeholder, second_param_name
 from ..core.constants import PLACEHOLDER_SUFFIXES
 from ..core.packing import packed_shape
-from ..core.quantize import default_g_idx, group_count
+from ..core.quantize import default_g_idx
 from ..kernels import ops
 
 __all__ = ["AFPQLinearMethod"]
@@ -57,10 +57,16 @@ _QKV = ("q", "k", "v")
 
 
 class _LayerInfo:
-    """What ``apply`` needs besides the tensors (plain Python values: constants to a tracer)."""
+    """What ``apply`` needs besides the tensors (plain Python values: constants to a tracer):
+    the checkpoint's :class:`~afpq_plugins.core.spec.QuantSpec` and this rank's shard of the layer."""
 
-    __slots__ = ("fmt", "mode", "layout", "group_size", "in_features", "out_features", "second",
-                 "row_parallel", "shard_groups", "rank", "default_order", "prefix")
+    __slots__ = ("spec", "in_features", "out_features", "second", "row_parallel", "shard_groups", "rank",
+                 "default_order", "prefix")
+
+    fmt = property(lambda self: self.spec.fmt)
+    mode = property(lambda self: self.spec.mode)
+    layout = property(lambda self: self.spec.layout)
+    group_size = property(lambda self: self.spec.group_size)
 
 
 @register_weight_loader_v2_supported_method
@@ -88,19 +94,19 @@ class AFPQLinearMethod(LinearMethodBase):
         in_p, out_p = input_size_per_partition, sum(output_partition_sizes)
         row_parallel = input_size != in_p
         rank = int(getattr(layer, "tp_rank", 0))
+        spec = self.config.spec
         try:
-            groups_total = group_count(input_size, qc.group_size, f"layer {prefix!r}")
+            groups_total = spec.groups(input_size, f"layer {prefix!r}")
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
-        gs = input_size if qc.group_size == -1 else qc.group_size
+        gs = spec.effective_group_size(input_size)
         self._check_shard(prefix, input_size, in_p, output_partition_sizes)
         # Scales are sharded with the input only when each shard holds whole groups in the plain order.
         shard_groups = row_parallel and not qc.desc_act and qc.group_size != -1 and in_p % gs == 0
         groups = in_p // gs if shard_groups else groups_total
 
         info = _LayerInfo()
-        info.fmt, info.mode, info.layout = self.config.fmt.name, qc.mode, qc.layout
-        info.group_size, info.in_features, info.out_features = qc.group_size, in_p, out_p
+        info.spec, info.in_features, info.out_features = spec, in_p, out_p
         info.second = second_param_name(qc.mode)
         info.row_parallel, info.shard_groups, info.rank = row_parallel, shard_groups, rank
         info.default_order, info.prefix = True, prefix
@@ -225,7 +231,7 @@ class AFPQLinearMethod(LinearMethodBase):
         return load
 
     def _check_g_idx(self, layer, key: str, g: torch.Tensor) -> None:
-        groups = group_count(int(layer.input_size), self.qc.group_size)
+        groups = self.config.spec.groups(int(layer.input_size))
         if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
             raise CheckpointError(f"tensor {key!r} indexes groups outside 0..{groups - 1}")
         seen = getattr(layer, "_afpq_g_idx_seen", None)
@@ -265,8 +271,8 @@ class AFPQLinearMethod(LinearMethodBase):
         second = getattr(layer, info.second) if info.second else None
         # One view per layer, kept alive here: kernels cache their repacked weights on it.
         layer.afpq_view = ops.register_view(ops.LayerView(
-            layer.qweight, layer.scales, second, layer.g_idx, None, self.config.fmt, info.mode, info.layout,
-            info.group_size, info.in_features, info.out_features, info.default_order))
+            layer.qweight, layer.scales, second, layer.g_idx, None, info.spec, info.in_features, info.out_features,
+            info.default_order))
 
     @staticmethod
     def _settle_g_idx(layer, info: "_LayerInfo") -> None:
@@ -274,7 +280,7 @@ class AFPQLinearMethod(LinearMethodBase):
         if g is None:
             info.default_order = True
             return
-        gs = info.in_features if info.group_size == -1 else info.group_size
+        gs = info.spec.effective_group_size(info.in_features)
         g = g.data
         if info.shard_groups:
             # Scales hold this shard's groups only: the order must be the plain one, in local ids.

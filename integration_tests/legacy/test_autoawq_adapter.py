@@ -178,7 +178,8 @@ def test_awq_scaling_keeps_the_float_model(tiny_dir):
 
 def test_pseudo_quantize_is_core_maths():
     from afpq_plugins.autoawq import AFPQAwqQuantizer
-    from afpq_plugins.core.quantize import fake_quantize, quantize_weight, resolve_search
+    from afpq_plugins.core.quantize import fake_quantize, quantize_weight
+    from afpq_plugins.core.search_registry import resolve_search
 
     q = AFPQAwqQuantizer.__new__(AFPQAwqQuantizer)  # the maths needs no model
     from afpq_plugins.core.formats import get_format

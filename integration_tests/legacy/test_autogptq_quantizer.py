@@ -20,7 +20,8 @@ with warnings.catch_warnings(record=True):
     pytest.importorskip("auto_gptq")
     import afpq_plugins.autogptq as A
 
-from afpq_plugins.core.quantize import ScaleSearch, fake_quantize, find_params, quantize_weight, round_params
+from afpq_plugins.core.quantize import fake_quantize, find_params, quantize_weight, round_params
+from afpq_plugins.core.search import ScaleSearch
 
 FORMATS = [("nf3", "afpq"), ("fp4", "afpq"), ("nf4", "sym"), ("int3", "zp"), ("fp3", "afpq")]
 
