@@ -96,10 +96,11 @@ def save_afpq(wrapper, save_dir: str) -> str:
 
 
 def load_afpq(path: str, device="cpu", torch_dtype: Optional[torch.dtype] = None):
-    """Load an AFPQ checkpoint (``nn.Linear`` or transformers ``Conv1D`` models)."""
-    from .loading import load_checkpoint
+    """Load an AFPQ checkpoint with the project's loader (``nn.Linear`` or transformers ``Conv1D``
+    models: GPT-2's ``c_attn``/``c_proj``/``c_fc`` become AFPQLinear computing the same function)."""
+    from ..model import load_quantized
 
-    return load_checkpoint(path, device=device, dtype=torch_dtype)
+    return load_quantized(path, device=device, dtype=torch_dtype)
 
 
 def wrap_model(model, cfg: AFPQQuantizeConfig, quantized: bool):
