@@ -150,18 +150,22 @@ class AFPQLinear(nn.Module):
     def has_default_order(self) -> bool:
         """True when ``g_idx`` is absent or the plain ``i // group_size`` (no act-order).
 
-        Computed once per ``g_idx`` tensor and version (in-place edits recompute it)."""
+        Computed once per ``g_idx`` tensor and version (in-place edits recompute it, except on
+        inference tensors, which have no version counter)."""
         g = self.g_idx
         if g is None:
             return True
         seen = self._order
-        if seen is not None and seen[0] is g and seen[1] == g._version:
+        # inference tensors (torch.inference_mode) keep no version counter: identity only, as
+        # the native CPU kernel's pack cache does
+        version = None if g.is_inference() else g._version
+        if seen is not None and seen[0] is g and seen[1] == version:
             return seen[2]
         ref = self._default_g_idx
         if ref is None or ref.device != g.device:
             ref = self._default_g_idx = default_g_idx(self.in_features, self.group_size, g.device)
         value = bool(torch.equal(g, ref))
-        self._order = (g, g._version, value)
+        self._order = (g, version, value)
         return value
 
     # -- kernel choice ----------------------------------------------------------------------
