@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 
 from ..core.packing import pack_gptq
-from ..core.gptq import encode_gptq
+from ..nn.convert import quantized_from_engine
 from ..nn import AFPQLinear
 
 __all__ = ["AFPQQuantLinear", "quant_linear_class"]
@@ -56,16 +56,13 @@ class AFPQQuantLinear(AFPQLinear):
             raise NotImplementedError("AFPQQuantLinear packs nn.Linear and transformers Conv1D layers")
         if g_idx is None:
             g_idx = self.g_idx
-        res = encode_gptq(W.float().contiguous(), scales, zeros, g_idx, self.fmt, self.mode, self.group_size,
-                          dtype=linear.weight.dtype)
-        codes, p1, p2 = res.codes, res.scales, res.scales2
-        self.pack_mismatches = res.mismatches
-        if res.mismatches:
-            log.warning("AFPQQuantLinear.pack: %d weight(s) do not decode back to GPTQ's value", res.mismatches)
-        self.qweight = pack_gptq(codes, self.bits, name="qweight").to(self.qweight.device)
-        self.scales = p1.to(self.SCALE_DTYPE)
+        qw, self.pack_mismatches = quantized_from_engine(self.spec, W, scales, zeros, g_idx, "AFPQQuantLinear.pack",
+                                                         dtype=linear.weight.dtype)
+        device = self.qweight.device
+        self.qweight = pack_gptq(qw.codes, self.bits, name="qweight").to(device)
+        self.scales = qw.scales.to(device)
         if self.second is not None:
-            setattr(self, "scales_neg" if self.mode == "afpq" else "zeros", p2.to(self.SCALE_DTYPE))
+            setattr(self, "scales_neg" if self.mode == "afpq" else "zeros", qw.scales2.to(device))
         self.g_idx = g_idx.to(torch.int32).clone()
         if linear.bias is not None:
             self.bias = linear.bias.data.clone().to(linear.weight.dtype)

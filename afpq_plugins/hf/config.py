@@ -162,6 +162,11 @@ class AFPQConfig(QuantizationConfigMixin):
         return AFPQConfigDict.from_dict(d, source="quantization_config")
 
     @property
+    def spec(self):
+        """The settings as the one settings value (:class:`~afpq_plugins.core.spec.QuantSpec`)."""
+        return self._qc.spec
+
+    @property
     def is_prequantized_checkpoint(self) -> bool:
         return bool(self.quantized_modules)
 

@@ -174,7 +174,7 @@ class AFPQGPTQQuantizer(GPTQQuantizer):
         """Replace each quantized Linear with an :class:`AFPQLinear` holding GPTQ's result."""
         names = []
         for name, (_, scale, zero, g_idx) in quantizers.items():
-            if any(name == s or name.endswith("." + s) for s in self.modules_to_not_convert):
+            if self.spec.skips(name):
                 continue
             layer, _ = linear_from_engine(self.spec, model.get_submodule(name), scale, zero, g_idx, name)
             set_module(model, name, layer)

@@ -115,8 +115,14 @@ def _pseudo_quantize(module, value, base_name, args):
         return _ct_forward_quantize(module, value, base_name, args)
     if base_name != "weight":
         raise RuntimeError(f"AFPQAWQTransformModifier: AWQ asked to quantize {base_name!r}, not a weight")
-    spec, name = grid  # min/max group scales rounded to the scale dtype, nearest grid value (core)
-    return fake_quantize_rows(value.detach(), spec.format, spec.group_size, spec.mode, spec.torch_scale_dtype, None,
+    spec, name = grid
+    return search_fake_quantize(spec, name, value.detach())
+
+
+def search_fake_quantize(spec, name: str, w: torch.Tensor) -> torch.Tensor:
+    """AWQ's ``Q(W * s)`` for one candidate on layer ``name``'s grid: min/max group scales
+    rounded to the spec's scale dtype, nearest grid value (core)."""
+    return fake_quantize_rows(w, spec.format, spec.group_size, spec.mode, spec.torch_scale_dtype, None,
                               f"{name} (AWQ search)")[0]
 
 

@@ -41,3 +41,35 @@ def test_modern_engine_missing_here(gemma3, tmp_path, capsys):
     assert main(["quantize", gemma3, str(tmp_path / "o"), "--method", "gptq", "--backend", "gptqmodel"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gptqmodel is not installed in this environment" in err and ".venv-modern" in err
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from _tiny import tiny_llama_folder
+
+    return tiny_llama_folder(str(tmp_path_factory.mktemp("llama") / "model"))
+
+
+@pytest.mark.parametrize("method,fmt,extra,layout", [
+    ("awq", "nf4", [], "awq"),  # AutoAWQ's GEMM layout at 4 bits
+    ("awq", "nf3", [], "gptq"),
+    ("awq", "nf4", ["--layout", "gptq"], "gptq"),  # asked for: honoured
+    ("gptq", "nf4", [], "gptq"),
+])
+def test_cli_layout_per_legacy_backend(llama, tmp_path, capsys, method, fmt, extra, layout):
+    import json
+    import os
+
+    from afpq_plugins.core.safetensors_io import read_header
+
+    out = str(tmp_path / "o")
+    rc = main(["quantize", llama, out, "--method", method, "--format", fmt, "--group-size", "32", "--nsamples", "4",
+               "--calib-seqlen", "48", "--quiet", *extra])
+    assert rc == 0, capsys.readouterr().err
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as fh:
+        qc = json.load(fh)["quantization_config"]
+    assert qc["layout"] == layout
+    header, _, _ = read_header(os.path.join(out, "model.safetensors"))
+    shape = tuple(header[f"{qc['quantized_modules'][0]}.qweight"]["shape"])
+    bits = int(fmt[-1])
+    assert shape == ((64, 64 // 8) if layout == "awq" else (64 * bits // 32, 64))

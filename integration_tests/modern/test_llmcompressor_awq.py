@@ -90,11 +90,11 @@ def spies(monkeypatch):
             seen["smoothed"][name] = model.get_submodule(name).weight.detach().float().clone()
         return swap(self, model)
 
-    fq = awq.Grid.fake_quantize
+    fq = awq.search_fake_quantize
 
-    def spy_fq(self, w):
-        out = fq(self, w)
-        seen["search"].append((self, w.clone(), out.clone()))
+    def spy_fq(spec, name, w):
+        out = fq(spec, name, w)
+        seen["search"].append((spec, w.clone(), out.clone()))
         return out
 
     ct_fq = ct_forward.fake_quantize
@@ -104,7 +104,7 @@ def spies(monkeypatch):
         return ct_fq(*a, **k)
 
     monkeypatch.setattr(awq.AFPQQuantizationModifier, "_swap_in_afpq", spy_swap)
-    monkeypatch.setattr(awq.Grid, "fake_quantize", spy_fq)
+    monkeypatch.setattr(awq, "search_fake_quantize", spy_fq)
     monkeypatch.setattr(ct_forward, "fake_quantize", spy_ct)
     return seen
 
