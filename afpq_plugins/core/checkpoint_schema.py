@@ -171,6 +171,11 @@ class AFPQConfigDict:
         return QuantSpec(self.fmt, self.group_size, self.mode, self.scale_dtype, self.layout,
                          tuple(self.modules_to_not_convert), self.extra.get("scale_search"))
 
+    def spec_for(self, name: str) -> QuantSpec:
+        """The settings of quantized module ``name`` (every layer shares :attr:`spec` in this
+        format version; per-module settings will be looked up here)."""
+        return self.spec
+
     @classmethod
     def from_spec(cls, spec: QuantSpec, method: str, quantized_modules=(), desc_act: bool = False,
                   extra: Optional[Mapping] = None, **keys) -> "AFPQConfigDict":
