@@ -171,7 +171,8 @@ def cmd_eval(args) -> int:
     if kind == "afpq" and not args.quiet:
         print(_HF_NOTE, file=sys.stderr)
     res = perplexity(model, tok, load_text(text_path), seqlen=args.seqlen, windows=args.windows, progress=not args.quiet)
-    print(f"{args.model} ({kind}) on {os.path.basename(text_path)}: perplexity {res.ppl:.3f} "
+    se = f" +- {res.ppl_se:.3f} (standard error over windows)" if res.ppl_se is not None else ""
+    print(f"{args.model} ({kind}) on {os.path.basename(text_path)}: perplexity {res.ppl:.3f}{se} "
           f"over {res.tokens} tokens ({res.windows} windows of {res.seqlen}), {res.seconds:.1f}s")
     if args.json:
         d = res.as_dict()

@@ -15,6 +15,14 @@ exactly as the papers' code does (``tokenizer(text)``). A tokenizer that adds a
 BOS token (Llama 2) puts one BOS at the very start of the stream, which then
 belongs to the first window; a byte-level BPE such as the default SmolLM2
 tokenizer adds nothing. No per-window BOS is inserted.
+
+Uncertainty: every result carries the mean NLL of each window (``window_nll``) and a
+standard error computed from them, treating the windows as independent samples of the
+text: ``nll_se = stdev(window_nll) / sqrt(windows)`` and, by the delta method,
+``ppl_se = ppl * nll_se``. Two models scored on the same windows are compared with
+:func:`paired_difference`, whose error is that of the per-window differences (the shared
+difficulty of each window cancels); :func:`combined_se` is the unpaired combination
+``sqrt(se_a^2 + se_b^2)``, more conservative.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from afpq_plugins.data import eval_text_path, load_text
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["PerplexityResult", "perplexity", "token_windows"]
+__all__ = ["PerplexityResult", "perplexity", "token_windows", "window_se", "paired_difference", "combined_se",
+           "compare"]
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,52 @@ class PerplexityResult:
     windows: int
     seqlen: int
     seconds: float
+    window_nll: tuple = ()
+    nll_se: float | None = None
+    ppl_se: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (for JSON)."""
-        return asdict(self)
+        d = asdict(self)
+        d["window_nll"] = list(self.window_nll)
+        return d
+
+
+def window_se(window_nll: Sequence[float]) -> float | None:
+    """Standard error of the mean NLL from the per-window means (None for fewer than 2 windows)."""
+    n = len(window_nll)
+    if n < 2:
+        return None
+    mean = math.fsum(window_nll) / n
+    var = math.fsum((x - mean) ** 2 for x in window_nll) / (n - 1)
+    return math.sqrt(var / n)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None]:
+    """``(mean NLL of a - mean NLL of b, its standard error)`` over the same windows, paired."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference: {len(a)} and {len(b)} windows (need the same, at least 1)")
+    d = [x - y for x, y in zip(a, b)]
+    return math.fsum(d) / len(d), window_se(d)
+
+
+def combined_se(se_a: float | None, se_b: float | None) -> float | None:
+    """``sqrt(se_a^2 + se_b^2)``: the unpaired error of a difference (None if either is unknown)."""
+    if se_a is None or se_b is None:
+        return None
+    return math.sqrt(se_a * se_a + se_b * se_b)
+
+
+def compare(a: dict, b: dict) -> dict:
+    """``a`` against ``b`` (two results' dicts on the same windows): the perplexity ratio
+    ``exp(nll_a - nll_b)``, the paired NLL difference and its error, the unpaired combined
+    error of the perplexities, and the verdict: ``"a"``/``"b"`` (lower, by more than the
+    paired error) or ``"tie"``."""
+    diff, se = paired_difference(a["window_nll"], b["window_nll"])
+    verdict = "tie" if se is None or abs(diff) <= se else ("a" if diff < 0 else "b")
+    return {"ratio": math.exp(diff), "nll_diff": diff, "nll_diff_se": se,
+            "ppl_diff": a["ppl"] - b["ppl"], "ppl_combined_se": combined_se(a.get("ppl_se"), b.get("ppl_se")),
+            "winner": verdict}
 
 
 def token_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None) -> torch.Tensor:
@@ -128,6 +179,7 @@ def perplexity(
     chunks = token_windows(ids, seqlen, windows)
     device = _model_device(model)
     total_nll = torch.zeros((), dtype=torch.float64)
+    per_window: list[float] = []
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -147,20 +199,27 @@ def perplexity(
                     batch[:, 1:].flatten(),
                     reduction="none",
                 )
-                total_nll += nll.double().sum().cpu()
+                nll = nll.double().view(len(batch), seqlen - 1)
+                total_nll += nll.sum().cpu()
+                per_window.extend(nll.mean(1).cpu().tolist())
                 bar.update(len(batch))
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
     tokens = chunks.shape[0] * (seqlen - 1)
     mean_nll = total_nll.item() / tokens
+    se = window_se(per_window)
+    ppl = math.exp(mean_nll)
     return PerplexityResult(
-        ppl=math.exp(mean_nll),
+        ppl=ppl,
         nll=mean_nll,
         tokens=tokens,
         windows=chunks.shape[0],
         seqlen=seqlen,
         seconds=seconds,
+        window_nll=tuple(per_window),
+        nll_se=se,
+        ppl_se=None if se is None else ppl * se,
     )
 
 

@@ -164,3 +164,36 @@ def test_real_default_model_perplexity_is_sane():
     real_model, real_tokenizer = load_model_and_tokenizer(default_model_path())
     result = perplexity(real_model, real_tokenizer, seqlen=256, windows=2, progress=False)
     assert 5 < result.ppl < 60, result
+
+
+# -- error bars ---------------------------------------------------------------------------------
+def test_per_window_nll_and_standard_error_against_hand_computed(model, ids):
+    import statistics
+
+    result = perplexity(model, ids, seqlen=SEQLEN, progress=False)
+    by_hand = [reference_nll(model, ids[i * SEQLEN:], SEQLEN, 1)[0] for i in range(3)]
+    assert list(result.window_nll) == pytest.approx(by_hand, rel=1e-6)
+    assert statistics.fmean(result.window_nll) == pytest.approx(result.nll, rel=1e-12)
+    se = statistics.stdev(by_hand) / math.sqrt(3)
+    assert result.nll_se == pytest.approx(se, rel=1e-5)
+    assert result.ppl_se == pytest.approx(result.ppl * se, rel=1e-5)
+    assert result.as_dict()["window_nll"] == list(result.window_nll)
+    one = perplexity(model, ids, seqlen=SEQLEN, windows=1, progress=False)
+    assert one.nll_se is None and one.ppl_se is None  # one window: no spread to measure
+
+
+def test_paired_comparison_hand_computed_case():
+    from afpq_plugins.evaluate import combined_se, compare, paired_difference
+
+    a = {"ppl": math.exp(2.0), "window_nll": [1.0, 2.0, 3.0], "ppl_se": 2.0}
+    b = {"ppl": math.exp(2.5), "window_nll": [1.4, 2.6, 3.5], "ppl_se": 3.0}
+    diff, se = paired_difference(a["window_nll"], b["window_nll"])
+    # differences -0.4, -0.6, -0.5: mean -0.5, stdev 0.1, se 0.1 / sqrt(3)
+    assert diff == pytest.approx(-0.5) and se == pytest.approx(0.1 / math.sqrt(3))
+    c = compare(a, b)
+    assert c["winner"] == "a" and c["ratio"] == pytest.approx(math.exp(-0.5))
+    assert c["ppl_combined_se"] == pytest.approx(math.sqrt(13)) == combined_se(2.0, 3.0)
+    noisy = {"ppl": 1.0, "window_nll": [1.0, 3.0, 2.0]}  # differences -1, +1, 0 from a: a tie
+    assert compare(a, {**noisy, "window_nll": [2.0, 1.0, 3.0]})["winner"] == "tie"
+    with pytest.raises(ValueError, match="same"):
+        paired_difference([1.0], [1.0, 2.0])

@@ -237,6 +237,24 @@ def _fmt(x: float) -> str:
     return f"{x:.0f}" if x >= 1000 else f"{x:.2f}"
 
 
+def _fmt_se(c: dict) -> str:
+    se = c.get("ppl_se")
+    return _fmt(c["ppl"]) + (f" +- {se:.2f}" if se is not None else "")
+
+
+def _verdict(ours: dict, peer: dict) -> str:
+    """AFPQ wins / loses / ties against the peer: by the paired per-window NLL difference and its
+    standard error when both cells have per-window NLLs (same windows), else by the perplexities."""
+    from ..evaluate import compare
+
+    if ours.get("window_nll") and peer.get("window_nll") and len(ours["window_nll"]) == len(peer["window_nll"]):
+        c = compare(ours, peer)
+        word = {"a": "AFPQ wins", "b": "AFPQ loses", "tie": "a tie"}[c["winner"]]
+        return (f"{word} (paired NLL difference {c['nll_diff']:+.4f} +- {c['nll_diff_se']:.4f}; "
+                f"unpaired combined error of the perplexities {c['ppl_combined_se']:.2f})")
+    return ("AFPQ wins" if ours["ppl"] < peer["ppl"] else "AFPQ loses") + " (no per-window NLLs: no error bar)"
+
+
 def peers_table(sec: dict) -> str:
     """Per bit width: every peer and AFPQ/INT/one-scale row with its bits per weight and perplexity
     (RTN-style: no weight update; rows marked *calibrated* use the calibration inputs), then the
@@ -250,18 +268,21 @@ def peers_table(sec: dict) -> str:
         for p in PEERS.values():
             c = cells.get(f"peer/{p.name}/peer/minmax/g{({'nvfp4': 16, 'mxfp4': 32}).get(p.name, 64)}")
             if p.bits == bits and c is not None:
-                rows.append((p.label, bits_per_weight(p.name), False, c["ppl"], True))
+                rows.append((p.label, bits_per_weight(p.name), False, c["ppl"], True, c))
         for key, label, kind, g, calibrated in _OURS:
             c = cells.get(key.format(b=bits))
             if c is not None:
-                rows.append((label.format(b=bits), bits_per_weight(kind, bits, g), calibrated, c["ppl"], False))
+                rows.append((label.format(b=bits), bits_per_weight(kind, bits, g), calibrated, c["ppl"], False, c))
+        for key, c in sorted(cells.items()):  # budgeted mixtures (afpq quantize --bits-budget)
+            if c.get("budget") is not None and bits - 1 < c["budget"] <= bits + 0.75:
+                rows.append((c.get("label", key), c["bits_per_weight"], bool(c.get("calibrated")), c["ppl"], False, c))
         if not any(r[4] for r in rows):
             continue
         rows.sort(key=lambda r: (r[1], r[3]))
-        out += [f"**{bits}-bit** (RTN-style; perplexity, lower is better)", "",
+        out += [f"**{bits}-bit** (RTN-style; perplexity +- standard error over windows, lower is better)", "",
                 "| format | bits / weight | calibration | ppl |", "|---|---|---|---|"]
         out += [f"| {'peer: ' if r[4] else ''}{r[0]} | {r[1]:.3f} | {'yes (8 x 256 tokens)' if r[2] else 'no'} | "
-                f"{_fmt(r[3])} |" for r in rows]
+                f"{_fmt_se(r[5])} |" for r in rows]
         out.append("")
         for budget in sorted({round(r[1], 3) for r in rows if r[4]}):
             within = [r for r in rows if r[1] <= budget + 1e-9]
@@ -276,8 +297,7 @@ def peers_table(sec: dict) -> str:
             ours = [r for r in within if not r[4] and r[0].split()[1:2] == ["AFPQ"]]
             if ours:
                 ba = min(ours, key=lambda r: r[3])
-                verdict = "AFPQ wins" if ba[3] < bp[3] else "AFPQ loses"
-                line += f". Best peer {bp[0]} {_fmt(bp[3])} vs best AFPQ {ba[0]} {_fmt(ba[3])}: {verdict}"
+                line += f". Best peer {bp[0]} {_fmt(bp[3])} vs best AFPQ {ba[0]} {_fmt(ba[3])}: {_verdict(ba[5], bp[5])}"
             out.append(line)
         out.append("")
     return "\n".join(out).rstrip()

@@ -143,6 +143,7 @@ def run_cell(cell: Cell, model, tok, ids, settings: Settings) -> dict:
     del m
     return {"method": cell.method, "format": cell.fmt, "mode": cell.mode, "scale_search": cell.search or "minmax",
             "bits": cell.bits, "group_size": cell.group_size, "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens,
+            "ppl_se": r.ppl_se, "nll_se": r.nll_se, "window_nll": list(r.window_nll),
             "quantize_s": round(tq, 2), "eval_s": round(r.seconds, 2),
             "cpu_s": round(time.process_time() - c0, 2)}  # CPU time of this process, all threads
 
