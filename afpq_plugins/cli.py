@@ -105,12 +105,38 @@ def _method_options(args, method) -> dict:
     elif method.name == "awq":
         opts.update(clip=args.clip)
         defaults.update(clip="symmetric")
+    if args.bits_budget is not None or args.candidates:
+        opts.update(bits_budget=args.bits_budget, candidates=_candidates(args.candidates))
+        defaults.update(bits_budget=None, candidates=None)
     for k, v in opts.items():
         if k not in method.options and v != defaults[k]:
-            raise ValueError(f"--{k.replace('_', '-')} is not supported by --backend {method.engine}")
+            raise ValueError(f"--{k.replace('_', '-')} is not supported by --method {method.name} "
+                             f"--backend {method.engine}" + (" (per-layer formats: --method rtn)" if k in
+                                                              ("bits_budget", "candidates") else ""))
+    if opts.get("candidates") and opts.get("bits_budget") is None:
+        raise ValueError("--candidates needs --bits-budget")
     out = {k: v for k, v in opts.items() if k in method.options}
     out["progress"] = not args.quiet
     return out
+
+
+def _candidates(values):
+    """``nf3/afpq/g64`` -> Candidate (format/mode/group size; group ``g-1`` = whole rows)."""
+    if not values:
+        return None
+    from .core.budget import Candidate
+
+    out = []
+    for v in values:
+        parts = v.split("/")
+        if len(parts) != 3 or not parts[2].startswith("g"):
+            raise ValueError(f"--candidates {v!r}: expected FORMAT/MODE/gGROUP, e.g. nf3/afpq/g64")
+        try:
+            gs = int(parts[2][1:])
+        except ValueError:
+            raise ValueError(f"--candidates {v!r}: the group size {parts[2][1:]!r} is not an integer") from None
+        out.append(Candidate(parts[0], gs, parts[1]))
+    return tuple(out)
 
 
 def cmd_quantize(args) -> int:
@@ -297,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minmax = the paper's scales; mse = search per-side shrink factors minimising each group's "
                         "weight error; output = minimising the layer-output error on calibration inputs "
                         "(diag(X^T X)-weighted; RTN calibrates with --nsamples/--calib-seqlen, default 32 x 512)")
+    q.add_argument("--bits-budget", type=float, default=None,
+                   help="per-layer formats: choose each Linear's format, group size and mode from --candidates to "
+                        "minimise the output-aware error with the average bits per weight (codes + group "
+                        "parameters) within this budget; calibrates like --scale-search output (--method rtn)")
+    q.add_argument("--candidates", nargs="+", default=None, metavar="FMT/MODE/gN",
+                   help="the settings --bits-budget chooses from (default: nf3 and nf4, afpq and sym, g32 g64 g192)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     g = q.add_argument_group("gptq", "options of --method gptq (calibration: the Austen novels but Pride and Prejudice)")

@@ -70,6 +70,8 @@ def quantize_model_rtn(
     layer_searches: Optional[dict] = None,
     *,
     spec: Optional[QuantSpec] = None,
+    layer_specs: Optional[Dict[str, QuantSpec]] = None,
+    extra: Optional[dict] = None,
 ) -> AFPQConfigDict:
     """Replace the model's Linears with round-to-nearest :class:`AFPQLinear` (in place).
 
@@ -82,7 +84,9 @@ def quantize_model_rtn(
     The spec's scale search (``None`` = the paper's min/max scales, ``"mse"`` or a
     :class:`~afpq_plugins.core.search.ScaleSearch`) opts into the scale search;
     ``layer_searches`` (layer name -> search object) overrides it per layer (the output
-    search bound to each layer's calibration energies).
+    search bound to each layer's calibration energies). ``layer_specs`` (layer name -> spec)
+    gives layers their own format, group size and mode (written to
+    ``quantization_config.modules``); ``extra``: more ``quantization_config`` keys.
     """
     if spec is None:
         spec = QuantSpec(fmt, group_size, mode, scale_dtype, layout, tuple(skip), scale_search)
@@ -90,9 +94,10 @@ def quantize_model_rtn(
     linears = find_linears(model, spec.skip)
     if not linears:
         raise ValueError("no nn.Linear layers to quantize (check the skip list)")
+    specs = {name: (layer_specs or {}).get(name, spec).resolved("rtn") for name in linears}
     plan = {}
     for name, lin in linears.items():  # validate everything checkable before touching anything
-        plan[name] = spec.layer(lin.in_features, lin.out_features, name)
+        plan[name] = specs[name].layer(lin.in_features, lin.out_features, name)
         check_finite(lin.weight.detach(), f"{name}.weight")
     it = linears.items()
     if progress:
@@ -104,14 +109,14 @@ def quantize_model_rtn(
         with torch.no_grad():
             for name, lin in it:
                 new = AFPQLinear.from_linear(lin, name=name, search=(layer_searches or {}).get(name),
-                                             spec=spec, geometry=plan[name])
+                                             spec=specs[name], geometry=plan[name])
                 set_module(model, name, new)
                 done.append((name, lin))
     except BaseException:  # leave the caller's model as it was
         for name, lin in reversed(done):
             set_module(model, name, lin)
         raise
-    return AFPQConfigDict.from_spec(spec, "rtn", quantized_modules=list(linears))
+    return AFPQConfigDict.from_spec(spec, "rtn", quantized_modules=list(linears), layer_specs=specs, extra=extra)
 
 
 def _state_dict_for_save(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -90,7 +90,8 @@ STAMP_METADATA_KEY = "afpq_config_sha256"
 
 def config_stamp(qc: AFPQConfigDict) -> str:
     d = qc.to_dict()
-    blob = json.dumps({k: d[k] for k in STAMP_KEYS}, sort_keys=True, separators=(",", ":"))
+    keys = STAMP_KEYS + (("modules",) if d.get("modules") else ())  # uniform checkpoints: the stamp as before
+    blob = json.dumps({k: d[k] for k in keys}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 

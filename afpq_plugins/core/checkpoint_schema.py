@@ -10,7 +10,7 @@ The format is described in ``docs/format.md`` section 4; the folder I/O is in
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Mapping, Optional
 
 import torch
@@ -71,7 +71,13 @@ _KEY_TYPES = {
     "quantized_modules": (_is_str_list, "a list of module names"),
     "table": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_number(x) for x in v)),
               "a list of finite numbers"),
+    "modules": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and k and isinstance(o, dict)
+                                                      for k, o in v.items()),
+                "an object mapping module names to objects of settings"),
 }
+
+#: The settings a ``modules`` entry may override for one layer (the rest are the top-level keys').
+MODULE_KEYS = ("format", "bits", "group_size", "mode")
 
 
 def _check_types(qc) -> None:
@@ -101,6 +107,7 @@ class AFPQConfigDict:
     modules_to_not_convert: List[str] = field(default_factory=lambda: ["lm_head"])
     quantized_modules: List[str] = field(default_factory=list)
     table: Optional[List[float]] = None
+    modules: Dict[str, Dict[str, object]] = field(default_factory=dict)  # per-module overrides (MODULE_KEYS)
     quant_method: str = QUANT_METHOD
     version: int = FORMAT_VERSION
     extra: Dict[str, object] = field(default_factory=dict)
@@ -136,7 +143,31 @@ class AFPQConfigDict:
             raise CheckpointError(f"quantization_config.scale_dtype {self.scale_dtype!r} is unknown")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
             raise CheckpointError(f"quantization_config.group_size must be -1 or positive, got {self.group_size!r}")
+        self._check_modules()
 
+    def _check_modules(self) -> None:
+        """Every ``modules`` entry names a quantized module (when they are listed) and gives
+        valid settings for it (MODULE_KEYS only; ``bits`` equal to its format's)."""
+        listed = set(self.quantized_modules)
+        for name, o in self.modules.items():
+            where = f"quantization_config.modules[{name!r}]"
+            if listed and name not in listed:
+                raise CheckpointError(f"{where}: {name!r} is not in quantized_modules")
+            bad = sorted(set(o) - set(MODULE_KEYS))
+            if bad:
+                raise CheckpointError(f"{where}: unknown key {bad[0]!r} (a module may set {', '.join(MODULE_KEYS)})")
+            for key in ("format", "mode"):
+                if key in o and not (isinstance(o[key], str) and o[key]):
+                    raise CheckpointError(f"{where}.{key} must be a non-empty string, got {o[key]!r:.200}")
+            for key in ("bits", "group_size"):
+                if key in o and not _is_int(o[key]):
+                    raise CheckpointError(f"{where}.{key} must be an integer, got {o[key]!r:.200}")
+            try:
+                spec = self._module_spec(name)
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: {exc}") from None
+            if "bits" in o and o["bits"] != spec.bits:
+                raise CheckpointError(f"{where}.bits is {o['bits']} but format {spec.fmt!r} has {spec.bits} bits")
     def _resolve_format(self):
         """The grid of ``format``; a name the registry does not know is registered from
         ``table`` here, while the config is validated (an import-time-free, listed side
@@ -172,25 +203,46 @@ class AFPQConfigDict:
                          tuple(self.modules_to_not_convert), self.extra.get("scale_search"))
 
     def spec_for(self, name: str) -> QuantSpec:
-        """The settings of quantized module ``name`` (every layer shares :attr:`spec` in this
-        format version; per-module settings will be looked up here)."""
-        return self.spec
+        """The settings of quantized module ``name``: :attr:`spec` with the module's ``modules``
+        entry (format, group size, mode) applied; the layout, the scale dtype and the scale
+        search are the checkpoint's."""
+        if name not in self.modules:
+            return self.spec
+        return self._module_spec(name)
+
+    def _module_spec(self, name: str) -> QuantSpec:
+        o, base = self.modules[name], self.spec
+        return replace(base, fmt=o.get("format", base.fmt), group_size=o.get("group_size", base.group_size),
+                       mode=o.get("mode", base.mode if "format" not in o else None))
 
     @classmethod
     def from_spec(cls, spec: QuantSpec, method: str, quantized_modules=(), desc_act: bool = False,
-                  extra: Optional[Mapping] = None, **keys) -> "AFPQConfigDict":
+                  extra: Optional[Mapping] = None, layer_specs: Optional[Mapping[str, QuantSpec]] = None,
+                  **keys) -> "AFPQConfigDict":
         """The checkpoint config a run with ``spec`` produces: the spec's keys
         (:meth:`QuantSpec.checkpoint_keys`, layout as ``method`` writes it), the method, the
-        quantized modules, ``scale_search`` (the spec's search) and ``extra`` keys."""
+        quantized modules, ``scale_search`` (the spec's search) and ``extra`` keys.
+        ``layer_specs``: per-module settings; those that differ from ``spec`` in format,
+        group size or mode are written to ``modules`` (their layout, scale dtype and search
+        must be ``spec``'s)."""
         ext = {"scale_search": spec.search_dict()}
         ext.update(extra or {})
+        modules = {}
+        for name, ls in (layer_specs or {}).items():
+            if (ls.layout_for(method), ls.scale_dtype) != (spec.layout_for(method), spec.scale_dtype):
+                raise ValueError(f"{name}: per-module settings may change format, group size and mode only "
+                                 "(layout and scale dtype are the checkpoint's)")
+            if (ls.fmt, ls.group_size, ls.mode) != (spec.fmt, spec.group_size, spec.mode):
+                modules[name] = {"format": ls.fmt, "bits": ls.bits, "group_size": ls.group_size, "mode": ls.mode}
         return cls(**spec.checkpoint_keys(method), method=method, quantized_modules=list(quantized_modules),
-                   desc_act=desc_act, extra=ext, **keys)
+                   desc_act=desc_act, extra=ext, modules=modules, **keys)
 
     # -- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(d.pop("extra"))
+        if not d["modules"]:  # uniform checkpoints keep exactly the keys they always had
+            del d["modules"]
         return d
 
     @classmethod
@@ -224,19 +276,22 @@ def second_param_name(mode: str) -> Optional[str]:
 
 def expected_layer_tensors(
     qc: AFPQConfigDict, in_features: int, out_features: int, bias: bool,
-    geometry: Optional[LayerGeometry] = None,
+    geometry: Optional[LayerGeometry] = None, name: Optional[str] = None, spec: Optional[QuantSpec] = None,
 ) -> Dict[str, tuple]:
-    """``{suffix: (shape, dtype)}`` of one quantized layer's tensors (``geometry``: the
-    layer's already-checked :class:`LayerGeometry`, else it is checked here)."""
+    """``{suffix: (shape, dtype)}`` of one quantized layer's tensors (``name``: the module, for
+    its per-module settings, or its ``spec`` directly; ``geometry``: the layer's already-checked
+    :class:`LayerGeometry`, else it is checked here)."""
+    if spec is None:
+        spec = qc.spec_for(name) if name is not None else qc.spec
     if geometry is None:
-        geometry = qc.spec.layer(in_features, out_features)
+        geometry = spec.layer(in_features, out_features)
     groups = geometry.groups
     sdt = qc.torch_scale_dtype
     exp = {
         "qweight": (geometry.qweight_shape, torch.int32),
         "scales": ((groups, out_features), sdt),
     }
-    second = second_param_name(qc.mode)
+    second = second_param_name(spec.mode)
     if second:
         exp[second] = ((groups, out_features), sdt)
     if qc.layout == "gptq":
@@ -256,7 +311,7 @@ def validate_layer_tensors(
     ``<name>.weight`` and ``<name>.qzeros``, if present, must be refusal placeholders
     (older checkpoints have none)."""
     _check_placeholders(name, tensors, source)
-    for suffix, (shape, dtype) in expected_layer_tensors(qc, in_features, out_features, bias, geometry).items():
+    for suffix, (shape, dtype) in expected_layer_tensors(qc, in_features, out_features, bias, geometry, name).items():
         key = f"{name}.{suffix}"
         t = tensors.get(key)
         if t is None:
@@ -270,7 +325,7 @@ def validate_layer_tensors(
         if suffix in ("scales", "scales_neg") and t.device.type != "meta":
             _check_scales(key, t, qc, source)
         if suffix == "zeros" and t.device.type != "meta":
-            _check_zeros(key, t, qc, source)
+            _check_zeros(key, t, qc.spec_for(name).format, source)
     g_idx = tensors.get(f"{name}.g_idx")
     if g_idx is not None and g_idx.numel():
         groups = tensors[f"{name}.scales"].shape[0]
@@ -291,14 +346,14 @@ def _check_scales(key: str, t: torch.Tensor, qc: AFPQConfigDict, source: str) ->
         )
 
 
-def _check_zeros(key: str, t: torch.Tensor, qc: AFPQConfigDict, source: str) -> None:
+def _check_zeros(key: str, t: torch.Tensor, fmt, source: str) -> None:
     """Zero-points are whole numbers on the shifted grid: ``0 <= z <= max - min`` of the table."""
-    top = qc.fmt.range
+    top = fmt.range
     bad = (t != torch.round(t)) | (t < 0) | (t > top)
     if bool(bad.any()):
         g, o = (int(i) for i in bad.nonzero()[0])
         raise CheckpointError(
-            f"{source}: tensor {key!r} must hold whole numbers in 0..{top:g} (the grid of {qc.format!r}); "
+            f"{source}: tensor {key!r} must hold whole numbers in 0..{top:g} (the grid of {fmt.name!r}); "
             f"group {g}, column {o} holds {float(t[g, o])!r}"
         )
 

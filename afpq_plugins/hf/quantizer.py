@@ -197,7 +197,7 @@ class AFPQHfQuantizer(HfQuantizer):
         sdt = qc.torch_scale_dtype
         for name in self._layers:
             layer = model.get_submodule(name)
-            for buf in ("scales", second_param_name(qc.mode)):
+            for buf in ("scales", second_param_name(layer.mode)):
                 if buf is None:
                     continue
                 t = getattr(layer, buf)

@@ -91,12 +91,21 @@ class AFPQLinear(nn.Module):
         layout: str = "gptq",
         name: str = "weight",
         geometry: Optional[LayerGeometry] = None,
+        spec: Optional[QuantSpec] = None,
     ) -> "AFPQLinear":
         """Pack a :class:`QuantizedWeight` (codes ``[out, in]``) into a new layer
-        (``geometry``: already checked by the caller)."""
+        (``geometry``: already checked by the caller; ``spec``: the settings it was made with,
+        kept on the layer, which must agree with ``qw``'s grid, group size, mode and scale dtype)."""
         out_f, in_f = qw.codes.shape
+        own = QuantSpec(qw.fmt, qw.group_size, qw.mode, qw.scales.dtype, layout)
+        if spec is not None:
+            spec = spec.resolved()
+            if (spec.fmt, spec.group_size, spec.mode, spec.scale_dtype, spec.layout) != \
+                    (own.fmt, own.group_size, own.mode, own.scale_dtype, own.layout):
+                raise ValueError(f"{name}: the spec {spec.describe()} does not describe the quantized weight "
+                                 f"({own.describe()})")
         m = cls(
-            in_f, out_f, bias is not None, spec=QuantSpec(qw.fmt, qw.group_size, qw.mode, qw.scales.dtype, layout),
+            in_f, out_f, bias is not None, spec=spec or own,
             geometry=geometry, bias_dtype=bias.dtype if bias is not None else None, device=qw.codes.device,
         )
         if layout == "awq" and not _is_default(qw.g_idx, in_f, qw.group_size):
@@ -139,7 +148,7 @@ class AFPQLinear(nn.Module):
             name=f"{name}.weight", search=search if search is not None else spec.scale_search,
             groups=geometry.groups if geometry is not None else None,
         )
-        return cls.from_quantized(qw, linear.bias, spec.layout, name=name, geometry=geometry)
+        return cls.from_quantized(qw, linear.bias, spec.layout, name=name, geometry=geometry, spec=spec)
 
     # -- decoding ------------------------------------------------------------------------
     @property

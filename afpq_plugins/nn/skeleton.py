@@ -43,6 +43,7 @@ class LayerSpec:
     has_bias: bool
     bias_dtype: Optional[torch.dtype] = None
     geometry: Optional[LayerGeometry] = field(default=None, compare=False)  # checked once by plan_skeleton
+    spec: Optional[QuantSpec] = field(default=None, compare=False)  # the layer's settings (per-module overrides)
 
 
 _SET_LOCK = threading.Lock()
@@ -76,8 +77,8 @@ def plan_skeleton(
     """``{name: LayerSpec}`` of the layers :func:`build_skeleton` would replace; raises
     :class:`CheckpointError` naming the module or key, changes nothing. A module that is
     already an :class:`AFPQLinear` (a repeated call) is described as it is. Each layer is
-    checked once against the spec (``qc.spec`` unless given): the plan carries its geometry."""
-    spec = spec if spec is not None else qc.spec
+    checked once against its settings (``qc.spec_for(name)``; ``spec``: one for every layer
+    instead): the plan carries its geometry and settings."""
     names = list(names)
     if not names:
         raise CheckpointError(f"{source}: quantization_config.quantized_modules is empty and no tensor ends in .qweight")
@@ -102,11 +103,13 @@ def plan_skeleton(
             continue
         in_f, out_f = linear_dims(mod, name, source)
         bias = getattr(mod, "bias", None)
+        layer_spec = spec if spec is not None else qc.spec_for(name)
         try:
-            geometry = spec.layer(in_f, out_f, f"AFPQLinear({in_f}->{out_f})")
+            geometry = layer_spec.layer(in_f, out_f, f"AFPQLinear({in_f}->{out_f})")
         except ValueError as exc:  # e.g. group size does not divide in_features
             raise CheckpointError(f"{source}: quantized module {name!r}: {exc}") from None
-        plan[name] = LayerSpec(in_f, out_f, bias is not None, bias.dtype if bias is not None else None, geometry)
+        plan[name] = LayerSpec(in_f, out_f, bias is not None, bias.dtype if bias is not None else None, geometry,
+                               layer_spec)
     return plan
 
 
@@ -129,11 +132,10 @@ def build_skeleton(
     plan (:func:`plan_skeleton`; ``plan``: one made already for this config, reused without
     checking the layers again); nothing is replaced unless every layer checks out.
     """
-    spec_all = qc.spec
     if plan is None:
         if names is None:
             names = quantized_module_names(qc, keys)
-        plan = plan_skeleton(model, qc, names, source, spec=spec_all)
+        plan = plan_skeleton(model, qc, names, source)
     for name, spec in plan.items():
         old = model.get_submodule(name)
         if isinstance(old, AFPQLinear):
@@ -142,7 +144,8 @@ def build_skeleton(
         device = device.device if isinstance(device, torch.Tensor) else None
         bias_dtype = (bias_dtypes or {}).get(name, spec.bias_dtype) if spec.has_bias else None
         layer = AFPQLinear(
-            spec.in_features, spec.out_features, spec.has_bias, spec=spec_all, geometry=spec.geometry,
+            spec.in_features, spec.out_features, spec.has_bias, spec=spec.spec or qc.spec_for(name),
+            geometry=spec.geometry,
             bias_dtype=bias_dtype, device=device,
         )
         layer.requires_grad_(False)

@@ -119,7 +119,7 @@ class AFPQVllmConfig(QuantizationConfig):
             if self._quantized(prefix):
                 from .linear_method import AFPQLinearMethod
 
-                return AFPQLinearMethod(self)
+                return AFPQLinearMethod(self, self.layer_spec(prefix))
             return UnquantizedLinearMethod()
         return None
 
@@ -131,6 +131,19 @@ class AFPQVllmConfig(QuantizationConfig):
         if not parts:
             return [prefix]
         return [f"{head}.{p}" if head else p for p in parts]
+
+    def layer_spec(self, prefix: str):
+        """The settings of vLLM layer ``prefix`` (per-module overrides applied); the checkpoint
+        layers vLLM fuses into it must agree."""
+        names = self.shard_names(prefix)
+        specs = [self.qc.spec_for(n) for n in names]
+        if any(s != specs[0] for s in specs[1:]):
+            parts = ", ".join(f"{n}={s.describe()}" for n, s in zip(names, specs))
+            raise CheckpointError(
+                f"layer {prefix!r}: vLLM fuses {', '.join(names)} into one layer, but the checkpoint gives them "
+                f"different settings ({parts}); quantize fused layers alike (afpq quantize --bits-budget does)"
+            )
+        return specs[0]
 
     def _quantized(self, prefix: str) -> bool:
         names = self.shard_names(prefix)

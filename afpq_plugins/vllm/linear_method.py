@@ -73,9 +73,11 @@ class _LayerInfo:
 class AFPQLinearMethod(LinearMethodBase):
     """Weight-only AFPQ linear for vLLM (see the module docstring)."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, spec=None) -> None:
         self.config = config
         self.qc = config.qc
+        #: this layer's settings (per-module overrides applied; the parts of a fused layer agree)
+        self.spec = spec if spec is not None else config.spec
 
     # -- weights -----------------------------------------------------------------------------
     def create_weights(
@@ -94,7 +96,7 @@ class AFPQLinearMethod(LinearMethodBase):
         in_p, out_p = input_size_per_partition, sum(output_partition_sizes)
         row_parallel = input_size != in_p
         rank = int(getattr(layer, "tp_rank", 0))
-        spec = self.config.spec
+        spec = self.spec
         try:
             groups_total = spec.groups(input_size, f"layer {prefix!r}")
         except ValueError as exc:
@@ -102,12 +104,12 @@ class AFPQLinearMethod(LinearMethodBase):
         gs = spec.effective_group_size(input_size)
         self._check_shard(prefix, input_size, in_p, output_partition_sizes)
         # Scales are sharded with the input only when each shard holds whole groups in the plain order.
-        shard_groups = row_parallel and not qc.desc_act and qc.group_size != -1 and in_p % gs == 0
+        shard_groups = row_parallel and not qc.desc_act and spec.group_size != -1 and in_p % gs == 0
         groups = in_p // gs if shard_groups else groups_total
 
         info = _LayerInfo()
         info.spec, info.in_features, info.out_features = spec, in_p, out_p
-        info.second = second_param_name(qc.mode)
+        info.second = second_param_name(spec.mode)
         info.row_parallel, info.shard_groups, info.rank = row_parallel, shard_groups, rank
         info.default_order, info.prefix = True, prefix
         layer.afpq_info = info
@@ -115,11 +117,11 @@ class AFPQLinearMethod(LinearMethodBase):
         def checked(suffix: str) -> Callable:
             return self._checked_loader(layer, suffix, loader)
 
-        qshape = packed_shape(qc.layout, qc.bits, out_p, in_p)  # validated by _check_shard
+        qshape = packed_shape(qc.layout, spec.bits, out_p, in_p)  # validated by _check_shard
         if qc.layout == "gptq":
             qweight = PackedvLLMParameter(
                 data=torch.empty(qshape, dtype=torch.int32), input_dim=0, output_dim=1, packed_dim=0,
-                packed_factor=Fraction(32, qc.bits) if 32 % qc.bits else 32 // qc.bits,
+                packed_factor=Fraction(32, spec.bits) if 32 % spec.bits else 32 // spec.bits,
                 weight_loader=checked("qweight"),
             )
         else:
@@ -157,18 +159,18 @@ class AFPQLinearMethod(LinearMethodBase):
             layer.register_parameter(suffix, p)
 
     def _check_shard(self, prefix: str, input_size: int, in_p: int, out_sizes: List[int]) -> None:
-        qc = self.qc
+        qc, bits = self.qc, self.spec.bits
         if qc.layout == "gptq":
-            per = math.lcm(qc.bits, 32) // qc.bits  # codes per repeating block of packed words
+            per = math.lcm(bits, 32) // bits  # codes per repeating block of packed words
             if input_size % per:
                 raise CheckpointError(
                     f"layer {prefix!r}: {input_size} input features are not a multiple of {per}, "
-                    f"which {qc.bits}-bit gptq packing needs"
+                    f"which {bits}-bit gptq packing needs"
                 )
             if in_p % per:
                 raise CheckpointError(
                     f"layer {prefix!r}: tensor parallelism splits its {input_size} input features into shards of "
-                    f"{in_p}, which is not a multiple of {per}: a shard cannot hold whole {qc.bits}-bit packed words; "
+                    f"{in_p}, which is not a multiple of {per}: a shard cannot hold whole {bits}-bit packed words; "
                     "use a smaller tensor_parallel_size"
                 )
         else:
@@ -205,19 +207,20 @@ class AFPQLinearMethod(LinearMethodBase):
         return int(layer.output_sizes[shard_id])
 
     def _checked_loader(self, layer, suffix: str, loader: Callable) -> Callable:
-        qc = self.qc
+        qc, spec = self.qc, self.spec
 
         def load(param, loaded_weight: torch.Tensor, shard_id=None):
-            key = f"{self._key(layer, shard_id)}.{suffix}"
+            name = self._key(layer, shard_id)
+            key = f"{name}.{suffix}"
             out_f = self._full_out(layer, shard_id)
             try:
-                shape, dtype = expected_layer_tensors(qc, int(layer.input_size), out_f, False)[suffix]
+                shape, dtype = expected_layer_tensors(qc, int(layer.input_size), out_f, False, spec=spec)[suffix]
             except ValueError as exc:
                 raise CheckpointError(f"tensor {key!r}: {exc}") from None
             if tuple(loaded_weight.shape) != tuple(shape):
                 raise CheckpointError(
                     f"tensor {key!r} has shape {tuple(loaded_weight.shape)}, expected {tuple(shape)} "
-                    f"({qc.format} {qc.bits}-bit, {qc.layout} layout, group_size {qc.group_size}, "
+                    f"({spec.fmt} {spec.bits}-bit, {qc.layout} layout, group_size {spec.group_size}, "
                     f"in_features {layer.input_size}, out_features {out_f})"
                 )
             if dtype is not None and loaded_weight.dtype != dtype:
@@ -231,7 +234,7 @@ class AFPQLinearMethod(LinearMethodBase):
         return load
 
     def _check_g_idx(self, layer, key: str, g: torch.Tensor) -> None:
-        groups = self.config.spec.groups(int(layer.input_size))
+        groups = self.spec.groups(int(layer.input_size))
         if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
             raise CheckpointError(f"tensor {key!r} indexes groups outside 0..{groups - 1}")
         seen = getattr(layer, "_afpq_g_idx_seen", None)

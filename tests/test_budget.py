@@ -1,0 +1,165 @@
+"""Per-layer formats under a bits budget: the allocator against brute force, costs counted as the
+peers table counts them, fused layers sharing a choice, and the per-module checkpoint through
+the loaders."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from afpq_plugins.core import budget as B
+from afpq_plugins.core.checkpoint import AFPQConfigDict, CheckpointError, config_stamp
+from afpq_plugins.core.spec import QuantSpec
+from afpq_plugins.nn import AFPQLinear
+
+
+def test_costs_counted_like_the_peers_table():
+    from afpq_plugins.study.peers import bits_per_weight as peers_bpw
+
+    for fmt, mode, g in [("nf4", "afpq", 64), ("nf3", "sym", 32), ("int4", "zp", 64), ("nf4", "afpq", 192)]:
+        s = QuantSpec(fmt, g, mode)
+        assert B.bits_per_weight(s, 576, 1536) == pytest.approx(peers_bpw(mode, s.bits, g))
+    # hand-computed: 4 x 8 layer, nf4 afpq g4: 32 codes of 4 bits + 8 columns x 1 group... 2 groups x 8 x 32 bits
+    assert B.layer_cost_bits(QuantSpec("nf4", 4, "afpq"), 8, 4) == 4 * 8 * 4 + 4 * 2 * 32
+    assert B.layer_cost_bits(QuantSpec("nf3", -1, "sym", "float32"), 8, 4) == 4 * 8 * 3 + 4 * 1 * 32
+
+
+def test_fused_units():
+    names = ["l.0.attn.q_proj", "l.0.attn.k_proj", "l.0.attn.v_proj", "l.0.attn.o_proj", "l.0.mlp.gate_proj",
+             "l.0.mlp.up_proj", "l.0.mlp.down_proj", "lm_head"]
+    assert B.fused_units(names) == [names[:3], ["l.0.attn.o_proj"], names[4:6], ["l.0.mlp.down_proj"], ["lm_head"]]
+
+
+def _brute(errors, costs, budget):
+    best = None
+    for combo in itertools.product(*[range(len(e)) for e in errors]):
+        cost = sum(costs[u][c] for u, c in enumerate(combo))
+        err = sum(errors[u][c] for u, c in enumerate(combo))
+        if cost <= budget and math.isfinite(err) and (best is None or err < best[0]):
+            best = (err, combo)
+    return best
+
+
+def test_allocator_matches_brute_force_on_a_tiny_model():
+    """Real layers, real errors (h-weighted, from random energies), a few candidates, several budgets."""
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama
+
+    from afpq_plugins.model import find_linears
+    from afpq_plugins.rtn import layer_errors
+
+    model = tiny_llama(tie=False, hidden=64)
+    lin = {n: m for n, m in find_linears(model).items() if ".layers.0." in n}  # one decoder layer: 7 Linears
+    base = QuantSpec("nf4", 32)
+    cands = [B.Candidate("nf3", 32, "afpq"), B.Candidate("nf4", 64, "sym"), B.Candidate("nf4", 32, "afpq")]
+    specs = B.candidate_specs(base, cands)
+    g = torch.Generator().manual_seed(0)
+    errs = {n: layer_errors(m.weight, torch.rand(m.in_features, generator=g) + 0.1, specs, n) for n, m in lin.items()}
+    shapes = {n: (m.in_features, m.out_features) for n, m in lin.items()}
+    units = B.fused_units(list(lin))
+    assert len(units) == 4  # qkv, o, gate/up, down
+    E = [[sum(errs[n][c] for n in u) for c in range(3)] for u in units]
+    C = [B.unit_costs(specs, shapes, u) for u in units]
+    total = sum(i * o for i, o in shapes.values())
+    for bpw in (4.0, 4.1, 4.25, 4.4, 4.6, 4.8, 5.0):  # cheapest 4.0 (nf3 afpq g32), dearest 5.0
+        budget = math.floor(bpw * total)
+        a = B.allocate(E, C, budget)
+        ref = _brute(E, C, budget)
+        assert a.exact and a.bits <= budget
+        assert a.error == pytest.approx(ref[0], rel=1e-12) and a.choice == ref[1], bpw
+    with pytest.raises(ValueError, match="below the cheapest"):
+        B.allocate(E, C, math.floor(3.9 * total))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(1, 5), st.integers(1, 4), st.integers(0, 10**6), st.floats(0.0, 1.0), st.integers(3, 50))
+def test_allocator_never_exceeds_the_budget_and_rounding_is_safe(units, cands, seed, slack, resolution):
+    g = torch.Generator().manual_seed(seed)
+    E = (torch.rand(units, cands, generator=g, dtype=torch.float64) * 10).tolist()
+    C = torch.randint(100, 10_000, (units, cands), generator=g).tolist()
+    lo, hi = sum(min(c) for c in C), sum(max(c) for c in C)
+    budget = int(lo + slack * (hi - lo))
+    a = B.allocate(E, C, budget, resolution=resolution)
+    ref = _brute(E, C, budget)
+    assert a.bits <= budget
+    assert a.error >= ref[0] - 1e-9  # never better than the optimum
+    if a.exact:
+        assert a.error == pytest.approx(ref[0])
+
+
+# -- the per-module checkpoint ------------------------------------------------------------------
+def _qc(modules, **kw):
+    return AFPQConfigDict(format="nf4", bits=4, group_size=32, mode="afpq", quantized_modules=["a", "b"],
+                          modules=modules, **kw)
+
+
+def test_uniform_checkpoints_keep_their_keys_and_stamp():
+    qc = _qc({})
+    assert "modules" not in qc.to_dict()
+    d = qc.to_dict()
+    keys = ("format", "bits", "group_size", "mode", "layout", "scale_dtype", "table")
+    blob = json.dumps({k: d[k] for k in keys}, sort_keys=True, separators=(",", ":"))
+    assert config_stamp(qc) == hashlib.sha256(blob.encode()).hexdigest()  # the stamp as before the map
+    mixed = _qc({"b": {"format": "nf3", "bits": 3, "group_size": 64, "mode": "sym"}})
+    assert mixed.to_dict()["modules"] == {"b": {"format": "nf3", "bits": 3, "group_size": 64, "mode": "sym"}}
+    assert config_stamp(mixed) != config_stamp(qc)
+    assert mixed.spec_for("a") == qc.spec and mixed.spec_for("b") == QuantSpec("nf3", 64, "sym", layout="gptq")
+    assert AFPQConfigDict.from_dict(mixed.to_dict()).spec_for("b") == mixed.spec_for("b")
+
+
+@pytest.mark.parametrize("modules,match", [
+    ({"c": {"format": "nf3"}}, "'c' is not in quantized_modules"),
+    ({"b": {"layout": "awq"}}, "unknown key 'layout'"),
+    ({"b": {"format": "nf9"}}, "unknown format"),
+    ({"b": {"format": "nf3", "bits": 4}}, "bits is 4 but format 'nf3' has 3"),
+    ({"b": {"group_size": 0}}, "group_size"),
+    ({"b": {"format": "int4", "mode": "afpq"}}, "does not support mode"),
+    ({"b": "nf3"}, "modules must be"),
+])
+def test_bad_module_entries_are_named_errors(modules, match):
+    with pytest.raises(CheckpointError, match=match):
+        AFPQConfigDict.from_dict({**_qc({}).to_dict(), "modules": modules})
+
+
+def test_budgeted_rtn_fuses_and_loads_through_every_loader(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import afpq_plugins  # noqa: F401  (transformers plugin)
+    from _tiny import tiny_llama, tiny_tokenizer
+
+    from afpq_plugins.methods import Calibration, quantize
+    from afpq_plugins.model import load_quantized, save_quantized
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), tie=False)
+    cands = (B.Candidate("nf3", 32, "afpq"), B.Candidate("nf4", 64, "sym"), B.Candidate("nf4", 32, "afpq"))
+    qc = quantize(model, tok, "rtn", QuantSpec("nf4", 32, scale_search="output"), Calibration(2, 32),
+                  progress=False, bits_budget=4.2, candidates=cands)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, AFPQLinear)}
+    # the budget holds, counted over the layers as written
+    bits = sum(B.layer_cost_bits(m.spec, m.in_features, m.out_features) for m in layers.values())
+    weights = sum(m.in_features * m.out_features for m in layers.values())
+    assert bits / weights <= 4.2 and qc.extra["bits_per_weight"] == pytest.approx(bits / weights, abs=1e-6)
+    assert len({m.spec for m in layers.values()}) > 1  # a real mixture at this budget
+    for i in range(2):  # fused layers share one choice
+        p = f"model.layers.{i}"
+        assert layers[f"{p}.self_attn.q_proj"].spec == layers[f"{p}.self_attn.k_proj"].spec == \
+            layers[f"{p}.self_attn.v_proj"].spec
+        assert layers[f"{p}.mlp.gate_proj"].spec == layers[f"{p}.mlp.up_proj"].spec
+    assert qc.modules and all(qc.spec_for(n) == layers[n].spec for n in layers)
+    out = save_quantized(model, str(tmp_path / "mix"), qc, tokenizer=tok)
+    ids = torch.randint(0, len(tok), (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        ours = load_quantized(out)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert {n: m.spec for n, m in ours.named_modules() if isinstance(m, AFPQLinear)} == \
+            {n: m.spec for n, m in layers.items()}
+        torch.testing.assert_close(ours(ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(theirs(ids).logits.float(), want, rtol=1e-5, atol=1e-5)
