@@ -99,13 +99,27 @@ def quantize_model(model, fmt: str, group_size: int, mode: Optional[str] = None,
     )
 
 
-#: name -> (format, group_size, mode, layout, act_order, bias)
+def quantize_mixed(model) -> AFPQConfigDict:
+    """Per-module settings (``quantization_config.modules``), fused layers alike: q/k/v nf4 afpq
+    g32, o_proj fp4 sym g64, gate/up nf3 zp g64, down_proj nf3 afpq g32."""
+    from afpq_plugins.core.spec import QuantSpec
+    from afpq_plugins.model import find_linears, quantize_model_rtn
+
+    base = QuantSpec("nf4", 32, "afpq")
+    by_leaf = {"o_proj": QuantSpec("fp4", 64, "sym"), "gate_proj": QuantSpec("nf3", 64, "zp"),
+               "up_proj": QuantSpec("nf3", 64, "zp"), "down_proj": QuantSpec("nf3", 32, "afpq")}
+    specs = {n: by_leaf.get(n.rpartition(".")[2], base) for n in find_linears(model)}
+    return quantize_model_rtn(model, spec=base, layer_specs=specs, progress=False)
+
+
+#: name -> (format, group_size, mode, layout, act_order, bias); format "mixed": quantize_mixed
 CASES = {
     "nf4_g32": ("nf4", 32, "afpq", "gptq", False, False),
     "fp4_sym_g64": ("fp4", 64, "sym", "gptq", False, False),
     "nf3_zp_g64": ("nf3", 64, "zp", "gptq", False, False),
     "nf4_awq_g32": ("nf4", 32, "afpq", "awq", False, False),
     "nf4_actorder_bias_g32": ("nf4", 32, "afpq", "gptq", True, True),
+    "mixed_per_module": ("mixed", None, None, "gptq", False, False),
 }
 
 
@@ -115,5 +129,5 @@ def write_case(root: str, case: str, tok=None) -> str:
     fmt, gs, mode, layout, act_order, bias = CASES[case]
     tok = tok or tiny_tokenizer()
     model = tiny_llama(len(tok), seed=0, bias=bias)
-    qc = quantize_model(model, fmt, gs, mode, layout, act_order)
+    qc = quantize_mixed(model) if fmt == "mixed" else quantize_model(model, fmt, gs, mode, layout, act_order)
     return save_quantized(model, os.path.join(root, case), qc, tokenizer=tok, overwrite=True)

@@ -41,7 +41,7 @@ NEW_TOKENS = 16
 LOGPROB_TOL = 2e-3
 #: The checkpoint whose engine runs vLLM's default torch.compile path (the others: enforce_eager).
 COMPILED = "nf4_g32"
-TP2_CASES = ["nf4_actorder_bias_g32", "nf3_zp_g64"]
+TP2_CASES = ["nf4_actorder_bias_g32", "nf3_zp_g64", "mixed_per_module"]
 SERVE_TIMEOUT_S = 420
 
 _ENGINE_RESULTS = {}
@@ -113,7 +113,8 @@ def _compare(got, want, what: str) -> float:
     return worst
 
 
-@pytest.mark.parametrize("case", ["nf4_g32", "fp4_sym_g64", "nf3_zp_g64", "nf4_awq_g32", "nf4_actorder_bias_g32"])
+@pytest.mark.parametrize("case", ["nf4_g32", "fp4_sym_g64", "nf3_zp_g64", "nf4_awq_g32", "nf4_actorder_bias_g32",
+                                  "mixed_per_module"])
 def test_greedy_and_logprobs_match_transformers(checkpoints, case):
     path = checkpoints[case]
     got = run_engine(path, eager=case != COMPILED)

@@ -46,3 +46,22 @@ def test_importing_the_adapter_does_not_import_vllm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_fused_layers_with_different_settings_are_refused_by_name():
+    """vLLM fuses q/k/v (and gate/up) into one layer: a checkpoint whose parts have different
+    per-module settings cannot be served, and the error names the layer and each part's setting."""
+    from afpq_plugins.core.checkpoint import AFPQConfigDict, CheckpointError
+    from afpq_plugins.vllm.config import AFPQVllmConfig
+
+    p = "model.layers.0.self_attn"
+    names = [f"{p}.{x}_proj" for x in "qkvo"]
+    qc = AFPQConfigDict(format="nf4", bits=4, group_size=32, mode="afpq", quantized_modules=names,
+                        modules={f"{p}.k_proj": {"format": "nf3", "group_size": 64, "mode": "sym"},
+                                 f"{p}.o_proj": {"format": "fp4", "group_size": 64, "mode": "afpq"}})
+    cfg = AFPQVllmConfig(qc)
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    with pytest.raises(CheckpointError, match=r"qkv_proj.*different settings.*k_proj=nf3/sym g64"):
+        cfg.layer_spec(f"{p}.qkv_proj")
+    assert cfg.layer_spec(f"{p}.o_proj") == qc.spec_for(f"{p}.o_proj")
+    assert cfg.layer_spec(f"{p}.o_proj").fmt == "fp4"
