@@ -19,12 +19,13 @@ import ctypes
 import glob
 import hashlib
 import os
+import struct
 import sys
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["nvrtc_library", "nvrtc_version", "available", "compile_source", "cache_dir", "Module", "Launch",
-           "CompileError"]
+           "CompileError", "cubin_resources", "supported_archs", "compile_for_device"]
 
 
 class CompileError(RuntimeError):
@@ -185,6 +186,43 @@ def compile_for_device(source: str, capability: Tuple[int, int]) -> Tuple[bytes,
     if not older:
         raise CompileError(f"this NVRTC cannot target sm_{arch} (it knows {archs})")
     return compile_source(source, max(older), ptx=True), True
+
+
+def cubin_resources(cubin: bytes) -> Dict[str, Dict[str, int]]:
+    """{kernel: {"regs": registers per thread, "frame": local-memory frame bytes}} from the
+    cubin's ``.nv.info`` attributes (EIATTR_REGCOUNT 0x2f, EIATTR_FRAME_SIZE 0x11)."""
+    out: Dict[str, Dict[str, int]] = {}
+    if cubin[:4] != b"\x7fELF" or cubin[4] != 2:
+        return out
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+
+    def cstr(off: int) -> str:
+        return cubin[off:cubin.index(b"\0", off)].decode()
+
+    names = [cstr(secs[shstrndx][4] + s[0]) for s in secs]
+    if ".symtab" not in names or ".nv.info" not in names:
+        return out
+    sym, strtab = secs[names.index(".symtab")], secs[names.index(".strtab")]
+    syms = [cstr(strtab[4] + struct.unpack_from("<I", cubin, sym[4] + 24 * i)[0]) for i in range(sym[5] // 24)]
+    info = secs[names.index(".nv.info")]
+    o, end = info[4], info[4] + info[5]
+    while o < end:
+        fmt, attr = cubin[o], cubin[o + 1]
+        if fmt == 4:  # EIFMT_SVAL: u16 size, data
+            size, = struct.unpack_from("<H", cubin, o + 2)
+            if size == 8 and attr in (0x2F, 0x11):
+                si, v = struct.unpack_from("<II", cubin, o + 4)
+                out.setdefault(syms[si], {})["regs" if attr == 0x2F else "frame"] = v
+            o += 4 + size
+        elif fmt == 3:
+            o += 4
+        elif fmt == 2:
+            o += 3
+        else:
+            o += 2
+    return out
 
 
 # -- driver API ------------------------------------------------------------------------------------

@@ -59,13 +59,16 @@ def words_per_block(bits: int) -> int:
     return 1 if bits == 4 else 3
 
 
-def chunk_blocks(bits: int, bpu: int) -> int:
-    """Blocks per prefetched chunk: 8 words in flight per thread at 4 bits (4 x 3 at 3 bits),
-    fewer when a unit is smaller (the chunk must divide the unit)."""
-    for ch in ((16, 8, 4, 2, 1) if bits == 4 else (4, 2, 1)):
-        if bpu % ch == 0:
-            return ch
-    return 1
+def chunk_blocks(bits: int, bpu: int, m: int = 1, bf16: bool = False) -> int:
+    """Blocks per prefetched chunk (the chunk must divide the unit): up to 16 words in flight
+    per thread at 4 bits (4 x 3 at 3 bits) for M <= 2 (bf16: M = 1), half that above (registers:
+    no spills, checked by ``tests/test_cuda_gemv.py`` and ``benchmarks/cuda_sass.py``)."""
+    big = m <= (1 if bf16 else 2)
+    top = (16 if big else 8) if bits == 4 else (4 if big else 2)
+    ch = top
+    while ch > 1 and bpu % ch:
+        ch //= 2
+    return ch
 
 
 def chain_codes(bits: int, bf16: bool, ch: int) -> int:
@@ -87,13 +90,14 @@ def split_group(groups: int, bpg: int) -> int:
     return bpg
 
 
-def slices(n_out: int, units: int, sms: int) -> int:
-    """K-slices (warps) per thread block: about 32 warps per SM over the grid, 4..16, never more
-    slices than units."""
+def slices(n_out: int, units: int, sms: int, m: int = 1) -> int:
+    """K-slices (warps) per thread block: about 32 warps per SM over the grid, 4..16 (8 above
+    M = 4: the kernel's launch bounds), never more slices than units."""
     blocks = -(-n_out // 32)
     want = max(1, -(-32 * sms // blocks))
+    top = 16 if m <= 4 else 8
     ks = 4
-    while ks < want and ks < 16:
+    while ks < want and ks < top:
         ks *= 2
     while ks > 1 and ks > units:
         ks //= 2
@@ -108,12 +112,15 @@ class GemvPlan:
     bpg: int    # blocks per group
     upg: int    # units per group
     bpu: int    # blocks per unit
-    ch: int     # blocks per chunk
     kp: int     # inputs in the kernel order (groups * gp)
 
     @property
     def units(self) -> int:
         return self.groups * self.upg
+
+    def ch(self, m: int, bf16: bool = False) -> int:
+        """Blocks per prefetched chunk for an M-row call."""
+        return chunk_blocks(self.bits, self.bpu, m, bf16)
 
     @property
     def cpb(self) -> int:
@@ -131,7 +138,7 @@ def make_plan(bits: int, groups: int, gp: int) -> GemvPlan:
     bpg = gp // cpb
     upg = split_group(groups, bpg)
     bpu = bpg // upg
-    return GemvPlan(bits, groups, gp, bpg, upg, bpu, chunk_blocks(bits, bpu), groups * gp)
+    return GemvPlan(bits, groups, gp, bpg, upg, bpu, groups * gp)
 
 
 def input_order(in_f: int, group_size: int, groups: int, g_idx: Optional[torch.Tensor], default: bool,

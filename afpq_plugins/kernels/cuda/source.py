@@ -32,10 +32,16 @@ from __future__ import annotations
 import struct
 from typing import Sequence
 
-__all__ = ["TEMPLATE", "render", "KERNEL_NAMES", "GATHER_NAME", "MAX_M", "MAX_THREADS"]
+__all__ = ["TEMPLATE", "render", "KERNEL_NAMES", "GATHER_NAME", "MAX_M", "MAX_THREADS", "max_threads"]
 
 MAX_M = 8
 MAX_THREADS = 512
+
+
+def max_threads(m: int) -> int:
+    """Threads per block the M-row kernel is built for (its ``__launch_bounds__``): 512 up to
+    M = 4, 256 above (room for 255 registers: the 8 accumulators and chains do not spill)."""
+    return MAX_THREADS if m <= 4 else MAX_THREADS // 2
 KERNEL_NAMES = tuple(f"afpq_gemv_m{m}" for m in range(1, MAX_M + 1))
 GATHER_NAME = "afpq_gather_x"
 
@@ -125,7 +131,9 @@ DI void build_table(float a, float b, Table& t) {
     for (int h = 0; h < 2; ++h) {
       const float g = grid[2 * j + h];
 #if AFPQ_MODE == 0
-      r[h] = ffma(g, g > 0.0f ? a : b, 0.0f);  // core: max(v,0)*s_pos + min(v,0)*s_neg (zero: +0)
+      // core: max(v, 0) * s_pos + min(v, 0) * s_neg, where one term is 0 (+0) for v != 0,
+      // and both are v * s for v = +-0 (the sign of a -0 grid value survives)
+      r[h] = g == 0.0f ? ffma(g, a, fmul(g, b)) : ffma(g, g > 0.0f ? a : b, 0.0f);
 #elif AFPQ_MODE == 1
       r[h] = fmul(g, a);
 #else
@@ -301,7 +309,8 @@ DI void gemv(const u32* __restrict__ q, const void* __restrict__ s1, const void*
 }
 
 #define AFPQ_KERNEL(MM)                                                                                  \
-  extern "C" __global__ void __launch_bounds__(AFPQ_MAX_THREADS) afpq_gemv_m##MM(                        \
+  extern "C" __global__ void __launch_bounds__(MM <= 4 ? AFPQ_MAX_THREADS : AFPQ_MAX_THREADS / 2)         \
+  afpq_gemv_m##MM(                                                                                       \
       const u32* q, const void* s1, const void* s2, const u16* x, const float* bias, u16* y, int N,      \
       int U, int UPG, int BPU, int xs, int ys) {                                                         \
     gemv<MM>(q, s1, s2, x, bias, y, N, U, UPG, BPU, xs, ys);                                             \
