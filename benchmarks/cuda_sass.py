@@ -114,7 +114,8 @@ def analyse(items: List[Tuple[str, str, str]]) -> Dict:
     steady = [insns[i][0] for i in range(lo, hi + 1) if not per_unit[i] and insns[i][0] not in skip]
     unit = [insns[i][0] for i in range(lo, hi + 1) if per_unit[i] and insns[i][0] not in skip]
     local = sum(1 for op, _ in insns if op.startswith(("LDL", "STL")))
-    return {"steady": len(steady), "unit": len(unit), "local": local, "total": len(insns),
+    loop_local = sum(1 for op, _ in insns[lo:hi + 1] if op.startswith(("LDL", "STL")))
+    return {"steady": len(steady), "unit": len(unit), "local": local, "loop_local": loop_local, "total": len(insns),
             "mix": Counter(op.split(".")[0] for op in steady)}
 
 
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     from afpq_plugins.kernels.cuda import planning
 
     print(f"NVRTC {'.'.join(map(str, nvrtc.nvrtc_version()))}, {nvd}")
-    print("| arch | bits | act | M | chunk | chain | regs | LDL+STL / frame bytes | steady insns/iter | weights/iter | "
+    print("| arch | bits | act | M | chunk | chain | regs | LDL+STL (in the loop) / frame bytes | steady insns/iter | weights/iter | "
           "steady per weight | per-unit insns | per weight at g128 | top opcodes (steady) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     dumped = False
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
                     if m == 1 and bits == 4:
                         worst = max(worst, per)
                     top = ", ".join(f"{k} {v}" for k, v in a["mix"].most_common(6))
-                    print(f"| sm_{arch} | {bits} | {dt} | {m} | {ch} | {chain} | {res.get(fn, {}).get('regs', '?')} | {a['local']}/{res.get(fn, {}).get('frame', '?')} | "
+                    print(f"| sm_{arch} | {bits} | {dt} | {m} | {ch} | {chain} | {res.get(fn, {}).get('regs', '?')} | {a['local']} ({a['loop_local']} in loop) / {res.get(fn, {}).get('frame', '?')} | "
                           f"{a['steady']} | {weights} | {per:.2f} | {a['unit']} | {amort:.2f} | {top} |")
                     if args.dump and not dumped:
                         with open(args.dump, "w") as f:

@@ -226,7 +226,7 @@ def test_plan_units_and_slices():
     assert planning.slices(4096, 32, 132) == 16
     assert planning.slices(28672, 64, 132) == 8  # 896 blocks: 32 * 132 / 896 = 4.7 warps each, rounded up
     assert planning.slices(4096, 3, 132) == 2  # never more slices than units
-    assert planning.slices(4096, 32, 132, 8) == 8  # launch bounds of the M > 4 kernels
+    assert planning.slices(4096, 32, 132, 2) == 8  # launch bounds of the M > 1 kernels (256 threads)
     assert planning.chain_codes(4, False, 16) == 16 and planning.chain_codes(4, True, 16) == 8
     assert planning.chain_codes(4, False, 1) == 8
 

@@ -92,10 +92,10 @@ def split_group(groups: int, bpg: int) -> int:
 
 def slices(n_out: int, units: int, sms: int, m: int = 1) -> int:
     """K-slices (warps) per thread block: about 32 warps per SM over the grid, 4..16 (8 above
-    M = 4: the kernel's launch bounds), never more slices than units."""
+    M = 1: the kernel's launch bounds), never more slices than units."""
     blocks = -(-n_out // 32)
     want = max(1, -(-32 * sms // blocks))
-    top = 16 if m <= 4 else 8
+    top = 16 if m <= 1 else 8
     ks = 4
     while ks < want and ks < top:
         ks *= 2

@@ -39,9 +39,9 @@ MAX_THREADS = 512
 
 
 def max_threads(m: int) -> int:
-    """Threads per block the M-row kernel is built for (its ``__launch_bounds__``): 512 up to
-    M = 4, 256 above (room for 255 registers: the 8 accumulators and chains do not spill)."""
-    return MAX_THREADS if m <= 4 else MAX_THREADS // 2
+    """Threads per block the M-row kernel is built for (its ``__launch_bounds__``): 512 for
+    M = 1, 256 above (ptxas then keeps the accumulators and chains in registers: no spills)."""
+    return MAX_THREADS if m <= 1 else MAX_THREADS // 2
 KERNEL_NAMES = tuple(f"afpq_gemv_m{m}" for m in range(1, MAX_M + 1))
 GATHER_NAME = "afpq_gather_x"
 
@@ -309,7 +309,7 @@ DI void gemv(const u32* __restrict__ q, const void* __restrict__ s1, const void*
 }
 
 #define AFPQ_KERNEL(MM)                                                                                  \
-  extern "C" __global__ void __launch_bounds__(MM <= 4 ? AFPQ_MAX_THREADS : AFPQ_MAX_THREADS / 2)         \
+  extern "C" __global__ void __launch_bounds__(MM <= 1 ? AFPQ_MAX_THREADS : AFPQ_MAX_THREADS / 2)         \
   afpq_gemv_m##MM(                                                                                       \
       const u32* q, const void* s1, const void* s2, const u16* x, const float* bias, u16* y, int N,      \
       int U, int UPG, int BPU, int xs, int ys) {                                                         \
