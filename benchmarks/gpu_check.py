@@ -1,4 +1,4 @@
-"""One prepared GPU check of the Triton kernels: correctness, speed, end-to-end decode.
+"""One prepared GPU check of the Triton kernels and the CUDA GEMV: correctness, speed, decode.
 
     make gpu-check                 # on a CUDA machine: python3 benchmarks/gpu_check.py
     make gpu-check DRY=1           # CPU dry run: Triton's interpreter, tiny shapes, seconds
@@ -9,14 +9,25 @@ and pytest, and writes everything under ``--out`` (default ``$OUT``, else
 tables) and ``gpu_check.log``. Steps, within ``--budget`` seconds overall:
 
 1. the kernel tests that CI skips without a GPU (``tests/test_triton_kernels.py -k
-   compiled``: fp16/bf16/fp32, gptq and awq layouts, 3 and 4 bits, act-order), in a
-   pytest subprocess; meanwhile worker processes compile every kernel configuration
-   the later steps time, into Triton's cache, so that timing does not wait on compilers;
+   compiled``: fp16/bf16/fp32, gptq and awq layouts, 3 and 4 bits, act-order, the
+   split-K reduction; and all of ``tests/test_cuda_gemv.py``, whose GPU tests compare the
+   CUDA GEMV with its bit-exact numpy model), in a pytest subprocess; meanwhile worker
+   processes compile every kernel configuration the later steps time, into Triton's cache,
+   so that timing does not wait on compilers;
+1b. the CUDA GEMV (``afpq_plugins.kernels.cuda``, :mod:`afpq_plugins.kernels.cuda.bench`):
+   correctness for every layout, bits, mode, act-order, padded / single groups, fp16 and
+   bf16, M = 1..8, outputs NaN-poisoned before each call (all written), within the stated
+   bound of float64, bit-exact to the numpy model (M = 1, 3, 8), CUDA-graph replay == eager
+   bit for bit (M = 1, 8); then its table at M = 1, 2, 4, 8, 16 on 4096x4096, 4096x11008,
+   11008x4096, 8192x28672 (group 128; fp4 and nf3 at M = 1): CUDA GEMV, current Triton path,
+   fp16 cuBLAS, tinygemm INT4, ratios and bandwidth against the copy of the same run;
 2. ``bench_kernels``: M in {1, 4, 16, 128, 2048} x the LLaMA-7B/13B/70B-class shapes
    (nf4; fp4 and nf3 at M = 1 and 16), group 128, against fp16 cuBLAS, torch's INT4
    kernel and the torch reference, with achieved bandwidth against a measured copy;
 3. ``bench_decode``: 8 LLaMA-2-7B-shaped decoder layers, batch 1, 128-token prompt, 128
-   new tokens, fp16 vs AFPQ nf4 g128 vs INT4, eager and CUDA graphs;
+   new tokens, fp16 vs AFPQ nf4 g128 vs INT4, eager and CUDA graphs; then the AFPQ model
+   again with the CUDA GEMV registered (decode steps on the GEMV, prefill on Triton), eager
+   and graphs, per-step graph-vs-eager difference, ratios to the fp16 / INT4 runs above;
 4. a sweep (unless ``--no-sweep``): variations around the planner's choice per row
    (``--full-sweep``: the wide grid the defaults were tuned from), until the budget runs out.
 
@@ -42,7 +53,7 @@ for p in (ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-CUDA_TESTS = ["tests/test_triton_kernels.py", "-k", "compiled"]
+CUDA_TESTS = ["tests/test_triton_kernels.py", "tests/test_cuda_gemv.py", "-k", "compiled or test_cuda_gemv"]
 
 
 class Log:
@@ -250,6 +261,11 @@ def markdown(result: Dict) -> str:
                          f"| {'-' if ge is None else f'{ge:.1e}'} |")
         lines += ["", "Checks: " + ", ".join(f"{a} = {b:.3g}" if isinstance(b, float) else f"{a} = {b}"
                                              for a, b in d["checks"].items()), ""]
+    cu = result.get("cuda")
+    if cu:
+        from afpq_plugins.kernels.cuda import bench as cb
+
+        lines += [cb.markdown(cu)]
     sw = result.get("sweeps")
     if sw:
         lines += ["## Sweep (best configuration per row)", "", bk.sweep_table(sw), ""]
@@ -270,6 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full-sweep", action="store_true", help="the wide tuning grid (minutes) instead of "
                     "variations around the planner's choices")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-triton-table", action="store_true", help="skip step 2 (the CUDA GEMV table times "
+                    "the Triton path too)")
+    ap.add_argument("--skip-cuda", action="store_true", help="skip the CUDA GEMV steps")
     ap.add_argument("--workers", type=int, default=0, help="compile workers (default: CPUs - 6, at most 10)")
     ap.add_argument("--reps", type=int, default=0)
     ap.add_argument("--warm", default=None, help=argparse.SUPPRESS)
@@ -325,15 +344,40 @@ def main(argv=None) -> int:
         log(f"tests: rc {tests.returncode}: {result['tests']['summary']} ({time.time() - t_start:.0f} s)")
     save()
 
-    # 2. kernel table
     bench = bk.Bench(dev, args.reps or (1 if dry else 30))
     bw = bk.copy_bandwidth(bench)
-    result["kernels"] = {"copy_GBps": bw, "rows": []}
     log(f"copy bandwidth: {bw} GB/s")
+
+    # 1b. the CUDA GEMV: correctness matrix, then its kernel table
+    if not args.skip_cuda:
+        from afpq_plugins.kernels.cuda import bench as cb
+
+        t0 = time.time()
+        result["cuda"] = {"copy_GBps": bw}
+        try:
+            result["cuda"]["correctness"] = cb.correctness(dev, log, dry)
+            log(f"cuda correctness: {result['cuda']['correctness']['failures']} failures of "
+                f"{result['cuda']['correctness']['checked']} ({time.time() - t0:.0f} s)")
+        except Exception as exc:
+            result["cuda"]["correctness_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+            log(f"cuda correctness error: {result['cuda']['correctness_error']}")
+        save()
+        t0 = time.time()
+        result["cuda"]["table"] = cb.kernel_table(bench, bk, tk, bw, log, deadline - 150, dry,
+                                                  ms=(1, 16) if dry else cb.TABLE_MS, fmts=("nf4",) if dry else
+                                                  ("nf4", "fp4", "nf3"))
+        result["cuda"]["targets"] = cb.targets(result["cuda"]["table"], None)
+        log(f"cuda table done ({time.time() - t0:.0f} s)")
+        save()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # 2. kernel table
+    result["kernels"] = {"copy_GBps": bw, "rows": []}
     shapes = bk.DRY_SHAPES if dry else bk.SHAPES
     ms = bk.DRY_MS if dry else bk.MS
     subjects = {}
-    for K, N in shapes:
+    for K, N in ([] if args.skip_triton_table else shapes):
         for fmt in ("nf4", "fp4", "nf3"):
             sub = bk.build_subject(bench, K, N, fmt, True)
             for M in (ms if fmt == "nf4" else other_ms(dry)):
@@ -366,6 +410,18 @@ def main(argv=None) -> int:
     result["decode"] = bd.decode_suite(dev, shape, log, afpq_backend="triton" if dry else "auto")
     log(f"decode done ({time.time() - t0:.0f} s): {result['decode']['checks']}")
     save()
+    if "cuda" in result:
+        if dev.type == "cuda":
+            t0 = time.time()
+            try:
+                result["cuda"]["decode"] = cb.decode(dev, bd, shape, log, result["decode"]["variants"])
+            except Exception as exc:
+                result["cuda"]["decode"] = {"variants": {}, "checks": {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}}
+            log(f"cuda decode done ({time.time() - t0:.0f} s): {result['cuda']['decode']['checks']}")
+        else:
+            result["cuda"]["decode_skipped"] = "dry run: no CUDA device"
+        result["cuda"]["targets"] = cb.targets(result["cuda"].get("table", []), result["cuda"].get("decode"))
+        save()
 
     # 4. sweeps
     if sweep:

@@ -39,7 +39,7 @@ import torch
 from . import nvrtc, planning, source
 from .planning import Prepared, layer_key
 
-__all__ = ["MAX_M", "why_not", "can_implement", "prepare", "linear", "register", "get_prepared", "Prepared", "kernel_source",
+__all__ = ["MAX_M", "why_not", "can_implement", "prepare", "linear", "register", "unregister", "get_prepared", "Prepared", "kernel_source",
            "launch_config", "MIN_CAPABILITY"]
 
 MAX_M = source.MAX_M
@@ -189,8 +189,10 @@ def _launcher(kind: str) -> nvrtc.Launch:
     return la
 
 
-def linear(x: torch.Tensor, layer, prepared: Optional[Prepared] = None) -> torch.Tensor:
-    """``layer(x)`` (``x`` ``[..., in]`` fp16/bf16 on CUDA, at most 8 rows) -> ``[..., out]`` in ``x.dtype``."""
+def linear(x: torch.Tensor, layer, prepared: Optional[Prepared] = None,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``layer(x)`` (``x`` ``[..., in]`` fp16/bf16 on CUDA, at most 8 rows) -> ``[..., out]`` in
+    ``x.dtype``; ``out`` (contiguous, ``[M, out]`` or ``[..., out]``, ``x.dtype``) receives it."""
     prep = prepared if prepared is not None else get_prepared(layer)
     K, N = prep.in_features, prep.out_features
     lead = x.shape[:-1]
@@ -198,9 +200,14 @@ def linear(x: torch.Tensor, layer, prepared: Optional[Prepared] = None) -> torch
     M = x2.shape[0]
     if M > MAX_M:
         raise ValueError(f"AFPQ CUDA GEMV: {M} rows > {MAX_M}")
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if out is None:
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    else:
+        if out.numel() != M * N or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {x.dtype} tensor of {M} x {N} on {x.device}")
+        y = out.view(M, N)
     if M == 0:
-        return y.reshape(*lead, N)
+        return y.reshape(*lead, N) if out is None else out
     bf16 = _ACT[x.dtype]
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
@@ -224,7 +231,7 @@ def linear(x: torch.Tensor, layer, prepared: Optional[Prepared] = None) -> torch
     for i, v in enumerate(vals):
         la.set(i, v)
     la(mod.function(source.KERNEL_NAMES[M - 1]), grid, block, smem, stream)
-    return y.reshape(*lead, N)
+    return y.reshape(*lead, N) if out is None else out
 
 
 def _apply(x: torch.Tensor, layer) -> torch.Tensor:
@@ -236,3 +243,11 @@ def register(priority: int = 150):
     from .. import Kernel, register_kernel
 
     return register_kernel(Kernel("cuda", priority, can_implement, _apply))
+
+
+def unregister() -> None:
+    """Remove the ``cuda`` kernel from the registry again (benchmarks, tests)."""
+    from .. import _KERNELS, kernels
+
+    _KERNELS.pop("cuda", None)
+    kernels.cache_clear()
