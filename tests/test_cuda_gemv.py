@@ -326,6 +326,127 @@ def test_source_renders_exact_grid():
         source.render(bits=4, mode=0, bf16=False, s1t=0, s2t=0, ch=1, chain=16, grid=[0.0] * 16)
 
 
+# -- the host launch path on a fake device --------------------------------------------------------
+#
+# ``linear`` renders the source, picks the launch, packs the arguments and calls the driver. Here
+# the driver is replaced by a stand-in that reads the rendered macros and the raw argument values
+# (pointers into host memory, ints) exactly as the kernel would, and runs the numpy model on that
+# memory: the argument order, the pointers, the grid / block / shared-memory sizes, the act-order
+# gather and ``out=`` are checked against the torch reference (float64) on CPU.
+
+import ctypes  # noqa: E402
+import re  # noqa: E402
+
+
+class _FakeModule:
+    def __init__(self, src):
+        self.macros = dict(re.findall(r"#define (AFPQ_\w+) (.*)", src))
+
+    def function(self, name):
+        return (name, self)
+
+
+def _host_array(ptr, ctype, n):
+    return np.ctypeslib.as_array((ctype * n).from_address(ptr))
+
+
+def _fake_launch(self, func, grid, block, smem, stream):
+    name, mod = func
+    mac = mod.macros
+    v = [a.value for a in self.vals]
+    if name == source.GATHER_NAME:
+        xp, kp_ptr, outp, M, Kp, xs = v
+        x = _host_array(xp, ctypes.c_uint16, M * xs).reshape(M, xs)
+        km = _host_array(kp_ptr, ctypes.c_int32, Kp)
+        out = _host_array(outp, ctypes.c_uint16, M * Kp).reshape(M, Kp)
+        assert grid[0] * block[0] >= M * Kp
+        out[:] = np.where(km[None] >= 0, x[:, np.clip(km, 0, None)], 0)
+        _fake_launch.calls.append((name, grid, block, smem))
+        return
+    M = int(name.rsplit("m", 1)[1])
+    qp, s1p, s2p, xp, bp, yp, N, U, UPG, BPU, xs, ys = v
+    bits, mode, bf16 = int(mac["AFPQ_BITS"]), int(mac["AFPQ_MODE"]), mac["AFPQ_BF16"] == "1"
+    grid_vals = [float.fromhex(t.strip().rstrip("f")) for t in mac["AFPQ_GRID"].split(",")]
+    cpb, wpb = (8, 1) if bits == 4 else (32, 3)
+    rows = U * BPU * wpb
+    groups = U // UPG
+    ks = block[0] // 32
+    assert grid == (-(-N // 32), 1, 1) and block[0] % 32 == 0 and block[0] <= source.max_threads(M)
+    assert smem == ks * M * 32 * 4
+    q = _host_array(qp, ctypes.c_uint32, rows * N).reshape(rows, N)
+
+    def param(ptr, t):
+        if t == "2":
+            return _host_array(ptr, ctypes.c_float, groups * N).reshape(groups, N).astype(np.float32)
+        h = _host_array(ptr, ctypes.c_uint16, groups * N).reshape(groups, N)
+        return pm.bf16_value(h).astype(np.float32) if t == "1" else pm.f16_value(h).astype(np.float32)
+
+    s1, s2 = param(s1p, mac["AFPQ_S1T"]), param(s2p, mac["AFPQ_S2T"])
+    kp = U * BPU * cpb
+    assert xs >= kp
+    x = _host_array(xp, ctypes.c_uint16, M * xs).reshape(M, xs)[:, :kp]
+    bias = None if not bp else _host_array(bp, ctypes.c_float, N).copy()
+    y = pm.gemv_arrays(q, s1, s2, x, bias, grid=grid_vals, mode=("afpq", "sym", "zp")[mode], bits=bits, units=U,
+                       upg=UPG, bpu=BPU, ks=ks, bf16=bf16, ch=int(mac["AFPQ_CH"]), chain=int(mac["AFPQ_CHAIN"]))
+    _host_array(yp, ctypes.c_uint16, M * ys).reshape(M, ys)[:, :N] = y
+    _fake_launch.calls.append((name, grid, block, smem))
+
+
+_fake_launch.calls = []
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    class _Stream:
+        cuda_stream = 0
+
+    monkeypatch.setattr(ck, "_module", lambda src, dev: _FakeModule(src))
+    monkeypatch.setattr(ck, "_sms", lambda dev: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(nvrtc.Launch, "__call__", _fake_launch)
+    _fake_launch.calls = []
+    return _fake_launch.calls
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[5], CASES[8]],
+                         ids=[IDS[0], IDS[2], IDS[3], IDS[5], IDS[8]])
+def test_host_launch_path_on_a_fake_device(case, fake_device):
+    layer = make_layer(*case)
+    for M, act in ((1, torch.float16), (2, torch.bfloat16), (5, torch.float16)):
+        x = torch.randn(M, layer.in_features, generator=torch.Generator().manual_seed(M)).to(act)
+        out = torch.full((M, layer.out_features), float("nan"), dtype=act)
+        y = ck.linear(x, layer, out=out)
+        assert y is out and not torch.isnan(out).any()
+        ref, absprod = reference64(layer, x)
+        prep = ck.get_prepared(layer)
+        chain = planning.chain_codes(layer.bits, act == torch.bfloat16, prep.plan.ch(M, act == torch.bfloat16))
+        err = (out.double() - ref).abs()
+        assert (err <= bound(ref, absprod, act, layer.in_features, chain)).all(), f"M={M}: max err {err.max():.3g}"
+        y2 = ck.linear(x.unsqueeze(0), layer)  # leading dims, allocated output, cached launch
+        assert y2.shape == (1, M, layer.out_features) and torch.equal(y2[0].view(torch.int16), out.view(torch.int16))
+    names = [c[0] for c in fake_device]
+    assert names.count(source.GATHER_NAME) == (6 if prep.kmap is not None else 0)  # act-order / padded groups
+    assert ck.get_prepared(layer) is prep  # cached on the layer while its buffers are unchanged
+    layer.scales.mul_(2)
+    assert ck.get_prepared(layer) is not prep  # an in-place edit invalidates it
+
+
+def test_fake_device_catches_swapped_arguments(fake_device, monkeypatch):
+    """The check above fails when two launch arguments are swapped (it can fail)."""
+    layer = make_layer(*CASES[0])
+    x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).half()
+    real_set = nvrtc.Launch.set
+
+    def swapped(self, i, value):  # scales <-> second parameter
+        real_set(self, {1: 2, 2: 1}.get(i, i) if len(self.vals) == 12 else i, value)
+
+    monkeypatch.setattr(nvrtc.Launch, "set", swapped)
+    y = ck.linear(x, layer)
+    ref, absprod = reference64(layer, x)
+    assert ((y.double() - ref).abs() > bound(ref, absprod, torch.float16, layer.in_features, 16)).any()
+
+
 # -- NVRTC: the source compiles without a GPU --------------------------------------------------
 
 COMPILE = [(4, "nf4", "afpq", False, 80), (4, "nf4", "afpq", True, 90), (3, "nf3", "afpq", False, 90),

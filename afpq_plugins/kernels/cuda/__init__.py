@@ -212,7 +212,15 @@ def linear(x: torch.Tensor, layer, prepared: Optional[Prepared] = None,
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    mod = _module(kernel_source(prep, bf16, M), dev)
+    hit = prep.launches.get((dev, bf16, M))
+    if hit is None:  # once per (device, dtype, M): render, compile or load, look up, plan the launch
+        if prep.q.device != x.device:
+            raise ValueError(f"AFPQ CUDA GEMV: input on {x.device}, weights on {prep.q.device}")
+        mod = _module(kernel_source(prep, bf16, M), dev)
+        grid, block, smem, _ = launch_config(prep, M, _sms(dev))
+        hit = prep.launches[(dev, bf16, M)] = (mod.function(source.KERNEL_NAMES[M - 1]),
+                                               mod.function(source.GATHER_NAME), grid, block, smem)
+    func, gather, grid, block, smem = hit
     stream = torch.cuda.current_stream(x.device).cuda_stream
     xs = K
     if prep.kmap is not None:
@@ -221,16 +229,15 @@ def linear(x: torch.Tensor, layer, prepared: Optional[Prepared] = None,
         g = _launcher("gather")
         for i, v in enumerate((x2.data_ptr(), prep.kmap.data_ptr(), xg.data_ptr(), M, kp, K)):
             g.set(i, v)
-        g(mod.function(source.GATHER_NAME), (-(-M * kp // 256), 1, 1), (256, 1, 1), 0, stream)
+        g(gather, (-(-M * kp // 256), 1, 1), (256, 1, 1), 0, stream)
         x2, xs = xg, kp
-    grid, block, smem, _ = launch_config(prep, M, _sms(dev))
     la = _launcher("gemv")
     vals = (prep.q.data_ptr(), prep.s1.data_ptr(), prep.s2.data_ptr(), x2.data_ptr(),
             prep.bias.data_ptr() if prep.bias is not None else None, y.data_ptr(),
             N, prep.plan.units, prep.plan.upg, prep.plan.bpu, xs, N)
     for i, v in enumerate(vals):
         la.set(i, v)
-    la(mod.function(source.KERNEL_NAMES[M - 1]), grid, block, smem, stream)
+    la(func, grid, block, smem, stream)
     return y.reshape(*lead, N) if out is None else out
 
 

@@ -241,6 +241,7 @@ class Prepared:
     extra_bytes: int                # device memory held beyond the layer's own buffers
     key: Tuple = ()
     keep: Tuple = field(default=(), repr=False)  # the layer tensors the key's ids refer to
+    launches: dict = field(default_factory=dict, repr=False)  # (device, bf16, M) -> launch tuple (host cache)
 
 
 def pad_code(fmt, mode: str) -> int:

@@ -28,7 +28,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 __all__ = ["prmt", "round_f16", "round_bf16", "round_bf16_f64", "table_entries", "planes", "decode_word4",
-           "decode_block3", "decode_codes", "halves", "emulate"]
+           "decode_block3", "decode_codes", "halves", "emulate", "gemv_arrays", "decoded_weight"]
 
 U32 = np.uint32
 
@@ -189,15 +189,25 @@ def emulate(prep, x, ks: int, bf16: bool = False, ch: int = None, chain: int = N
         xg = torch.where((km >= 0).unsqueeze(0), xm[:, km.clamp(min=0)], torch.zeros((), dtype=xm.dtype))
     else:
         xg = xm
-    xv = xg.contiguous().view(torch.int16).numpy().view(np.uint16)
-    val = bf16_value if bf16 else f16_value
-    xval = val(xv)  # float64 [M, kp]
-    N = prep.out_features
+    xbits = xg.contiguous().view(torch.int16).numpy().view(np.uint16)
     q = prep.q.cpu().numpy().astype(np.int64).astype(np.uint64).astype(U32)
     s1 = prep.s1.detach().cpu().to(torch.float32).numpy()
     s2 = prep.s2.detach().cpu().to(torch.float32).numpy()
-    mode = ("afpq", "sym", "zp")[prep.mode]
-    cpb, wpb = plan.cpb, plan.wpb
+    bias = None if prep.bias is None else prep.bias.detach().cpu().numpy().astype(np.float32)
+    return gemv_arrays(q, s1, s2, xbits, bias, grid=prep.grid, mode=("afpq", "sym", "zp")[prep.mode],
+                       bits=plan.bits, units=plan.units, upg=plan.upg, bpu=plan.bpu, ks=ks, bf16=bf16, ch=ch,
+                       chain=chain)
+
+
+def gemv_arrays(q, s1, s2, xbits, bias, *, grid, mode: str, bits: int, units: int, upg: int, bpu: int, ks: int,
+                bf16: bool, ch: int, chain: int) -> np.ndarray:
+    """:func:`emulate` on plain arrays: ``q`` uint32 ``[rows, N]`` (the kernel's code words),
+    ``s1`` / ``s2`` float32 ``[groups, N]``, ``xbits`` uint16 ``[M, >= kp]`` (kernel input order),
+    ``bias`` float32 ``[N]`` or None. Returns uint16 ``[M, N]``."""
+    val = bf16_value if bf16 else f16_value
+    xval = val(xbits)  # float64
+    M, N = xbits.shape[0], q.shape[1]
+    cpb, wpb = (8, 1) if bits == 4 else (32, 3)
 
     def fma16(a, b, c):  # one rounding of the exact a * b + c (float64 holds it exactly here)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -207,16 +217,16 @@ def emulate(prep, x, ks: int, bf16: bool = False, ch: int = None, chain: int = N
     red = np.zeros((ks, M, N), dtype=np.float32)
     for s in range(ks):
         acc = np.zeros((M, N), dtype=np.float32)
-        for u in range(s, plan.units, ks):
-            g = u // plan.upg
-            L, H = planes(table_entries(prep.grid, mode, s1[g], s2[g], bf16))  # per column
+        for u in range(s, units, ks):
+            g = u // upg
+            L, H = planes(table_entries(grid, mode, s1[g], s2[g], bf16))  # per column
             hlo = np.zeros((M, N), dtype=np.uint16)
             hhi = np.zeros((M, N), dtype=np.uint16)
-            for blk in range(u * plan.bpu, (u + 1) * plan.bpu):
+            for blk in range(u * bpu, (u + 1) * bpu):
                 r = q[blk * wpb: (blk + 1) * wpb]
                 w = decode_word4(r[0], L, H) if wpb == 1 else decode_block3(r[0], r[1], r[2], L, H)
                 wv = val(halves(w))  # [N, cpb], input order
-                j = (blk - u * plan.bpu) % ch
+                j = (blk - u * bpu) % ch
                 for e in range(cpb // 8):
                     g8 = j * (cpb // 8) + e
                     if g8 % (chain // 8) == 0:
@@ -235,8 +245,8 @@ def emulate(prep, x, ks: int, bf16: bool = False, ch: int = None, chain: int = N
     with np.errstate(over="ignore", invalid="ignore"):
         for s in range(ks):
             out = (out + red[s]).astype(np.float32)
-        if prep.bias is not None:
-            out = (out + prep.bias.detach().cpu().numpy().astype(np.float32)[None]).astype(np.float32)
+        if bias is not None:
+            out = (out + bias[None]).astype(np.float32)
     return round_bf16(out) if bf16 else round_f16(out)
 
 
