@@ -31,6 +31,11 @@ tables) and ``gpu_check.log``. Steps, within ``--budget`` seconds overall:
 4. a sweep (unless ``--no-sweep``): variations around the planner's choice per row
    (``--full-sweep``: the wide grid the defaults were tuned from), until the budget runs out.
 
+On a GPU, steps 2 and 4 (the Triton tuning tables) run only when asked for
+(``--triton-table``, ``--sweep`` / ``--full-sweep``): the CUDA GEMV table times the current
+Triton path next to the new kernel, and one default run must leave device time for a second
+(about 5 minutes on an H100 / H200). The dry run runs every step.
+
 Partial results are written after every step, so a run stopped by a time limit still
 leaves its figures. The dry run executes the same code on tiny shapes with the
 interpreter (and only collects the CUDA tests): it proves the script runs, not speed.
@@ -181,7 +186,7 @@ def start_workers(n: int, dry: bool, sweep: bool, full: bool, log_path: str) -> 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     out = open(log_path, "w")
     return [subprocess.Popen([sys.executable, __file__, "--warm", f"{i}/{n}"] + (["--dry-run"] if dry else [])
-                             + ([] if sweep else ["--no-sweep"]) + (["--full-sweep"] if full else []),
+                             + (["--sweep"] if sweep else ["--no-sweep"]) + (["--full-sweep"] if full else []),
                              cwd=ROOT, env=env, stdout=out,
                              stderr=subprocess.STDOUT) for i in range(n)]
 
@@ -286,15 +291,17 @@ def main(argv=None) -> int:
     ap.add_argument("--full-sweep", action="store_true", help="the wide tuning grid (minutes) instead of "
                     "variations around the planner's choices")
     ap.add_argument("--skip-tests", action="store_true")
-    ap.add_argument("--skip-triton-table", action="store_true", help="skip step 2 (the CUDA GEMV table times "
-                    "the Triton path too)")
+    ap.add_argument("--triton-table", action="store_true", help="on a GPU, also step 2 (the Triton table; the "
+                    "CUDA GEMV table times the Triton path too); always on in a dry run")
+    ap.add_argument("--sweep", action="store_true", help="on a GPU, also step 4 (always on in a dry run)")
     ap.add_argument("--skip-cuda", action="store_true", help="skip the CUDA GEMV steps")
     ap.add_argument("--workers", type=int, default=0, help="compile workers (default: CPUs - 6, at most 10)")
     ap.add_argument("--reps", type=int, default=0)
     ap.add_argument("--warm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     dry = args.dry_run
-    sweep = not args.no_sweep
+    triton_table = dry or args.triton_table
+    sweep = (dry or args.sweep or args.full_sweep) and not args.no_sweep
     if args.warm:
         i, n = (int(v) for v in args.warm.split("/"))
         return warm_worker(i, n, dry, sweep, args.full_sweep)
@@ -324,7 +331,7 @@ def main(argv=None) -> int:
 
     # 1. tests and compile workers, side by side
     ncpu = os.cpu_count() or 2
-    nw = args.workers or (0 if dry else max(1, min(6, ncpu - 10)))
+    nw = args.workers or (0 if dry or not triton_table else max(1, min(6, ncpu - 10)))
     test_log, warm_log = os.path.join(args.out, "tests.log"), os.path.join(args.out, "warm.log")
     tests = None if args.skip_tests else start_tests(dry, 0 if dry else max(2, min(8, ncpu // 2)), test_log)
     workers = start_workers(nw, dry, sweep, args.full_sweep, warm_log) if nw else []
@@ -377,7 +384,7 @@ def main(argv=None) -> int:
     shapes = bk.DRY_SHAPES if dry else bk.SHAPES
     ms = bk.DRY_MS if dry else bk.MS
     subjects = {}
-    for K, N in ([] if args.skip_triton_table else shapes):
+    for K, N in (shapes if triton_table else []):
         for fmt in ("nf4", "fp4", "nf3"):
             sub = bk.build_subject(bench, K, N, fmt, True)
             for M in (ms if fmt == "nf4" else other_ms(dry)):
