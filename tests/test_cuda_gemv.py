@@ -495,9 +495,10 @@ GPU_CASES = CASES + [("gptq", "nf4", "afpq", 128, False, 4096, 136)]
 @pytest.mark.parametrize("case", GPU_CASES, ids=IDS + ["gptq-nf4-afpq-g128-4096x136"])
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_gpu_kernel_equals_model_bit_for_bit(case, act):
+    cpu_layer = make_layer(*case)
     layer = make_layer(*case).cuda()
     prep = ck.prepare(layer)
-    for M in range(1, 9):
+    for M in (range(1, 9) if layer.in_features <= 512 else (1, 8)):
         x = torch.randn(M, layer.in_features, generator=torch.Generator().manual_seed(M)).to(act).cuda()
         assert ck.can_implement(x, layer) == (True, "")
         y = ck.linear(x, layer, prep)
@@ -506,8 +507,7 @@ def test_gpu_kernel_equals_model_bit_for_bit(case, act):
         want = pm.emulate(prep, x, ks, act == torch.bfloat16)
         got = y.cpu().view(torch.int16).numpy().view(np.uint16)
         assert np.array_equal(got, want), f"M={M}: {(got != want).sum()} outputs differ from the model"
-        ref, absprod = reference64(layer.cpu(), x.cpu())
-        layer.cuda()
+        ref, absprod = reference64(cpu_layer, x.cpu())
         b = bound(ref, absprod, act, layer.in_features,
                   planning.chain_codes(layer.bits, act == torch.bfloat16, prep.plan.ch(M, act == torch.bfloat16))).numpy()
         err = np.abs(y.cpu().double().numpy() - ref.numpy())
