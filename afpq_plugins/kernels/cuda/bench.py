@@ -70,6 +70,47 @@ def _bound(ref, absprod, dtype, K, chain):
     return 1.01 * ((chain // 2) * u * absprod + K * 2.0**-24 * absprod + u * ref.abs()) + 1e-30
 
 
+def sources(dry: bool) -> List[str]:
+    """Every kernel source the correctness matrix, the table and the decode harness will compile
+    (rendered from CPU copies of their layers)."""
+    from afpq_plugins.kernels import cuda as ck
+
+    K, N = DRY_SHAPE if dry else SHAPE
+    layers = [_layer(c, K, N, "cpu") for c in CASES]
+    layers += [_layer(("gptq", f, "afpq", 128, False), 256, 32, "cpu") for f in ("nf4", "fp4", "nf3")]
+    out = set()
+    for layer in layers:
+        prep = ck.prepare(layer)
+        for bf16 in (False, True):
+            for m in range(1, ck.MAX_M + 1):
+                out.add(ck.kernel_source(prep, bf16, m))
+    return sorted(out)
+
+
+def precompile(capability, log: Callable[[str], None], dry: bool, workers: int = 8) -> Dict:
+    """Compile :func:`sources` for ``capability`` in parallel threads (NVRTC releases the GIL), into
+    the memory and disk caches, so that the timed steps never wait on the compiler."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import nvrtc
+
+    t0 = time.time()
+    srcs = sources(dry)
+    errors = []
+
+    def one(src):
+        try:
+            nvrtc.compile_for_device(src, capability)
+        except Exception as exc:  # reported, and raised again at the first call
+            errors.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        list(ex.map(one, srcs))
+    res = {"sources": len(srcs), "seconds": round(time.time() - t0, 1), "errors": errors[:5]}
+    log(f"cuda precompile: {res}")
+    return res
+
+
 def correctness(device: torch.device, log: Callable[[str], None], dry: bool) -> Dict:
     """Every case x fp16/bf16 x M = 1..8: outputs NaN-poisoned before the call; within the stated
     bound of float64; equal to the bit-exact model (M = 1, 3, 8); CUDA-graph replay == eager
