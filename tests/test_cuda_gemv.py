@@ -447,6 +447,37 @@ def test_fake_device_catches_swapped_arguments(fake_device, monkeypatch):
     assert ((y.double() - ref).abs() > bound(ref, absprod, torch.float16, layer.in_features, 16)).any()
 
 
+def test_compile_failure_disables_the_kernel(fake_device, monkeypatch):
+    """A source that does not compile: one warning, the torch path for that call, then
+    can_implement says why (the registry passes the kernel over instead of failing)."""
+    def broken(src, dev):
+        raise nvrtc.CompileError("NVRTC: error: simulated")
+
+    monkeypatch.setattr(ck, "_module", broken)
+    monkeypatch.setattr(ck, "_BROKEN", {})
+    layer = make_layer(*CASES[0])
+    x = torch.randn(2, layer.in_features, generator=torch.Generator().manual_seed(0)).half()
+    with pytest.warns(RuntimeWarning, match="simulated"):
+        y = ck._apply(x, layer)
+    assert torch.equal(y, torch_ref.linear(x, layer))
+    assert "simulated" in ck._BROKEN["why"]
+    monkeypatch.setattr(ck, "_capability", lambda i: (9, 0))
+    monkeypatch.setattr(ck, "_nvrtc_ok", lambda: (True, ""))
+
+    class _CudaLike:  # passes the device checks of can_implement
+        is_cuda = True
+        shape = x.shape
+        dtype = x.dtype
+        device = layer.qweight.device
+        requires_grad = False
+
+        def numel(self):
+            return x.numel()
+
+    ok, why = ck.can_implement(_CudaLike(), layer)
+    assert not ok and "simulated" in why
+
+
 # -- NVRTC: the source compiles without a GPU --------------------------------------------------
 
 COMPILE = [(4, "nf4", "afpq", False, 80), (4, "nf4", "afpq", True, 90), (3, "nf3", "afpq", False, 90),

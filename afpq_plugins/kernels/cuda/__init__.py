@@ -104,6 +104,8 @@ def can_implement(x: torch.Tensor, layer) -> Tuple[bool, str]:
     ok, why = _nvrtc_ok()
     if not ok:
         return False, why
+    if _BROKEN:
+        return False, _BROKEN["why"]
     return True, ""
 
 
@@ -241,8 +243,24 @@ def linear(x: torch.Tensor, layer, prepared: Optional[Prepared] = None,
     return y.reshape(*lead, N) if out is None else out
 
 
+#: Set when a kernel source failed to compile or load: the registry then passes this kernel over
+#: (with this reason) instead of failing every forward.
+_BROKEN: Dict[str, str] = {}
+
+
 def _apply(x: torch.Tensor, layer) -> torch.Tensor:
-    return linear(x, layer)
+    """The registry's entry: :func:`linear`; a compile / load failure disables the kernel for the
+    process (one warning, the reason in ``explain``) and this call falls back to the torch path."""
+    try:
+        return linear(x, layer)
+    except (nvrtc.CompileError, OSError) as exc:
+        import warnings
+
+        from .. import torch_ref
+
+        _BROKEN["why"] = f"disabled after a failure: {type(exc).__name__}: {str(exc)[:200]}"
+        warnings.warn(f"AFPQ CUDA GEMV {_BROKEN['why']}; using the torch path", RuntimeWarning, stacklevel=2)
+        return torch_ref.linear(x, layer)
 
 
 def register(priority: int = 150):
