@@ -339,10 +339,10 @@ def main(argv=None) -> int:
     tests = None if args.skip_tests else start_tests(dry, 0 if dry else max(2, min(8, ncpu // 2)), test_log)
     workers = start_workers(nw, dry, sweep, args.full_sweep, warm_log) if nw else []
     pre = None
+    if not args.skip_cuda:
+        from afpq_plugins.kernels.cuda import bench as cb
     if not args.skip_cuda and dev.type == "cuda":  # compile the CUDA GEMV's sources meanwhile (threads)
         import threading
-
-        from afpq_plugins.kernels.cuda import bench as cb
 
         pre_result: Dict = {}
         pre = threading.Thread(target=lambda: pre_result.update(
@@ -371,8 +371,6 @@ def main(argv=None) -> int:
 
     # 1b. the CUDA GEMV: correctness matrix, then its kernel table
     if not args.skip_cuda:
-        from afpq_plugins.kernels.cuda import bench as cb
-
         t0 = time.time()
         result["cuda"] = {"copy_GBps": bw}
         if pre is not None:

@@ -19,8 +19,12 @@ API (``layer`` is anything with :class:`~afpq_plugins.nn.AFPQLinear`'s attribute
 
 ``can_implement(x, layer) -> (ok, reason)``  cheap, no host sync
 ``prepare(layer) -> Prepared``              the one-time plan + repack (cache it on the layer)
-``linear(x, layer, prepared=None) -> y``    the forward (prepares and caches when not given)
-``register()``                              adds the ``cuda`` kernel (priority 150) to the registry
+``linear(x, layer, prepared=None, out=None) -> y``  the forward (prepares and caches when not given)
+``register()`` / ``unregister()``           add / remove the ``cuda`` kernel (priority 150) in the registry
+
+A compile or module-load failure at a first call through the registry disables the kernel for
+the process (one warning; ``can_implement`` then gives the reason) and that call runs the torch
+path.
 
 Environment: ``AFPQ_CUDA_CACHE`` (cubin cache directory), ``AFPQ_NVRTC`` (libnvrtc path),
 ``AFPQ_CUDA_SLICES`` (force the K-slices per block: 1, 2, 4, 8 or 16; tuning).
@@ -39,8 +43,8 @@ import torch
 from . import nvrtc, planning, source
 from .planning import Prepared, layer_key
 
-__all__ = ["MAX_M", "why_not", "can_implement", "prepare", "linear", "register", "unregister", "get_prepared", "Prepared", "kernel_source",
-           "launch_config", "MIN_CAPABILITY"]
+__all__ = ["MAX_M", "MIN_CAPABILITY", "why_not", "can_implement", "prepare", "get_prepared", "linear", "register",
+           "unregister", "Prepared", "kernel_source", "launch_config"]
 
 MAX_M = source.MAX_M
 #: ``cvt.rn.f16x2.f32`` / ``bf16x2`` and ``fma.rn.bf16x2`` need sm_80.

@@ -22,7 +22,7 @@ import os
 import struct
 import sys
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 __all__ = ["nvrtc_library", "nvrtc_version", "available", "compile_source", "cache_dir", "Module", "Launch",
            "CompileError", "cubin_resources", "supported_archs", "compile_for_device"]

@@ -32,7 +32,6 @@ second parameter are read in place (``[groups, N]``, any of fp16 / bf16 / fp32).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
