@@ -58,6 +58,8 @@ for p in (ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+#: ``--cuda-only``: the CUDA GEMV's tests alone (a quick second run).
+CUDA_GEMV_TESTS = ["tests/test_cuda_gemv.py"]
 #: Longest wait for the test subprocess (it is stopped then, its log kept).
 TESTS_MAX_S = 240
 CUDA_TESTS = ["tests/test_triton_kernels.py", "tests/test_cuda_gemv.py", "-k", "compiled or test_cuda_gemv"]
@@ -103,8 +105,8 @@ def environment(dev) -> Dict:
 
 # -- step 1: tests + compile workers ------------------------------------------------------------
 
-def start_tests(dry: bool, workers: int, log_path: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS]
+def start_tests(dry: bool, workers: int, log_path: str, tests=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(tests or CUDA_TESTS)]
     if dry:
         cmd.append("--collect-only")
     elif workers > 1:
@@ -235,7 +237,8 @@ def markdown(result: Dict) -> str:
              f"nvidia-smi: {env.get('nvidia_smi', '-')}", ""]
     t = result.get("tests")
     if t:
-        lines += [f"**CUDA tests** (`pytest {' '.join(CUDA_TESTS)}`): rc {t['returncode']}, `{t['summary']}`", ""]
+        lines += [f"**CUDA tests** (`pytest {' '.join(t.get('selection', CUDA_TESTS))}`): rc {t['returncode']}, "
+                  f"`{t['summary']}`", ""]
     k = result.get("kernels")
     if k:
         bw = k.get("copy_GBps")
@@ -298,13 +301,15 @@ def main(argv=None) -> int:
                     "CUDA GEMV table times the Triton path too); always on in a dry run")
     ap.add_argument("--sweep", action="store_true", help="on a GPU, also step 4 (always on in a dry run)")
     ap.add_argument("--skip-cuda", action="store_true", help="skip the CUDA GEMV steps")
+    ap.add_argument("--cuda-only", action="store_true", help="a quick second run: of the tests only "
+                    "tests/test_cuda_gemv.py, no Triton table or sweep (the decode baselines still run)")
     ap.add_argument("--workers", type=int, default=0, help="compile workers (default: CPUs - 6, at most 10)")
     ap.add_argument("--reps", type=int, default=0)
     ap.add_argument("--warm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     dry = args.dry_run
-    triton_table = dry or args.triton_table
-    sweep = (dry or args.sweep or args.full_sweep) and not args.no_sweep
+    triton_table = (dry or args.triton_table) and not args.cuda_only
+    sweep = (dry or args.sweep or args.full_sweep) and not args.no_sweep and not args.cuda_only
     if args.warm:
         i, n = (int(v) for v in args.warm.split("/"))
         return warm_worker(i, n, dry, sweep, args.full_sweep)
@@ -336,7 +341,8 @@ def main(argv=None) -> int:
     ncpu = os.cpu_count() or 2
     nw = args.workers or (0 if dry or not triton_table else max(1, min(6, ncpu - 10)))
     test_log, warm_log = os.path.join(args.out, "tests.log"), os.path.join(args.out, "warm.log")
-    tests = None if args.skip_tests else start_tests(dry, 0 if dry else max(2, min(8, ncpu // 2)), test_log)
+    tests = None if args.skip_tests else start_tests(dry, 0 if dry else max(2, min(8, ncpu // 2)), test_log,
+                                                     CUDA_GEMV_TESTS if args.cuda_only else None)
     workers = start_workers(nw, dry, sweep, args.full_sweep, warm_log) if nw else []
     pre = None
     if not args.skip_cuda:
@@ -362,6 +368,7 @@ def main(argv=None) -> int:
             tests.kill()
             tests.wait()
         result["tests"] = test_summary(test_log, tests.returncode)
+        result["tests"]["selection"] = CUDA_GEMV_TESTS if args.cuda_only else CUDA_TESTS
         log(f"tests: rc {tests.returncode}: {result['tests']['summary']} ({time.time() - t_start:.0f} s)")
     save()
 
