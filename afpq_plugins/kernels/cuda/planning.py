@@ -211,12 +211,27 @@ def unpack3(words: torch.Tensor) -> torch.Tensor:
 def _tensor_key(t: Optional[torch.Tensor]):
     if t is None:
         return None
-    return (id(t), t.data_ptr(), None if t.is_inference() else t._version)
+    try:
+        return (id(t), t.data_ptr(), t._version)
+    except RuntimeError:  # inference tensors keep no version counter: only new tensors / storage count
+        return (id(t), t.data_ptr(), None)
 
 
 def layer_key(layer) -> Tuple:
-    """Identity of the buffers a :class:`Prepared` was built from (in-place edits, new tensors)."""
-    return (layer.mode, layer.bits, layer.layout, layer.group_size, getattr(layer.fmt, "name", None),
+    """Identity of the buffers a :class:`Prepared` was built from (in-place edits, new tensors).
+    Called on every forward: an ``nn.Module``'s buffers are read from its ``_buffers`` dict
+    (attribute access goes through ``Module.__getattr__``, about 1 us each)."""
+    d = getattr(layer, "__dict__", {})
+    bufs = d.get("_buffers")
+    if bufs is not None and "qweight" in bufs:
+        def get(name):
+            return bufs[name] if name in bufs else d.get(name)
+
+        second = layer.second
+        return (layer.mode, layer.bits, layer.layout, layer.group_size, id(d.get("fmt")),
+                _tensor_key(bufs["qweight"]), _tensor_key(bufs["scales"]), _tensor_key(second),
+                _tensor_key(get("g_idx")), _tensor_key(get("bias")))
+    return (layer.mode, layer.bits, layer.layout, layer.group_size, id(getattr(layer, "fmt", None)),
             _tensor_key(layer.qweight), _tensor_key(layer.scales), _tensor_key(layer.second),
             _tensor_key(getattr(layer, "g_idx", None)), _tensor_key(layer.bias))
 
