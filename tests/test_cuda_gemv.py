@@ -429,7 +429,10 @@ def test_host_launch_path_on_a_fake_device(case, fake_device):
     assert names.count(source.GATHER_NAME) == (6 if prep.kmap is not None else 0)  # act-order / padded groups
     assert ck.get_prepared(layer) is prep  # cached on the layer while its buffers are unchanged
     layer.scales.mul_(2)
-    assert ck.get_prepared(layer) is not prep  # an in-place edit invalidates it
+    prep2 = ck.get_prepared(layer)
+    assert prep2 is not prep  # an in-place edit invalidates it
+    layer.bias = layer.bias.clone()
+    assert ck.get_prepared(layer) is not prep2  # so does a new tensor
 
 
 def test_fake_device_catches_swapped_arguments(fake_device, monkeypatch):
