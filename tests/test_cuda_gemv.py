@@ -36,7 +36,9 @@ from afpq_plugins.nn import AFPQLinear
 NVRTC_OK, NVRTC_WHY = nvrtc.available()
 needs_nvrtc = pytest.mark.skipif(not NVRTC_OK, reason=f"libnvrtc not available: {NVRTC_WHY}")
 HAS_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU with compute capability >= 8.0")
+needs_gpu = pytest.mark.skipif(not (HAS_GPU and NVRTC_OK),
+                               reason="needs a CUDA GPU with compute capability >= 8.0 and libnvrtc"
+                               + ("" if NVRTC_OK else f" ({NVRTC_WHY})"))
 
 FORMAT_MODES = [(f, m) for f in ("fp4", "fp3", "nf4", "nf3", "int4", "int3") for m in ("afpq", "sym", "zp")
                 if get_format(f).supports(m)]
