@@ -1,4 +1,4 @@
-"""One prepared GPU check of the Triton kernels: correctness, speed, end-to-end decode.
+"""One prepared GPU check of the Triton kernels and the CUDA GEMV: correctness, speed, decode.
 
     make gpu-check                 # on a CUDA machine: python3 benchmarks/gpu_check.py
     make gpu-check DRY=1           # CPU dry run: Triton's interpreter, tiny shapes, seconds
@@ -9,16 +9,32 @@ and pytest, and writes everything under ``--out`` (default ``$OUT``, else
 tables) and ``gpu_check.log``. Steps, within ``--budget`` seconds overall:
 
 1. the kernel tests that CI skips without a GPU (``tests/test_triton_kernels.py -k
-   compiled``: fp16/bf16/fp32, gptq and awq layouts, 3 and 4 bits, act-order), in a
-   pytest subprocess; meanwhile worker processes compile every kernel configuration
-   the later steps time, into Triton's cache, so that timing does not wait on compilers;
+   compiled``: fp16/bf16/fp32, gptq and awq layouts, 3 and 4 bits, act-order, the
+   split-K reduction; and all of ``tests/test_cuda_gemv.py``, whose GPU tests compare the
+   CUDA GEMV with its bit-exact numpy model), in a pytest subprocess; meanwhile worker
+   processes compile every kernel configuration the later steps time, into Triton's cache,
+   so that timing does not wait on compilers;
+1b. the CUDA GEMV (``afpq_plugins.kernels.cuda``, :mod:`afpq_plugins.kernels.cuda.bench`):
+   correctness for every layout, bits, mode, act-order, padded / single groups, fp16 and
+   bf16, M = 1..8, outputs NaN-poisoned before each call (all written), within the stated
+   bound of float64, bit-exact to the numpy model (M = 1, 3, 8), CUDA-graph replay == eager
+   bit for bit (M = 1, 8); then its table at M = 1, 2, 4, 8, 16 on 4096x4096, 4096x11008,
+   11008x4096, 8192x28672 (group 128; fp4 and nf3 at M = 1): CUDA GEMV, current Triton path,
+   fp16 cuBLAS, tinygemm INT4, ratios and bandwidth against the copy of the same run;
 2. ``bench_kernels``: M in {1, 4, 16, 128, 2048} x the LLaMA-7B/13B/70B-class shapes
    (nf4; fp4 and nf3 at M = 1 and 16), group 128, against fp16 cuBLAS, torch's INT4
    kernel and the torch reference, with achieved bandwidth against a measured copy;
 3. ``bench_decode``: 8 LLaMA-2-7B-shaped decoder layers, batch 1, 128-token prompt, 128
-   new tokens, fp16 vs AFPQ nf4 g128 vs INT4, eager and CUDA graphs;
+   new tokens, fp16 vs AFPQ nf4 g128 vs INT4, eager and CUDA graphs; then the AFPQ model
+   again with the CUDA GEMV registered (decode steps on the GEMV, prefill on Triton), eager
+   and graphs, per-step graph-vs-eager difference, ratios to the fp16 / INT4 runs above;
 4. a sweep (unless ``--no-sweep``): variations around the planner's choice per row
    (``--full-sweep``: the wide grid the defaults were tuned from), until the budget runs out.
+
+On a GPU, steps 2 and 4 (the Triton tuning tables) run only when asked for
+(``--triton-table``, ``--sweep`` / ``--full-sweep``): the CUDA GEMV table times the current
+Triton path next to the new kernel, and one default run must leave device time for a second
+(the default budget, 480 s, fits one 600-s device command). The dry run runs every step.
 
 Partial results are written after every step, so a run stopped by a time limit still
 leaves its figures. The dry run executes the same code on tiny shapes with the
@@ -42,7 +58,11 @@ for p in (ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-CUDA_TESTS = ["tests/test_triton_kernels.py", "-k", "compiled"]
+#: ``--cuda-only``: the CUDA GEMV's tests alone (a quick second run).
+CUDA_GEMV_TESTS = ["tests/test_cuda_gemv.py"]
+#: Longest wait for the test subprocess (it is stopped then, its log kept).
+TESTS_MAX_S = 240
+CUDA_TESTS = ["tests/test_triton_kernels.py", "tests/test_cuda_gemv.py", "-k", "compiled or test_cuda_gemv"]
 
 
 class Log:
@@ -85,8 +105,8 @@ def environment(dev) -> Dict:
 
 # -- step 1: tests + compile workers ------------------------------------------------------------
 
-def start_tests(dry: bool, workers: int, log_path: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS]
+def start_tests(dry: bool, workers: int, log_path: str, tests=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(tests or CUDA_TESTS)]
     if dry:
         cmd.append("--collect-only")
     elif workers > 1:
@@ -170,7 +190,7 @@ def start_workers(n: int, dry: bool, sweep: bool, full: bool, log_path: str) -> 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     out = open(log_path, "w")
     return [subprocess.Popen([sys.executable, __file__, "--warm", f"{i}/{n}"] + (["--dry-run"] if dry else [])
-                             + ([] if sweep else ["--no-sweep"]) + (["--full-sweep"] if full else []),
+                             + (["--sweep"] if sweep else ["--no-sweep"]) + (["--full-sweep"] if full else []),
                              cwd=ROOT, env=env, stdout=out,
                              stderr=subprocess.STDOUT) for i in range(n)]
 
@@ -217,7 +237,8 @@ def markdown(result: Dict) -> str:
              f"nvidia-smi: {env.get('nvidia_smi', '-')}", ""]
     t = result.get("tests")
     if t:
-        lines += [f"**CUDA tests** (`pytest {' '.join(CUDA_TESTS)}`): rc {t['returncode']}, `{t['summary']}`", ""]
+        lines += [f"**CUDA tests** (`pytest {' '.join(t.get('selection', CUDA_TESTS))}`): rc {t['returncode']}, "
+                  f"`{t['summary']}`", ""]
     k = result.get("kernels")
     if k:
         bw = k.get("copy_GBps")
@@ -250,6 +271,11 @@ def markdown(result: Dict) -> str:
                          f"| {'-' if ge is None else f'{ge:.1e}'} |")
         lines += ["", "Checks: " + ", ".join(f"{a} = {b:.3g}" if isinstance(b, float) else f"{a} = {b}"
                                              for a, b in d["checks"].items()), ""]
+    cu = result.get("cuda")
+    if cu:
+        from afpq_plugins.kernels.cuda import bench as cb
+
+        lines += [cb.markdown(cu)]
     sw = result.get("sweeps")
     if sw:
         lines += ["## Sweep (best configuration per row)", "", bk.sweep_table(sw), ""]
@@ -265,17 +291,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "out", "gpu_check"))
-    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run (sweeps stop first)")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (sweeps stop first, "
+                    "then the CUDA GEMV table's last rows)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--full-sweep", action="store_true", help="the wide tuning grid (minutes) instead of "
                     "variations around the planner's choices")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--triton-table", action="store_true", help="on a GPU, also step 2 (the Triton table; the "
+                    "CUDA GEMV table times the Triton path too); always on in a dry run")
+    ap.add_argument("--sweep", action="store_true", help="on a GPU, also step 4 (always on in a dry run)")
+    ap.add_argument("--skip-cuda", action="store_true", help="skip the CUDA GEMV steps")
+    ap.add_argument("--cuda-only", action="store_true", help="a quick second run: of the tests only "
+                    "tests/test_cuda_gemv.py, no Triton table or sweep (the decode baselines still run)")
     ap.add_argument("--workers", type=int, default=0, help="compile workers (default: CPUs - 6, at most 10)")
     ap.add_argument("--reps", type=int, default=0)
     ap.add_argument("--warm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     dry = args.dry_run
-    sweep = not args.no_sweep
+    triton_table = (dry or args.triton_table) and not args.cuda_only
+    sweep = (dry or args.sweep or args.full_sweep) and not args.no_sweep and not args.cuda_only
     if args.warm:
         i, n = (int(v) for v in args.warm.split("/"))
         return warm_worker(i, n, dry, sweep, args.full_sweep)
@@ -305,10 +339,21 @@ def main(argv=None) -> int:
 
     # 1. tests and compile workers, side by side
     ncpu = os.cpu_count() or 2
-    nw = args.workers or (0 if dry else max(1, min(6, ncpu - 10)))
+    nw = args.workers or (0 if dry or not triton_table else max(1, min(6, ncpu - 10)))
     test_log, warm_log = os.path.join(args.out, "tests.log"), os.path.join(args.out, "warm.log")
-    tests = None if args.skip_tests else start_tests(dry, 0 if dry else max(2, min(8, ncpu // 2)), test_log)
+    tests = None if args.skip_tests else start_tests(dry, 0 if dry else max(2, min(8, ncpu // 2)), test_log,
+                                                     CUDA_GEMV_TESTS if args.cuda_only else None)
     workers = start_workers(nw, dry, sweep, args.full_sweep, warm_log) if nw else []
+    pre = None
+    if not args.skip_cuda:
+        from afpq_plugins.kernels.cuda import bench as cb
+    if not args.skip_cuda and dev.type == "cuda":  # compile the CUDA GEMV's sources meanwhile (threads)
+        import threading
+
+        pre_result: Dict = {}
+        pre = threading.Thread(target=lambda: pre_result.update(
+            cb.precompile(torch.cuda.get_device_capability(dev), log, dry, max(2, min(8, ncpu // 2)))), daemon=True)
+        pre.start()
     for w in workers:
         try:
             w.wait(timeout=max(10.0, deadline - 170 - time.time()))
@@ -317,23 +362,51 @@ def main(argv=None) -> int:
     log(f"compile workers done ({nw}) at {time.time() - t_start:.0f} s")
     if tests is not None:
         try:
-            tests.wait(timeout=max(10.0, deadline - 120 - time.time()))
+            # at most TESTS_MAX_S: the CUDA GEMV steps come next and must keep their time
+            tests.wait(timeout=max(10.0, min(deadline - 120, t_start + TESTS_MAX_S) - time.time()))
         except subprocess.TimeoutExpired:
             tests.kill()
             tests.wait()
         result["tests"] = test_summary(test_log, tests.returncode)
+        result["tests"]["selection"] = CUDA_GEMV_TESTS if args.cuda_only else CUDA_TESTS
         log(f"tests: rc {tests.returncode}: {result['tests']['summary']} ({time.time() - t_start:.0f} s)")
     save()
 
-    # 2. kernel table
     bench = bk.Bench(dev, args.reps or (1 if dry else 30))
     bw = bk.copy_bandwidth(bench)
-    result["kernels"] = {"copy_GBps": bw, "rows": []}
     log(f"copy bandwidth: {bw} GB/s")
+
+    # 1b. the CUDA GEMV: correctness matrix, then its kernel table
+    if not args.skip_cuda:
+        t0 = time.time()
+        result["cuda"] = {"copy_GBps": bw}
+        if pre is not None:
+            pre.join(timeout=max(10.0, deadline - 300 - time.time()))
+            result["cuda"]["precompile"] = dict(pre_result) or {"error": "not finished"}
+        try:
+            result["cuda"]["correctness"] = cb.correctness(dev, log, dry)
+            log(f"cuda correctness: {result['cuda']['correctness']['failures']} failures of "
+                f"{result['cuda']['correctness']['checked']} ({time.time() - t0:.0f} s)")
+        except Exception as exc:
+            result["cuda"]["correctness_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+            log(f"cuda correctness error: {result['cuda']['correctness_error']}")
+        save()
+        t0 = time.time()
+        result["cuda"]["table"] = cb.kernel_table(bench, bk, tk, bw, log, deadline - 100, dry,
+                                                  ms=(1, 16) if dry else cb.TABLE_MS, fmts=("nf4",) if dry else
+                                                  ("nf4", "fp4", "nf3"))
+        result["cuda"]["targets"] = cb.targets(result["cuda"]["table"], None)
+        log(f"cuda table done ({time.time() - t0:.0f} s)")
+        save()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # 2. kernel table
+    result["kernels"] = {"copy_GBps": bw, "rows": []}
     shapes = bk.DRY_SHAPES if dry else bk.SHAPES
     ms = bk.DRY_MS if dry else bk.MS
     subjects = {}
-    for K, N in shapes:
+    for K, N in (shapes if triton_table else []):
         for fmt in ("nf4", "fp4", "nf3"):
             sub = bk.build_subject(bench, K, N, fmt, True)
             for M in (ms if fmt == "nf4" else other_ms(dry)):
@@ -366,6 +439,18 @@ def main(argv=None) -> int:
     result["decode"] = bd.decode_suite(dev, shape, log, afpq_backend="triton" if dry else "auto")
     log(f"decode done ({time.time() - t0:.0f} s): {result['decode']['checks']}")
     save()
+    if "cuda" in result:
+        if dev.type == "cuda":
+            t0 = time.time()
+            try:
+                result["cuda"]["decode"] = cb.decode(dev, bd, shape, log, result["decode"]["variants"])
+            except Exception as exc:
+                result["cuda"]["decode"] = {"variants": {}, "checks": {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}}
+            log(f"cuda decode done ({time.time() - t0:.0f} s): {result['cuda']['decode']['checks']}")
+        else:
+            result["cuda"]["decode_skipped"] = "dry run: no CUDA device"
+        result["cuda"]["targets"] = cb.targets(result["cuda"].get("table", []), result["cuda"].get("decode"))
+        save()
 
     # 4. sweeps
     if sweep:

@@ -57,7 +57,17 @@ def test_gpu_check_dry_run(tmp_path):
     for name in ("fp16", "afpq_nf4"):
         assert dec["variants"][name]["eager"]["tokens_per_s"] > 0, name
 
+    # The CUDA GEMV section: its correctness matrix (the numpy model stands in for the kernel on
+    # CPU, checked against float64 by the script), its table rows, its targets.
+    cu = res["cuda"]
+    assert cu["correctness"]["checked"] >= 8 and cu["correctness"]["failures"] == 0, cu["correctness"]
+    assert all(r["within_bound"] and r["model_mismatches"] == 0 for r in cu["correctness"]["rows"] if "model_mismatches" in r)
+    assert {(r["fmt"], r["M"]) for r in cu["table"]} == {("nf4", 1), ("nf4", 16)}
+    m16 = next(r for r in cu["table"] if r["M"] == 16)
+    assert "M > 8" in m16["errors"]["cuda"] and m16["triton_us"] > 0 and m16["fp16_us"] > 0
+    assert cu["targets"] and cu["decode_skipped"]
+
     md = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("## Kernels", "## Targets", "## Decode", "## Sweep"):
+    for heading in ("## Kernels", "## Targets", "## Decode", "## Sweep", "## CUDA GEMV"):
         assert heading in md
     assert (tmp_path / "gpu_check.log").stat().st_size > 0
