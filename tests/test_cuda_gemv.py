@@ -315,7 +315,8 @@ def test_register_adds_a_kernel_that_passes_cpu_inputs(monkeypatch):
     finally:
         monkeypatch.undo()
         kernels.kernels.cache_clear()
-    assert "cuda" not in [k.name for k in kernels.kernels()]
+    # built in: the registry chooses it first on CUDA inputs of at most 8 rows
+    assert [k.name for k in kernels.kernels()][0] == "cuda"
 
 
 def test_source_renders_exact_grid():
@@ -463,7 +464,7 @@ def test_compile_failure_disables_the_kernel(fake_device, monkeypatch):
     layer = make_layer(*CASES[0])
     x = torch.randn(2, layer.in_features, generator=torch.Generator().manual_seed(0)).half()
     with pytest.warns(RuntimeWarning, match="simulated"):
-        y = ck._apply(x, layer)
+        y = ck.apply(x, layer)
     assert torch.equal(y, torch_ref.linear(x, layer))
     assert "simulated" in ck._BROKEN["why"]
     monkeypatch.setattr(ck, "_capability", lambda i: (9, 0))

@@ -182,9 +182,25 @@ def _cpu_apply(x: torch.Tensor, layer) -> torch.Tensor:
     return cpu.linear(x, layer)
 
 
+def _cuda_can(x: torch.Tensor, layer) -> Tuple[bool, str]:
+    if not x.is_cuda:  # checked before importing the module: CPU forwards never pay for it
+        return False, "input is not on a CUDA device"
+    from . import cuda
+
+    return cuda.can_implement(x, layer)
+
+
+def _cuda_apply(x: torch.Tensor, layer) -> torch.Tensor:
+    from . import cuda
+
+    return cuda.apply(x, layer)  # a compile failure disables it for the process and falls back
+
+
 def _register_builtin() -> None:
     if "torch" in _KERNELS:
         return
+    # CUDA register-table GEMV for M <= 8 (NVRTC, compiled at first use); Triton for the rest.
+    _KERNELS["cuda"] = Kernel("cuda", 150, _cuda_can, _cuda_apply)
     _KERNELS["torch"] = Kernel("torch", 0, lambda x, layer: (True, ""), torch_ref.linear)
     # Native CPU kernel (C++, AVX-512/AVX2/portable); falls back to torch with one warning.
     _KERNELS["cpu"] = Kernel("cpu", 50, _cpu_can, _cpu_apply)

@@ -43,7 +43,7 @@ import torch
 from . import nvrtc, planning, source
 from .planning import Prepared, layer_key
 
-__all__ = ["MAX_M", "MIN_CAPABILITY", "why_not", "can_implement", "prepare", "get_prepared", "linear", "register",
+__all__ = ["MAX_M", "MIN_CAPABILITY", "why_not", "can_implement", "prepare", "get_prepared", "linear", "apply", "register",
            "unregister", "Prepared", "kernel_source", "launch_config"]
 
 MAX_M = source.MAX_M
@@ -252,7 +252,7 @@ def linear(x: torch.Tensor, layer, prepared: Optional[Prepared] = None,
 _BROKEN: Dict[str, str] = {}
 
 
-def _apply(x: torch.Tensor, layer) -> torch.Tensor:
+def apply(x: torch.Tensor, layer) -> torch.Tensor:
     """The registry's entry: :func:`linear`; a compile / load failure disables the kernel for the
     process (one warning, the reason in ``explain``) and this call falls back to the torch path."""
     try:
@@ -271,7 +271,7 @@ def register(priority: int = 150):
     """Register this kernel as ``cuda`` in :mod:`afpq_plugins.kernels` (chosen before Triton, 100)."""
     from .. import Kernel, register_kernel
 
-    return register_kernel(Kernel("cuda", priority, can_implement, _apply))
+    return register_kernel(Kernel("cuda", priority, can_implement, apply))
 
 
 def unregister() -> None:
