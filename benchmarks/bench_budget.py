@@ -81,7 +81,7 @@ def run_cell(name, model, tok, ids, args) -> dict:
         spec_args, budget = what
         spec = QuantSpec(*spec_args[:3], scale_search=spec_args[3] if len(spec_args) > 3 else None)
         opts = {"bits_budget": budget} if budget is not None else {}
-        qc = quantize(m, tok, "rtn", spec, Calibration(*CALIB, seed=0), progress=False, **opts)
+        qc = quantize(m, tok, "rtn", spec, Calibration(*CALIB, seed=0), progress=False, fake=True, **opts)
         if budget is not None:
             res["bits_per_weight"] = qc.extra["bits_per_weight"]
             res["allocation"] = qc.extra["allocation"]

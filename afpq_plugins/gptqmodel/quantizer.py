@@ -46,12 +46,27 @@ def _base_classes():
             self.perchannel, self.grid, self.maxshrink = perchannel, grid, maxshrink
 
     class AFPQGptqModelGPTQ(GPTQ):
-        """gptqmodel's GPTQ (unchanged algorithm) whose ``create_quantizer`` hook gives the AFPQ grid."""
+        """gptqmodel's GPTQ (unchanged algorithm) whose ``create_quantizer`` hook gives the AFPQ grid.
+
+        With the output search, each group's scales minimise the output error weighted by GPTQ's
+        own ``diag(X^T X)`` (the Hessian it accumulated), walked in GPTQ's column order (as the
+        AutoGPTQ adapter does)."""
 
         quantizer_cls = AFPQGptqModelQuantizer
 
         def create_quantizer(self, name):
             return self.quantizer_cls(qcfg=self.qcfg, name=name)
+
+        def quantize(self, *args, **kwargs):
+            from ..core.output_search import ColumnCursorSearch, gptq_column_energies, is_output_search
+
+            search = type(self.quantizer).search
+            if is_output_search(search) and not isinstance(self.module, torch.nn.Embedding):
+                H = self.finalize_hessian(target_device=getattr(self.module, "target_device", None))
+                order = bool(self.qcfg.desc_act) and not bool(getattr(self.qcfg, "static_groups", False))
+                self.quantizer.search = ColumnCursorSearch(search, gptq_column_energies(H, order), name=self.name)
+                self.quantizer._ready = False
+            return super().quantize(*args, **kwargs)
 
     return AFPQGptqModelQuantizer, AFPQGptqModelGPTQ
 

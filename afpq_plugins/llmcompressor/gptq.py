@@ -36,6 +36,7 @@ from pydantic import PrivateAttr, model_validator
 
 from ..core.checkpoint import AFPQConfigDict
 from ..core.gptq import ColumnQuantizer
+from ..core.output_search import BoundOutputSearch, grouped_energies, is_output_search
 from ..core.quantize import find_params, round_params
 from ..nn.convert import linear_from_engine
 from ..nn.skeleton import set_module
@@ -139,7 +140,11 @@ class AFPQGPTQModifier(GPTQModifier):
                     W = weights[0]
                     gs = spec.effective_group_size(W.shape[1])
                     wg = W.float().reshape(W.shape[0], -1, gs)
-                    p1, p2 = round_params(*find_params(wg, f, self.mode, search=self.scale_search), mode=self.mode,
+                    search = spec.scale_search
+                    if is_output_search(search):  # weighted by GPTQ's own diag(X^T X) of this layer
+                        h = torch.diagonal(hessians[0].reshape(W.shape[1], W.shape[1])).float()
+                        search = BoundOutputSearch(search, grouped_energies(h.to(wg.device), gs), name=name)
+                    p1, p2 = round_params(*find_params(wg, f, self.mode, search=search), mode=self.mode,
                                           dtype=spec.torch_scale_dtype, name=f"{name}.weight")
                     p1, p2 = p1[..., 0].to(W.device), p2[..., 0].to(W.device)  # [rows, groups]
                     quantized, _, _ = quantize_weight(
