@@ -39,7 +39,7 @@ from .core.quantize import check_finite
 from .core.spec import QuantSpec
 
 __all__ = ["NotStreamable", "StreamResult", "quantize_rtn_streaming", "source_dtype", "Coverage", "coverage",
-           "DTYPE_NAMES"]
+           "DTYPE_NAMES", "stream_cli"]
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -240,6 +240,9 @@ def quantize_rtn_streaming(
         cfg = checkpoint_model_config(model, qc, dtype=written)
         extra = _extra_files_writer(model, tokenizer, os.path.abspath(src))
         if log is not None:
+            log(f"afpq quantize: rtn streaming tensor by tensor from {src} ({len(snap.files)} file(s), source dtype "
+                f"{source_dtype(snap)}); quantization in float32 on {device}; float tensors written as "
+                f"{dtype or 'their source dtype'}; shards of at most {max_shard_size or '5GB'} bytes")
             log(cov.before_line())
         # source order: sequential reads of each shard
         order = sorted(mapping, key=lambda k: (snap.files.index(snap.source(mapping[k])),
@@ -275,3 +278,23 @@ def quantize_rtn_streaming(
     seconds = time.perf_counter() - t0
     res = StreamResult(qc, w.path, written, read, seconds, cov)
     return res
+
+
+def stream_cli(args, spec: QuantSpec, dtype, max_shard: int, note: Callable[[str], None]) -> int:
+    """``afpq quantize --method rtn``'s streaming run (:class:`NotStreamable`: the CLI takes
+    the in-memory path)."""
+    from .data import resolve_model
+
+    path = str(resolve_model(args.model))
+    with CheckpointSnapshot(path) as snap:
+        if not snap.has_files:
+            raise NotStreamable(f"{path} has no safetensors weights (pickled .bin weights are loaded whole)")
+    res = quantize_rtn_streaming(path, args.out, spec, dtype=dtype, device=args.device, max_shard_size=max_shard,
+                                 overwrite=args.overwrite, progress=not args.quiet, require_all=args.require_all,
+                                 log=note)
+    qc, mb = res.qc, res.source_bytes / 1e6
+    print(f"quantized {len(qc.quantized_modules)} layers of {path} with rtn {spec.fmt}/{spec.mode} group "
+          f"{spec.group_size} layout {qc.layout} -> {res.path} (streaming: read {mb:.1f} MB in {res.seconds:.1f}s, "
+          f"{mb / max(res.seconds, 1e-9):.1f} MB/s)")
+    note(res.coverage.summary_line())
+    return 0

@@ -376,6 +376,11 @@ class CheckpointSnapshot:
         return self.index is not None
 
     @property
+    def has_files(self) -> bool:
+        """True when the folder has ``model.safetensors`` or an index (the files are open)."""
+        return bool(self._files)
+
+    @property
     def files(self) -> List[str]:
         """The tensor files' paths (one, or the shards)."""
         self._need_files()
