@@ -79,8 +79,8 @@ def _source_dtype(path, default):
         return (source_dtype(snap) if snap.has_files else None) or default
 
 
-def _load_any(path_arg: str):
-    """A float model folder, ``default``, or an AFPQ checkpoint -> (model, tokenizer, kind)."""
+def _load_any(path_arg: str, dtype=torch.float32):
+    """A float model folder, ``default``, or an AFPQ checkpoint -> (model, tokenizer, kind), in ``dtype``."""
     from .data import resolve_model
     from .model import is_afpq_checkpoint, load_quantized
 
@@ -102,10 +102,10 @@ def _load_any(path_arg: str):
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if qcfg is not None:
-        return load_quantized(str(path)), tok, "afpq"
+        return load_quantized(str(path), dtype=dtype), tok, "afpq"
     from .data import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(path)
+    model, tok = load_model_and_tokenizer(path, dtype)
     return model, tok, "float"
 
 
@@ -207,7 +207,10 @@ def cmd_eval(args) -> int:
     text_path = args.text or str(eval_text_path())
     if not os.path.isfile(text_path):
         return _err(f"--text {text_path!r} does not exist")
-    model, tok, kind = _load_any(args.model)
+    dtype = getattr(torch, args.dtype)
+    model, tok, kind = _load_any(args.model, dtype)
+    if not args.quiet:
+        print(f"afpq eval: {kind} model evaluated in {dtype} on cpu (--dtype)", file=sys.stderr)
     if kind == "afpq" and not args.quiet:
         print(_HF_NOTE, file=sys.stderr)
     res = perplexity(model, tok, load_text(text_path), seqlen=args.seqlen, windows=args.windows, progress=not args.quiet)
@@ -364,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=1024)
     e.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the model is evaluated in (default float32, whatever the checkpoint stores)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 

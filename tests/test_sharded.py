@@ -321,6 +321,8 @@ def test_cli_keeps_source_dtype_and_dtype_overrides(src, tmp_path, capsys):
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "float16"
     assert load_checkpoint_tensors(out2)["lm_head.weight"].dtype == torch.float16
     assert next(load_quantized(out2).parameters()).dtype == torch.float16
+    assert cli.main(["eval", out, "--windows", "1", "--seqlen", "32"]) == 0  # a bf16 checkpoint, in float32
+    assert "afpq model evaluated in torch.float32 on cpu" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tie", [True, False])
