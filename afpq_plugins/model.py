@@ -241,7 +241,8 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
     """Load an AFPQ checkpoint into its transformers architecture, with validation.
 
     One version of the folder is read (:class:`~afpq_plugins.core.checkpoint.CheckpointSnapshot`:
-    config and tensors of the same save, even while the folder is being re-saved). The
+    config and tensors of the same save, even while the folder is being re-saved; one
+    ``model.safetensors`` or transformers' shards and index). The
     architecture comes from ``config.json``'s ``model_type`` (transformers' own classes;
     custom code is never run, ``auto_map`` is ignored), is built on the meta device,
     turned into its AFPQ skeleton by :func:`afpq_plugins.nn.skeleton.build_skeleton`
@@ -262,8 +263,8 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
         names = quantized_module_names(qc, tensors)
         plan = plan_skeleton(probe, qc, names, source=src)  # each layer checked once, here
         for name, spec in plan.items():
-            validate_layer_tensors(name, tensors, qc, spec.in_features, spec.out_features, spec.has_bias, source=src,
-                                   geometry=spec.geometry)
+            validate_layer_tensors(name, tensors, qc, spec.in_features, spec.out_features, spec.has_bias,
+                                   source=snap.source(f"{name}.qweight"), geometry=spec.geometry)
         build_skeleton(probe, qc, names, source=src, plan=plan)
         for key in placeholder_keys(names):  # validated above; absent in older checkpoints
             tensors.pop(key, None)

@@ -141,9 +141,30 @@ def test_streaming_checks_each_layer_once(src, tmp_path, monkeypatch):
     assert len(calls) == len(res.qc.quantized_modules) == 14
 
 
+def test_non_finite_weight_stops_the_stream_and_writes_nothing(src, tmp_path):
+    from afpq_plugins.core.safetensors_io import load_file, save_file
+
+    bad = _copy(src, tmp_path / "nan")
+    key = "model.layers.1.mlp.up_proj.weight"
+    with CheckpointSnapshot(bad) as snap:
+        f = snap.source(key)
+    t = load_file(f)
+    t[key][3, 5] = float("nan")
+    save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=key):
+        quantize_rtn_streaming(bad, str(tmp_path / "o"), SPEC, max_shard_size=SHARD)
+    assert sorted(os.listdir(tmp_path)) == ["nan"]
+
+
 def test_output_search_and_pickled_sources_do_not_stream(src, tmp_path):
     with pytest.raises(NotStreamable, match="output scale search"):
         quantize_rtn_streaming(src, str(tmp_path / "o"), QuantSpec("nf4", 32, scale_search="output"))
+    pick = tmp_path / "pickled"
+    pick.mkdir()
+    shutil.copyfile(os.path.join(src, "config.json"), pick / "config.json")
+    torch.save({}, pick / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=f"{pick}: no model.safetensors"):
+        quantize_rtn_streaming(str(pick), str(tmp_path / "o"), SPEC)
 
 
 # -- damaged shards and index: named errors, in every loader ---------------------------------------
