@@ -162,7 +162,7 @@ def save_quantized(
         keep = {f"{n}.{s}" for n in qc.quantized_modules for s in LAYER_PARAM_SUFFIXES}
         tensors = {k: (t.to(dtype) if t.is_floating_point() and k not in keep else t) for k, t in tensors.items()}
     cfg = checkpoint_model_config(model, qc, tensors)
-    extra = _extra_files_writer(model, tokenizer, source_dir)
+    extra = extra_files_writer(model, tokenizer, source_dir)
     return write_checkpoint(out_dir, tensors, cfg, qc, extra_writer=extra, overwrite=overwrite,
                             max_shard_size=max_shard_size)
 
@@ -204,7 +204,10 @@ def tied_head_name(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _extra_files_writer(model, tokenizer=None, source_dir: Optional[str] = None):
+def extra_files_writer(model, tokenizer=None, source_dir: Optional[str] = None):
+    """``extra_writer`` of a checkpoint of ``model``: the tokenizer (saved, or its files copied
+    from ``source_dir``), the source's generation config or the model's. Both save paths (this
+    module's :func:`save_quantized` and the streaming RTN) use it."""
     def extra(tmp: str) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -300,6 +303,14 @@ def prepare_layers(model: nn.Module) -> nn.Module:
         if isinstance(mod, AFPQLinear):
             mod.prepare()
     return model
+
+
+def build_meta_model(config: dict, where: str) -> nn.Module:
+    """The transformers model of a ``config.json`` dict (by ``model_type``, no remote code),
+    built on the meta device: structure only, nothing allocated."""
+    cfg = _config_from_dict(config, where)
+    with torch.device("meta"):
+        return _build(cfg, where)
 
 
 def _config_from_dict(config: dict, where: str):

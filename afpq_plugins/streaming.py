@@ -134,16 +134,13 @@ def source_dtype(snap: CheckpointSnapshot, keys=None) -> Optional[torch.dtype]:
 
 
 def _meta_model(snap: CheckpointSnapshot):
-    from .model import _build, _config_from_dict
+    from .model import build_meta_model
 
     config = snap.config
     if isinstance(config.get("quantization_config"), dict):
         raise NotStreamable(f"{snap.config_path}: the source is already quantized "
                             f"(quant_method {config['quantization_config'].get('quant_method')!r})")
-    cfg = _config_from_dict(config, snap.config_path)
-    with torch.device("meta"):
-        model = _build(cfg, snap.config_path)
-    return model
+    return build_meta_model(config, snap.config_path)
 
 
 def _weight_sources(snap: CheckpointSnapshot, model: nn.Module, names: Sequence[str]) -> Dict[str, str]:
@@ -195,7 +192,7 @@ def quantize_rtn_streaming(
     layer's geometry, the coverage) is checked before the first byte is written; an error
     later (a non-finite weight) discards the temporary folder and leaves ``out_dir`` as it was."""
     from .core.output_search import is_output_search
-    from .model import _extra_files_writer, checkpoint_model_config, find_linears, untie_quantized_head
+    from .model import checkpoint_model_config, extra_files_writer, find_linears, untie_quantized_head
     from .nn import AFPQLinear
     from .nn.skeleton import plan_skeleton
 
@@ -238,7 +235,7 @@ def quantize_rtn_streaming(
         written = dtype or source_dtype(snap, [mapping[k] for k in float_keys]) or torch.float32
         untie_quantized_head(model, names)
         cfg = checkpoint_model_config(model, qc, dtype=written)
-        extra = _extra_files_writer(model, tokenizer, os.path.abspath(src))
+        extra = extra_files_writer(model, tokenizer, os.path.abspath(src))
         if log is not None:
             log(f"afpq quantize: rtn streaming tensor by tensor from {src} ({len(snap.files)} file(s), source dtype "
                 f"{source_dtype(snap)}); quantization in float32 on {device}; float tensors written as "

@@ -370,21 +370,25 @@ def test_quantized_head_of_tied_and_untied_models_loads_everywhere(tmp_path, tie
 
 
 # -- MoE: what stays float is said, --require-all refuses ------------------------------------------
-def _tiny_moe(path):
-    from transformers import MixtralConfig, MixtralForCausalLM
+def _tiny_moe(path, arch):
+    import transformers
 
     torch.manual_seed(0)
-    cfg = MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=256, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=128)
-    model = MixtralForCausalLM(cfg).eval()
-    model.save_pretrained(str(path))
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, num_experts_per_tok=2, max_position_embeddings=128)
+    if arch == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4, **common))
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            num_experts=4, moe_intermediate_size=64, head_dim=16, **common))
+    model.eval().save_pretrained(str(path))
     tiny_tokenizer().save_pretrained(str(path))
     return str(path), model
 
 
-def test_moe_coverage_is_stated_and_require_all_refuses(tmp_path, capsys):
-    src, model = _tiny_moe(tmp_path / "moe")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_coverage_is_stated_and_require_all_refuses(tmp_path, capsys, arch):
+    src, model = _tiny_moe(tmp_path / "moe", arch)
     fused = any(p.dim() == 3 for p in model.parameters())  # transformers 5: fused 3-D experts
     out = str(tmp_path / "q")
     assert cli.main(["quantize", src, out, "--group-size", "32"]) == 0
@@ -402,8 +406,8 @@ def test_moe_coverage_is_stated_and_require_all_refuses(tmp_path, capsys):
         assert cli.main(["quantize", src, str(tmp_path / "r"), "--group-size", "32", "--require-all"]) == 2
         assert "--require-all" in capsys.readouterr().err and not os.path.exists(tmp_path / "r")
     else:  # transformers 4.x: nn.Linear experts, quantized like any Linear
-        assert len(experts) == 2 * 4 * 3
+        assert len(experts) == 2 * 4 * 3  # 2 layers x 4 experts x (gate, up, down) / (w1, w2, w3)
         assert cli.main(["quantize", src, str(tmp_path / "r"), "--group-size", "32", "--require-all",
                          "--quiet"]) == 0
-    torch.equal(logits(load_quantized(out), torch.randint(1, 255, (1, 5))),
-                logits(load_quantized(out), torch.randint(1, 255, (1, 5))))
+    x = torch.randint(1, 255, (1, 5))
+    assert torch.isfinite(logits(load_quantized(out), x)).all()

@@ -83,6 +83,7 @@ __all__ = [
     "shard_name",
     "checkpoint_writer",
     "ShardWriter",
+    "parse_index",
 ]
 
 #: transformers' name of the sharded index, and its shard names (``model-00001-of-00003.safetensors``).
@@ -346,7 +347,7 @@ class CheckpointSnapshot:
                     "remove the stale one"
                 )
             if INDEX_NAME in names:
-                self.index = _parse_index(_read_at(dfd, INDEX_NAME), self.index_path)
+                self.index = parse_index(_read_at(dfd, INDEX_NAME), self.index_path)
                 self.weights_path = self.index_path  # what error messages name
                 for shard in sorted(set(self.index.values())):
                     if shard not in names:
@@ -487,7 +488,7 @@ def _read_at(dfd: int, name: str) -> bytes:
         return fh.read()
 
 
-def _parse_index(raw: bytes, where: str) -> Dict[str, str]:
+def parse_index(raw: bytes, where: str) -> Dict[str, str]:
     """``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name
     (a plain ``*.safetensors`` name in the folder)."""
     obj = parse_json_object(raw, where, CheckpointError)

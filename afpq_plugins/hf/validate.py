@@ -132,13 +132,13 @@ def resolve_checkpoint_files(model, checkpoint_files: Optional[Sequence[str]] = 
             return snap.files
     from transformers.utils import cached_file
 
-    from ..core.checkpoint import INDEX_NAME, WEIGHTS_NAME, _parse_index
+    from ..core.checkpoint import INDEX_NAME, WEIGHTS_NAME, parse_index
 
     idx = cached_file(src, INDEX_NAME, _raise_exceptions_for_missing_entries=False)
     one = None if idx else cached_file(src, WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False)
     if idx:
         with open(idx, "rb") as fh:
-            weight_map = _parse_index(fh.read(), idx)
+            weight_map = parse_index(fh.read(), idx)
         return [os.path.join(os.path.dirname(idx), f) for f in sorted(set(weight_map.values()))]
     if one:
         return [one]
