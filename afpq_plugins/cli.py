@@ -43,30 +43,44 @@ _HF_NOTE = ("note: afpq eval loads AFPQ checkpoints with afpq_plugins' own loade
 
 def _refuse_stripped_checkpoint(path) -> None:
     """Quantized tensors but no quantization_config (e.g. after following transformers' advice to
-    delete it) would load as a float model with random layers: refuse."""
-    from .core.safetensors_io import read_header
+    delete it) would load as a float model with random layers: refuse. Every weight file must be a
+    regular file (a FIFO would block transformers' reader)."""
+    from .core.checkpoint import CheckpointSnapshot
 
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights):
-        return
-    header, _, _ = read_header(weights)
-    quant = sorted(k for k in header if k.endswith(QUANTIZED_KEY_SUFFIXES))
+    with CheckpointSnapshot(str(path)) as snap:
+        if not snap.has_files:
+            pickled = sorted(n for n in os.listdir(str(path)) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            if pickled:
+                raise ValueError(f"{path}: holds only pickled weights ({pickled[0]}) and no safetensors: afpq reads "
+                                 "safetensors only (never unpickles); re-save the model with safetensors")
+            return
+        quant = sorted(k for k in snap.keys() if k.endswith(QUANTIZED_KEY_SUFFIXES))
+        weights = snap.source(quant[0]) if quant else None
     if quant:
         raise ValueError(f"{os.path.join(path, 'config.json')} has no quantization_config, but {weights} holds "
                          f"quantized tensors ({quant[0]!r}, ...): loaded as a float model those layers would be "
                          "random. Restore quantization_config (quant_method \"afpq\").")
 
 
-def _load_float(model_arg: str):
+def _load_float(model_arg: str, dtype=torch.float32):
     from .data import load_model_and_tokenizer, resolve_model
 
     path = resolve_model(model_arg)
-    model, tok = load_model_and_tokenizer(path)
+    model, tok = load_model_and_tokenizer(path, dtype)
     return path, model, tok
 
 
-def _load_any(path_arg: str):
-    """A float model folder, ``default``, or an AFPQ checkpoint -> (model, tokenizer, kind)."""
+def _source_dtype(path, default):
+    """The float dtype of a model folder's tensors as stored (regular files only)."""
+    from .core.checkpoint import CheckpointSnapshot
+    from .streaming import source_dtype
+
+    with CheckpointSnapshot(str(path)) as snap:
+        return (source_dtype(snap) if snap.has_files else None) or default
+
+
+def _load_any(path_arg: str, dtype=torch.float32):
+    """A float model folder, ``default``, or an AFPQ checkpoint -> (model, tokenizer, kind), in ``dtype``."""
     from .data import resolve_model
     from .model import is_afpq_checkpoint, load_quantized
 
@@ -88,10 +102,10 @@ def _load_any(path_arg: str):
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if qcfg is not None:
-        return load_quantized(str(path)), tok, "afpq"
+        return load_quantized(str(path), dtype=dtype), tok, "afpq"
     from .data import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(path)
+    model, tok = load_model_and_tokenizer(path, dtype)
     return model, tok, "float"
 
 
@@ -142,7 +156,7 @@ def _candidates(values):
 def cmd_quantize(args) -> int:
     from .core.spec import QuantSpec
     from .methods import Calibration, MethodUnavailable, get_method, quantize
-    from .model import save_quantized
+    from .model import find_linears, save_quantized
 
     try:
         fmt = get_format(args.format)
@@ -157,9 +171,36 @@ def cmd_quantize(args) -> int:
         return _err(str(exc))
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         return _err(f"OUT {args.out!r} exists and is not empty (use --overwrite)")
+    from .streaming import DTYPE_NAMES, NotStreamable, coverage, stream_cli
+    from .core.checkpoint import parse_size
+
+    try:
+        max_shard, dtype = parse_size(args.max_shard_size), DTYPE_NAMES.get(args.dtype)
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device here")
+    except (ValueError, RuntimeError) as exc:
+        return _err(str(exc))
+    note = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if method.name == "rtn" and args.bits_budget is None:  # streaming: shards in, shards out, one tensor at a time
+        try:
+            return stream_cli(args, spec, dtype, max_shard, note)
+        except NotStreamable as exc:
+            note(f"afpq quantize: rtn in memory (cannot stream: {exc})")
+    elif method.name == "rtn":
+        note("afpq quantize: rtn in memory (cannot stream: a bits budget scores every layer on calibration "
+             "activations)")
     calib = Calibration(args.nsamples, args.calib_seqlen).resolved(method)
     t0 = time.perf_counter()
-    src, model, tok = _load_float(args.model)
+    src, model, tok = _load_float(args.model, dtype or torch.float32)
+    written = _source_dtype(src, dtype or torch.float32)
+    if args.device != "cpu":
+        model.to(args.device)
+    cov = coverage(model, [n for n in find_linears(model, spec.skip)], spec.skip)
+    if args.require_all:
+        cov.require_all()
+    note(f"afpq quantize: {args.method} in memory; calibration and quantization in {dtype or torch.float32} on "
+         f"{args.device}; float tensors written as {dtype or written}; shards of at most {max_shard} bytes\n"
+         + cov.before_line())
     t1 = time.perf_counter()
     timer = contextlib.nullcontext()
     if method.calibrated and not args.quiet:
@@ -175,8 +216,10 @@ def cmd_quantize(args) -> int:
     except MethodUnavailable as exc:
         return _err(str(exc))
     t2 = time.perf_counter()
-    out = save_quantized(model, args.out, qc, tokenizer=tok, overwrite=args.overwrite)
+    out = save_quantized(model, args.out, qc, tokenizer=tok, overwrite=args.overwrite, dtype=dtype or written,
+                         max_shard_size=max_shard, source_dir=str(src))
     t3 = time.perf_counter()
+    note(coverage(model, qc.quantized_modules, spec.skip).summary_line())
     print(
         f"quantized {len(qc.quantized_modules)} layers of {src} with {args.method} {spec.fmt}/{spec.mode} "
         f"group {spec.group_size} layout {qc.layout} -> {out} "
@@ -193,7 +236,10 @@ def cmd_eval(args) -> int:
     text_path = args.text or str(eval_text_path())
     if not os.path.isfile(text_path):
         return _err(f"--text {text_path!r} does not exist")
-    model, tok, kind = _load_any(args.model)
+    dtype = getattr(torch, args.dtype)
+    model, tok, kind = _load_any(args.model, dtype)
+    if not args.quiet:
+        print(f"afpq eval: {kind} model evaluated in {dtype} on cpu (--dtype)", file=sys.stderr)
     if kind == "afpq" and not args.quiet:
         print(_HF_NOTE, file=sys.stderr)
     res = perplexity(model, tok, load_text(text_path), seqlen=args.seqlen, windows=args.windows, progress=not args.quiet)
@@ -330,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--candidates", nargs="+", default=None, metavar="FMT/MODE/gN",
                    help="the settings --bits-budget chooses from (default: nf3 and nf4, afpq and sym, g32 g64 g192)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (transformers' naming and index "
+                   "when there are several), e.g. 5GB (default), 1GB, 500MB")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the float tensors written (default: the source's) and of calibration (default float32)")
+    q.add_argument("--device", default="cpu", help="where quantization runs: cpu (default), cuda, cuda:1")
+    q.add_argument("--require-all", action="store_true",
+                   help="error if weights other than embeddings, norms and --skip would stay float (fused MoE experts)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     g = q.add_argument_group("gptq", "options of --method gptq (calibration: the Austen novels but Pride and Prejudice)")
     g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
@@ -350,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=1024)
     e.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the model is evaluated in (default float32, whatever the checkpoint stores)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 

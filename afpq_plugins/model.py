@@ -116,7 +116,23 @@ def quantize_model_rtn(
         for name, lin in reversed(done):
             set_module(model, name, lin)
         raise
+    untie_quantized_head(model, linears)
     return AFPQConfigDict.from_spec(spec, "rtn", quantized_modules=list(linears), layer_specs=specs, extra=extra)
+
+
+def untie_quantized_head(model: nn.Module, quantized) -> Optional[str]:
+    """A quantized output head that was tied to the input embedding is untied on purpose:
+    the embedding keeps its float weight, the config says ``tie_word_embeddings: false`` (so
+    no loader ties a packed layer to it). Returns the head's name when that happened."""
+    head = tied_head_name(model)
+    if head is None or head not in set(quantized):
+        return None
+    model.config.tie_word_embeddings = False
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text is not None and text is not model.config and hasattr(text, "tie_word_embeddings"):
+        text.tie_word_embeddings = False
+    log.info("%s is quantized: untied from the input embedding, which stays float", head)
+    return head
 
 
 def _state_dict_for_save(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -136,9 +152,32 @@ def _state_dict_for_save(model: nn.Module) -> Dict[str, torch.Tensor]:
 def save_quantized(
     model: nn.Module, out_dir: str, qc: AFPQConfigDict, tokenizer=None,
     source_dir: Optional[str] = None, overwrite: bool = False,
+    dtype: Optional[torch.dtype] = None, max_shard_size=None,
 ) -> str:
-    """Write ``model`` (already holding AFPQ layers) as an AFPQ checkpoint."""
+    """Write ``model`` (already holding AFPQ layers) as an AFPQ checkpoint.
+
+    ``dtype``: the float tensors (embeddings, norms, float layers, biases) are written in
+    it (default: as they are); the group parameters keep ``scale_dtype``. ``config.json``'s
+    dtype says what was written. ``max_shard_size``: see
+    :func:`~afpq_plugins.core.checkpoint.write_checkpoint`. A quantized output head whose
+    weight was tied to the embedding is written untied (the float embedding is kept,
+    ``tie_word_embeddings: false``)."""
     tensors = _state_dict_for_save(model)
+    if dtype is not None:
+        keep = {f"{n}.{s}" for n in qc.quantized_modules for s in LAYER_PARAM_SUFFIXES}
+        tensors = {k: (t.to(dtype) if t.is_floating_point() and k not in keep else t) for k, t in tensors.items()}
+    cfg = checkpoint_model_config(model, qc, tensors)
+    extra = extra_files_writer(model, tokenizer, source_dir)
+    return write_checkpoint(out_dir, tensors, cfg, qc, extra_writer=extra, overwrite=overwrite,
+                            max_shard_size=max_shard_size)
+
+
+def checkpoint_model_config(model: nn.Module, qc: AFPQConfigDict, tensors: Optional[Dict[str, torch.Tensor]] = None,
+                            dtype: Optional[torch.dtype] = None) -> dict:
+    """The ``config.json`` dict of a checkpoint of ``model`` (without ``quantization_config``):
+    the model's config, machine-specific keys dropped, ``architectures`` set, legacy RoPE
+    keys added, the dtype written (``dtype``, else the most common float dtype of ``tensors``)
+    and an output head quantized out of a tied pair marked untied."""
     cfg = model.config.to_dict() if hasattr(model, "config") else {}
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)  # machine-specific; keeps saves deterministic
@@ -148,20 +187,45 @@ def save_quantized(
         # the bare base model instead of the causal-LM head.
         cfg["architectures"] = [type(model).__name__]
     _add_legacy_rope_keys(cfg)
+    if dtype is None and tensors is not None:
+        quant = {f"{n}.{s}" for n in qc.quantized_modules for s in LAYER_PARAM_SUFFIXES}
+        dtype = _model_dtype(tensors, quant) if any(t.is_floating_point() for t in tensors.values()) else None
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+        cfg.update({k: name for k in keys})
+    head = tied_head_name(model)
+    if head is not None and head in set(qc.quantized_modules):
+        cfg["tie_word_embeddings"] = False  # the head is quantized: the embedding stays float, untied
+    return cfg
 
+
+def tied_head_name(model: nn.Module) -> Optional[str]:
+    """The output head's module name when the config ties it to the input embedding."""
+    names = tied_parameter_names(model)
+    for n in names:
+        if n.endswith(".weight"):
+            return n[: -len(".weight")]
+    return None
+
+
+def extra_files_writer(model, tokenizer=None, source_dir: Optional[str] = None):
+    """``extra_writer`` of a checkpoint of ``model``: the tokenizer (saved, or its files copied
+    from ``source_dir``), the source's generation config or the model's. Both save paths (this
+    module's :func:`save_quantized` and the streaming RTN) use it."""
     def extra(tmp: str) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        elif source_dir is not None:
+        if source_dir is not None:
             for fname in _TOKENIZER_FILES:
                 src = os.path.join(source_dir, fname)
-                if os.path.isfile(src):
+                if os.path.isfile(src) and not os.path.exists(os.path.join(tmp, fname)):
                     shutil.copyfile(src, os.path.join(tmp, fname))
         gen = getattr(model, "generation_config", None)
         if gen is not None and not os.path.exists(os.path.join(tmp, "generation_config.json")):
             gen.save_pretrained(tmp)
 
-    return write_checkpoint(out_dir, tensors, cfg, qc, extra_writer=extra, overwrite=overwrite)
+    return extra
 
 
 def _add_legacy_rope_keys(cfg: dict) -> None:
@@ -185,7 +249,8 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
     """Load an AFPQ checkpoint into its transformers architecture, with validation.
 
     One version of the folder is read (:class:`~afpq_plugins.core.checkpoint.CheckpointSnapshot`:
-    config and tensors of the same save, even while the folder is being re-saved). The
+    config and tensors of the same save, even while the folder is being re-saved; one
+    ``model.safetensors`` or transformers' shards and index). The
     architecture comes from ``config.json``'s ``model_type`` (transformers' own classes;
     custom code is never run, ``auto_map`` is ignored), is built on the meta device,
     turned into its AFPQ skeleton by :func:`afpq_plugins.nn.skeleton.build_skeleton`
@@ -206,12 +271,12 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
         names = quantized_module_names(qc, tensors)
         plan = plan_skeleton(probe, qc, names, source=src)  # each layer checked once, here
         for name, spec in plan.items():
-            validate_layer_tensors(name, tensors, qc, spec.in_features, spec.out_features, spec.has_bias, source=src,
-                                   geometry=spec.geometry)
+            validate_layer_tensors(name, tensors, qc, spec.in_features, spec.out_features, spec.has_bias,
+                                   source=snap.source(f"{name}.qweight"), geometry=spec.geometry)
         build_skeleton(probe, qc, names, source=src, plan=plan)
         for key in placeholder_keys(names):  # validated above; absent in older checkpoints
             tensors.pop(key, None)
-        tied = _check_state_dict(probe, tensors, src)
+        tied = _check_state_dict(probe, tensors, src, snap.source)
         snap.check_stamp(qc)
     del probe
     quant = {f"{n}.{s}" for n in plan for s in LAYER_PARAM_SUFFIXES}
@@ -245,6 +310,14 @@ def prepare_layers(model: nn.Module) -> nn.Module:
     return model
 
 
+def build_meta_model(config: dict, where: str) -> nn.Module:
+    """The transformers model of a ``config.json`` dict (by ``model_type``, no remote code),
+    built on the meta device: structure only, nothing allocated."""
+    cfg = _config_from_dict(config, where)
+    with torch.device("meta"):
+        return _build(cfg, where)
+
+
 def _config_from_dict(config: dict, where: str):
     """The transformers config of ``config.json``'s dict, by ``model_type`` (no remote code)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -273,7 +346,7 @@ def _build(config, where: str) -> nn.Module:
         ) from exc
 
 
-def _check_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], src: str) -> set:
+def _check_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], src: str, source=None) -> set:
     """Every model tensor present (tied ones excepted), none unexpected, shapes equal;
     returns the tied names."""
     expected = set(model.state_dict())
@@ -286,8 +359,13 @@ def _check_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], src: s
         raise CheckpointError(f"{src}: unexpected tensor {unexpected[0]!r} (not in {type(model).__name__})")
     sd = model.state_dict()
     for k, t in tensors.items():
+        where = source(k) if source is not None else src
         if tuple(sd[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"{src}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(sd[k].shape)}")
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(sd[k].shape)}")
+        if sd[k].is_floating_point() and not t.is_floating_point():
+            raise CheckpointError(
+                f"{where}: tensor {k!r} is stored as {t.dtype}, but {type(model).__name__} holds a float tensor there"
+            )
     return tied
 
 

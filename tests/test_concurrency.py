@@ -96,20 +96,23 @@ def test_transformers_loader_never_mixes_versions(versions, tmp_path):
 _SAVER = r"""
 import sys, torch
 from afpq_plugins.core.checkpoint import AFPQConfigDict, write_checkpoint
-out = sys.argv[1]
+out, shard = sys.argv[1], (int(sys.argv[2]) or None)
 qc = AFPQConfigDict(format="nf4", bits=4, group_size=32, mode="afpq")
 big = {f"t{i}": torch.full((64, 1024), float(i)) for i in range(24)}
 v = 0
 print("ready", flush=True)
 while True:
     v += 1
-    write_checkpoint(out, {**big, "version": torch.tensor([v])}, {"version": v}, qc, overwrite=True)
+    write_checkpoint(out, {**big, "version": torch.tensor([v])}, {"version": v}, qc, overwrite=True,
+                     max_shard_size=shard)
 """
 
 
-def test_killed_saves_leave_one_complete_version(tmp_path):
-    """SIGKILL a process that keeps re-saving a checkpoint, at random moments: the next
-    read finds one complete version (config and tensors agree) and no leftovers."""
+@pytest.mark.parametrize("shard", [0, 300_000], ids=["single-file", "sharded"])
+def test_killed_saves_leave_one_complete_version(tmp_path, shard):
+    """SIGKILL a process that keeps re-saving a checkpoint (one file, or shards and an index),
+    at random moments: the next read finds one complete version (config and tensors agree)
+    and no leftovers."""
     import os
     import signal
     import subprocess
@@ -124,7 +127,7 @@ def test_killed_saves_leave_one_complete_version(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                        os.environ.get("PYTHONPATH", "")])}
     for _ in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(out)], stdout=subprocess.PIPE, env=env)
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(out), str(shard)], stdout=subprocess.PIPE, env=env)
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(rng.uniform(0.05, 1.0))
         proc.send_signal(signal.SIGKILL)
@@ -133,4 +136,5 @@ def test_killed_saves_leave_one_complete_version(tmp_path):
         with CheckpointSnapshot(str(out)) as snap:
             v = snap.config["version"]
             assert int(snap.tensors()["version"]) == v
+            assert snap.sharded == (bool(shard) and v > 0) and (len(snap.files) > 1) == snap.sharded
         assert sorted(os.listdir(tmp_path)) == ["ck"], os.listdir(tmp_path)

@@ -22,13 +22,15 @@ bytes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -47,7 +49,7 @@ from .checkpoint_schema import (  # noqa: F401  (re-exported: the public names l
 from .atomic_dir import fsync_tree, leftovers, move_into_place, parent_lock, recover_interrupted_save
 from .constants import CONFIG_NAME, FORMAT_VERSION, PLACEHOLDER_SUFFIXES, QUANT_METHOD, WEIGHTS_NAME
 from .errors import CheckpointError
-from .safetensors_io import load_file, parse_json_object, read_header, save_file
+from .safetensors_io import DTYPES, open_regular, parse_json_object, read_header, read_tensor, save_file, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,42 @@ __all__ = [
     "CheckpointSnapshot",
     "recover_interrupted_save",
     "config_stamp",
+    "INDEX_NAME",
+    "DEFAULT_MAX_SHARD_SIZE",
+    "parse_size",
+    "shard_name",
+    "checkpoint_writer",
+    "ShardWriter",
+    "parse_index",
 ]
+
+#: transformers' name of the sharded index, and its shard names (``model-00001-of-00003.safetensors``).
+INDEX_NAME = "model.safetensors.index.json"
+#: transformers' default ``max_shard_size`` ("5GB", decimal).
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value) -> int:
+    """``"5GB"`` -> 5 * 10**9, ``"1GiB"`` -> 2**30, an int as is (transformers' spelling of
+    ``max_shard_size``); anything else, or a size under 1 byte, is a ``ValueError``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise ValueError(f"max_shard_size {value!r}: expected a size such as 5GB, 500MB, 1GiB or a byte count")
+        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n < 1:
+        raise ValueError(f"max_shard_size {value!r} must be at least 1 byte")
+    return n
+
+
+def shard_name(k: int, n: int) -> str:
+    """transformers' name of shard ``k`` (1-based) of ``n``."""
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
 
 # -- writing ---------------------------------------------------------------------------------
 def _json_bytes(obj) -> bytes:
@@ -103,27 +140,84 @@ def safetensors_metadata(qc: Optional[AFPQConfigDict] = None) -> Dict[str, str]:
     return meta
 
 
-def write_checkpoint(
-    out_dir: str,
-    tensors: Mapping[str, torch.Tensor],
-    model_config: Mapping,
-    qc: AFPQConfigDict,
-    extra_writer: Optional[Callable[[str], None]] = None,
-    overwrite: bool = False,
-) -> str:
-    """Write a checkpoint folder atomically and crash-safely; returns its absolute path.
+class ShardWriter:
+    """Tensors in, safetensors shards out, as they come: a shard is written (and its
+    tensors dropped) as soon as the next tensor would take it past ``max_shard_size``, so at
+    most one shard is held in memory. :meth:`finish` names the files as transformers does
+    (``model.safetensors`` when one file holds everything, else ``model-0000k-of-0000n``
+    and ``model.safetensors.index.json``). Each file carries ``metadata`` (the config stamp)."""
 
-    ``extra_writer(tmp_dir)`` may add files (tokenizer, generation config) before the
-    folder is moved into place. The refusal placeholders of each quantized layer are
-    added to ``tensors``. An existing ``out_dir`` must be an empty folder, or, with
-    ``overwrite``, an AFPQ checkpoint (anything else: :class:`CheckpointError`, or
-    ``FileExistsError`` without ``overwrite``); it is replaced only after the new folder
-    is complete and flushed to disk. Saves to one parent folder are serialized by a lock
-    on that folder; leftovers of an interrupted save are recovered or removed first
-    (:func:`recover_interrupted_save`).
-    """
+    def __init__(self, folder: str, max_shard_size=None, metadata: Optional[Dict[str, str]] = None) -> None:
+        self.folder = folder
+        self.max = parse_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
+        self.metadata = dict(metadata or {})
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_size = 0
+        self.parts: List[List[str]] = []
+        self.seen: set = set()
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.seen:
+            raise CheckpointError(f"tensor {name!r} is written twice")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+        size = tensor_nbytes(tensor)
+        if self.pending and self.pending_size + size > self.max:
+            self.flush()
+        self.seen.add(name)
+        self.pending[name] = tensor
+        self.pending_size += size
+        self.total += size
+
+    def flush(self) -> None:
+        """Write the pending tensors as the next shard."""
+        if not self.pending and self.parts:
+            return
+        save_file(self.pending, self._part(len(self.parts)), metadata=self.metadata)
+        self.parts.append(sorted(self.pending))
+        self.pending, self.pending_size = {}, 0
+
+    def _part(self, i: int) -> str:
+        return os.path.join(self.folder, f".part-{i:05d}.safetensors")
+
+    def finish(self) -> List[str]:
+        """Write the last shard, name the files, write the index; returns the file names."""
+        if self.pending or not self.parts:
+            self.flush()
+        n = len(self.parts)
+        if n == 1:
+            os.replace(self._part(0), os.path.join(self.folder, WEIGHTS_NAME))
+            return [WEIGHTS_NAME]
+        names, weight_map = [], {}
+        for i, keys in enumerate(self.parts):
+            name = shard_name(i + 1, n)
+            os.replace(self._part(i), os.path.join(self.folder, name))
+            names.append(name)
+            weight_map.update({k: name for k in keys})
+        meta = {"total_size": self.total}
+        if STAMP_METADATA_KEY in self.metadata:
+            meta[STAMP_METADATA_KEY] = self.metadata[STAMP_METADATA_KEY]
+        with open(os.path.join(self.folder, INDEX_NAME), "wb") as fh:
+            fh.write(_json_bytes({"metadata": meta, "weight_map": weight_map}))
+        return names + [INDEX_NAME]
+
+
+@contextlib.contextmanager
+def checkpoint_writer(
+    out_dir: str, model_config: Mapping, qc: AFPQConfigDict,
+    extra_writer: Optional[Callable[[str], None]] = None, overwrite: bool = False, max_shard_size=None,
+) -> Iterator[ShardWriter]:
+    """The one way a checkpoint folder is written: ``with checkpoint_writer(...) as w:
+    w.add(name, tensor) ...``. Tensors go to shards in a temporary sibling folder as they
+    come (:class:`ShardWriter`); when the block ends without an error the index,
+    ``config.json`` (``model_config`` plus ``quantization_config``) and ``extra_writer``'s
+    files are added, everything is flushed to disk and the folder takes ``out_dir``'s place
+    in one step (the rules of :func:`write_checkpoint`). An error, or a crash, leaves
+    ``out_dir`` as it was. The caller adds the refusal placeholders
+    (:func:`with_refusal_placeholders`); ``w.path`` is the final path."""
     out_dir = os.path.abspath(out_dir)
-    tensors = with_refusal_placeholders(tensors, quantized_module_names(qc, tensors))
+    max_shard_size = parse_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     with parent_lock(parent):
@@ -132,11 +226,14 @@ def write_checkpoint(
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
         try:
+            writer = ShardWriter(tmp, max_shard_size, safetensors_metadata(qc))
+            writer.path = out_dir
+            yield writer
+            writer.finish()
             config = dict(model_config)
             config["quantization_config"] = qc.to_dict()
             with open(os.path.join(tmp, CONFIG_NAME), "wb") as fh:
                 fh.write(_json_bytes(config))
-            save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=safetensors_metadata(qc))
             if extra_writer is not None:
                 extra_writer(tmp)
             fsync_tree(tmp)
@@ -144,7 +241,36 @@ def write_checkpoint(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return out_dir
+
+
+def write_checkpoint(
+    out_dir: str,
+    tensors: Mapping[str, torch.Tensor],
+    model_config: Mapping,
+    qc: AFPQConfigDict,
+    extra_writer: Optional[Callable[[str], None]] = None,
+    overwrite: bool = False,
+    max_shard_size=None,
+) -> str:
+    """Write a checkpoint folder atomically and crash-safely; returns its absolute path.
+
+    ``extra_writer(tmp_dir)`` may add files (tokenizer, generation config) before the
+    folder is moved into place. The refusal placeholders of each quantized layer are
+    added to ``tensors``. Tensors go, in name order, into shards of at most
+    ``max_shard_size`` (bytes or ``"5GB"``-style, default 5GB as transformers; a tensor
+    larger than that gets a shard of its own): one ``model.safetensors`` when they fit,
+    else ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json``. An
+    existing ``out_dir`` must be an empty folder, or, with ``overwrite``, an AFPQ
+    checkpoint (anything else: :class:`CheckpointError`, or ``FileExistsError`` without
+    ``overwrite``); it is replaced only after the new folder is complete and flushed to
+    disk. Saves to one parent folder are serialized by a lock on that folder; leftovers of
+    an interrupted save are recovered or removed first (:func:`recover_interrupted_save`).
+    """
+    tensors = with_refusal_placeholders(tensors, quantized_module_names(qc, tensors))
+    with checkpoint_writer(out_dir, model_config, qc, extra_writer, overwrite, max_shard_size) as w:
+        for name in sorted(tensors):
+            w.add(name, tensors[name])
+    return w.path
 
 
 def _check_replaceable(out_dir: str, overwrite: bool) -> None:
@@ -165,19 +291,26 @@ def _check_replaceable(out_dir: str, overwrite: bool) -> None:
 
 # -- reading: one version of a folder ---------------------------------------------------------
 class CheckpointSnapshot:
-    """``config.json`` and ``model.safetensors`` of one version of a checkpoint folder.
+    """``config.json`` and the tensor file(s) of one version of a checkpoint folder.
 
-    The folder is opened once (a directory descriptor) and both files are opened
-    through it, so a save that replaces the folder meanwhile cannot mix one version's
-    config with another's tensors (if the old version is deleted before its files are
-    open, the folder is opened again, up to ``retries`` times). The tensor file stays
-    open until :meth:`close` (or the end of a ``with`` block): every tensor read comes
-    from the version the config was read from. The config's stamp of the decoding keys,
-    when the file has one, must match the tensors' (:func:`config_stamp`).
+    The tensors are ``model.safetensors``, or the shards ``model.safetensors.index.json``
+    lists (transformers' layout; a folder with both is refused: which one is meant?). The
+    folder is opened once (a directory descriptor) and every file is opened through it, so
+    a save that replaces the folder meanwhile cannot mix one version's config with
+    another's tensors (if the old version is deleted before its files are open, the folder
+    is opened again, up to ``retries`` times). The files stay open until :meth:`close` (or
+    the end of a ``with`` block): every tensor read comes from the version the config was
+    read from. Only regular files are opened (a FIFO, device or socket is a named error,
+    never a blocked read). Headers are read strictly (:func:`read_header`); the index and
+    the shards must agree key for key; each file's stamp of the decoding keys, when it has
+    one, must match the config's (:meth:`check_stamp`).
     """
 
     def __init__(self, path: str, retries: int = 5) -> None:
         self.path = str(path)
+        self._files: List[Tuple[str, object]] = []
+        self._headers: Optional[Dict[str, Tuple[str, dict, int]]] = None
+        self._meta: Dict[str, Dict[str, str]] = {}
         try:
             recover_interrupted_save(self.path)
         except OSError as exc:  # a read-only parent folder, say: reading goes on without it
@@ -188,6 +321,7 @@ class CheckpointSnapshot:
                 self._open()
                 break
             except FileNotFoundError as exc:  # the version we opened was deleted under us
+                self.close()
                 last = exc
         else:
             raise CheckpointError(f"{self.path}: the folder kept changing while it was opened ({last})")
@@ -204,10 +338,24 @@ class CheckpointSnapshot:
             names = set(os.listdir(dfd))
             self.config_path = os.path.join(path, CONFIG_NAME)
             self._config = _parse_config(_read_at(dfd, CONFIG_NAME), self.config_path) if CONFIG_NAME in names else None
+            self.index_path = os.path.join(path, INDEX_NAME)
             self.weights_path = os.path.join(path, WEIGHTS_NAME)
-            self._weights = None
-            if WEIGHTS_NAME in names:
-                self._weights = os.fdopen(os.open(WEIGHTS_NAME, os.O_RDONLY, dir_fd=dfd), "rb")
+            self.index: Optional[Dict[str, str]] = None
+            self._files = []
+            if WEIGHTS_NAME in names and INDEX_NAME in names:
+                raise CheckpointError(
+                    f"{path}: holds both {WEIGHTS_NAME} and {INDEX_NAME}: one checkpoint has one or the other; "
+                    "remove the stale one"
+                )
+            if INDEX_NAME in names:
+                self.index = parse_index(_read_at(dfd, INDEX_NAME), self.index_path)
+                self.weights_path = self.index_path  # what error messages name
+                for shard in sorted(set(self.index.values())):
+                    if shard not in names:
+                        raise CheckpointError(f"{os.path.join(path, shard)}: shard listed in {INDEX_NAME} is missing")
+                    self._files.append((os.path.join(path, shard), open_regular(shard, dfd, CheckpointError)))
+            elif WEIGHTS_NAME in names:
+                self._files.append((self.weights_path, open_regular(WEIGHTS_NAME, dfd, CheckpointError)))
         finally:
             os.close(dfd)
 
@@ -226,28 +374,108 @@ class CheckpointSnapshot:
 
     # -- tensors ------------------------------------------------------------------------
     @property
-    def weights(self):
-        if self._weights is None:
-            raise CheckpointError(f"{self.path}: no {WEIGHTS_NAME}")
-        return self._weights
+    def sharded(self) -> bool:
+        return self.index is not None
+
+    @property
+    def has_files(self) -> bool:
+        """True when the folder has ``model.safetensors`` or an index (the files are open)."""
+        return bool(self._files)
+
+    @property
+    def files(self) -> List[str]:
+        """The tensor files' paths (one, or the shards)."""
+        self._need_files()
+        return [p for p, _ in self._files]
+
+    def _need_files(self) -> None:
+        if not self._files:
+            raise CheckpointError(f"{self.path}: no {WEIGHTS_NAME} or {INDEX_NAME} (AFPQ checkpoints and "
+                                  "streamed models are safetensors)")
+
+    def headers(self) -> Dict[str, Tuple[str, dict, int]]:
+        """``{tensor: (file, header entry, data start)}`` over every file, each header read
+        strictly once; the index (when sharded) must list exactly each shard's tensors."""
+        if self._headers is not None:
+            return self._headers
+        self._need_files()
+        where: Dict[str, Tuple[str, dict, int]] = {}
+        for path, fh in self._files:
+            header, self._meta[path], start = read_header(fh, path)
+            shard = os.path.basename(path)
+            for name, info in header.items():
+                if name in where:
+                    raise CheckpointError(f"{path}: tensor {name!r} also appears in {where[name][0]}")
+                if self.index is not None and self.index.get(name) != shard:
+                    listed = self.index.get(name)
+                    raise CheckpointError(
+                        f"{path}: holds tensor {name!r}, which {INDEX_NAME} "
+                        + (f"puts in {listed}" if listed else "does not list")
+                        + " (a shard of another checkpoint?)"
+                    )
+                where[name] = (path, info, start)
+        if self.index is not None:
+            lost = sorted(k for k in self.index if k not in where)
+            if lost:
+                raise CheckpointError(
+                    f"{os.path.join(self.path, self.index[lost[0]])}: does not hold tensor {lost[0]!r}, which "
+                    f"{INDEX_NAME} puts there" + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else "")
+                )
+        self._headers = where
+        return where
+
+    def keys(self) -> List[str]:
+        return list(self.headers())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.headers()[name][1]["dtype"]]
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(int(d) for d in self.headers()[name][1]["shape"])
+
+    def source(self, name: str) -> str:
+        """The file holding tensor ``name`` (for error messages)."""
+        h = self.headers().get(name)
+        return h[0] if h else self.weights_path
+
+    def read(self, name: str, device="cpu") -> torch.Tensor:
+        """One tensor, read from its file (no other tensor is read)."""
+        path, info, start = self.headers()[name]
+        fh = dict(self._files)[path]
+        t = read_tensor(fh, info, start, path)
+        return t.to(device) if str(device) != "cpu" else t
 
     def tensors(self, device="cpu") -> Dict[str, torch.Tensor]:
-        self.weights.seek(0)
-        return load_file(self.weights, device=device, name=self.weights_path)
+        """Every tensor of every file, in file order."""
+        h = self.headers()
+        order = sorted(h, key=lambda k: (self.files.index(h[k][0]), h[k][1]["data_offsets"][0]))
+        return {k: self.read(k, device) for k in order}
+
+    @property
+    def weights(self):
+        """The open ``model.safetensors`` (single-file checkpoints)."""
+        self._need_files()
+        if self.sharded:
+            raise CheckpointError(f"{self.path}: a sharded checkpoint has no single {WEIGHTS_NAME}")
+        return self._files[0][1]
 
     def check_stamp(self, qc: AFPQConfigDict) -> None:
-        """:class:`CheckpointError` if the tensors were written with other decoding keys."""
-        _, meta, _ = read_header(self.weights, name=self.weights_path)
-        stamp = meta.get(STAMP_METADATA_KEY)
-        if stamp is not None and stamp != config_stamp(qc):
-            raise CheckpointError(
-                f"{self.path}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves (the quantization "
-                f"settings differ: {WEIGHTS_NAME} was written with another quantization_config); save it again"
-            )
+        """:class:`CheckpointError` if a tensor file was written with other decoding keys."""
+        self.headers()
+        want = config_stamp(qc)
+        for path, _ in self._files:
+            stamp = self._meta[path].get(STAMP_METADATA_KEY)
+            if stamp is not None and stamp != want:
+                raise CheckpointError(
+                    f"{path}: {CONFIG_NAME} and {os.path.basename(path)} come from different saves (the quantization "
+                    f"settings differ: {os.path.basename(path)} was written with another quantization_config); "
+                    "save it again"
+                )
 
     def close(self) -> None:
-        if self._weights is not None:
-            self._weights.close()
+        for _, fh in self._files:
+            fh.close()
+        self._files = []
 
     def __enter__(self) -> "CheckpointSnapshot":
         return self
@@ -257,9 +485,24 @@ class CheckpointSnapshot:
 
 
 def _read_at(dfd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
-    with os.fdopen(fd, "rb") as fh:
+    with open_regular(name, dfd, CheckpointError) as fh:
         return fh.read()
+
+
+def parse_index(raw: bytes, where: str) -> Dict[str, str]:
+    """``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name
+    (a plain ``*.safetensors`` name in the folder)."""
+    obj = parse_json_object(raw, where, CheckpointError)
+    wm = obj.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{where}: weight_map must be a non-empty JSON object of tensor -> shard file")
+    for key, shard in wm.items():
+        if (not isinstance(shard, str) or shard in (".", "..") or os.path.basename(shard) != shard
+                or "\\" in shard or not shard.endswith(".safetensors")):
+            raise CheckpointError(
+                f"{where}: weight_map[{key!r}] is {shard!r:.200}, not a .safetensors file name in the checkpoint folder"
+            )
+    return wm
 
 
 def _parse_config(raw: bytes, where: str) -> dict:
@@ -275,8 +518,8 @@ def is_afpq_checkpoint(path) -> bool:
     if not os.path.isfile(cfg):
         return False
     try:
-        with open(cfg, encoding="utf-8") as fh:
-            config = json.load(fh)
+        with open_regular(cfg, error=CheckpointError) as fh:
+            config = json.loads(fh.read().decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return False
     qc = config.get("quantization_config") if isinstance(config, dict) else None
@@ -296,6 +539,6 @@ def read_quant_config(path: str) -> tuple:
 
 
 def load_checkpoint_tensors(path: str, device="cpu") -> Dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder's ``model.safetensors`` (opened once)."""
+    """Every tensor of a checkpoint folder (``model.safetensors`` or its shards, opened once)."""
     with CheckpointSnapshot(path) as snap:
         return snap.tensors(device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import struct
 from typing import BinaryIO, Dict, Iterator, Mapping, Optional, Tuple
 
@@ -20,7 +21,8 @@ import torch
 
 from .errors import SafetensorsError
 
-__all__ = ["save_file", "load_file", "read_header", "read_tensor", "parse_json_object", "SafetensorsError", "DTYPES"]
+__all__ = ["save_file", "load_file", "read_header", "read_tensor", "parse_json_object", "open_regular", "tensor_nbytes",
+           "SafetensorsError", "DTYPES"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -33,36 +35,70 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write ``tensors`` to ``path`` (same input, same bytes)."""
+    """Write ``tensors`` to ``path`` (same input, same bytes). The header is computed from
+    the shapes first and each tensor's bytes are written straight from its storage, so
+    writing a file holds no second copy of its data."""
     header: Dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    blobs = []
     offset = 0
-    for name in sorted(tensors):
+    names = sorted(tensors)
+    for name in names:
         t = tensors[name]
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
         if t.dtype not in _NAMES:
             raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
-        data = _tensor_bytes(t)
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
     hbytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
     hbytes += b" " * (-len(hbytes) % 8)  # align the data section to 8 bytes
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(hbytes)))
         fh.write(hbytes)
-        for data in blobs:
-            fh.write(data)
+        for name in names:
+            fh.write(_tensor_view(tensors[name]))
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _tensor_view(t: torch.Tensor):
+    """The tensor's bytes as a buffer (no copy for a contiguous CPU tensor)."""
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return b""
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def open_regular(path: str, dir_fd: Optional[int] = None, error=SafetensorsError) -> BinaryIO:
+    """``path`` opened for binary reading, if it is a regular file; a FIFO, device or socket
+    is ``error`` naming it (it is opened non-blocking, so a FIFO without a writer cannot
+    hang the reader)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+            where = path if dir_fd is None else os.path.join(_dir_name(dir_fd), path)
+            raise error(f"{where} is {kind}, not a regular file: a checkpoint file must be an ordinary file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _dir_name(dir_fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{dir_fd}")
+    except OSError:
+        return "<folder>"
 
 
 _MAX_DIM = (1 << 63) - 1
@@ -103,7 +139,7 @@ def parse_json_object(raw: bytes, where: str, error=SafetensorsError, object_pai
 def _reading(src, name: Optional[str] = None) -> Iterator[Tuple[BinaryIO, str]]:
     """``(binary file, name)`` of a path (opened here, closed after) or of an open file."""
     if isinstance(src, (str, os.PathLike)):
-        with open(src, "rb") as fh:
+        with open_regular(os.fspath(src)) as fh:
             yield fh, name or os.fspath(src)
     else:
         yield src, name or str(getattr(src, "name", "<file>"))

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..core.checkpoint import AFPQConfigDict, CheckpointError, placeholder_keys, validate_layer_tensors
 from ..core.safetensors_io import DTYPES as _DTYPES
-from ..core.safetensors_io import read_header, read_tensor
+from ..core.safetensors_io import open_regular, read_header, read_tensor
 
 __all__ = ["CheckpointTensors", "resolve_checkpoint_files", "validate_against_model"]
 
@@ -54,7 +54,7 @@ class CheckpointTensors(Mapping):
             for path in self.files:
                 if not path.endswith(".safetensors"):
                     raise CheckpointError(f"{path}: AFPQ checkpoints are stored as safetensors")
-                fh = self._fh[path] = open(path, "rb")
+                fh = self._fh[path] = open_regular(path, error=CheckpointError)
                 header, self.metadata[path], start = read_header(fh, path)
                 for name, info in header.items():
                     if name in self._where:
@@ -124,26 +124,24 @@ def resolve_checkpoint_files(model, checkpoint_files: Optional[Sequence[str]] = 
     if not src:
         raise CheckpointError("cannot find the checkpoint files of this AFPQ model (no name_or_path)")
     src = str(src)
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),):
-        if os.path.isdir(src):
-            folder = src
-            idx, one = os.path.join(folder, index_name), os.path.join(folder, single)
-            idx = idx if os.path.isfile(idx) else None
-            one = one if os.path.isfile(one) else None
-        else:
-            from transformers.utils import cached_file
+    if os.path.isdir(src):  # the project's reader: regular files only, strict index and headers
+        from ..core.checkpoint import CheckpointSnapshot
 
-            idx = cached_file(src, index_name, _raise_exceptions_for_missing_entries=False)
-            one = None if idx else cached_file(src, single, _raise_exceptions_for_missing_entries=False)
-            folder = os.path.dirname(idx or one or "")
-        if idx:
-            import json
+        with CheckpointSnapshot(src) as snap:
+            snap.headers()  # CheckpointError naming the shard, the tensor or the index entry
+            return snap.files
+    from transformers.utils import cached_file
 
-            with open(idx, encoding="utf-8") as fh:
-                weight_map = json.load(fh).get("weight_map", {})
-            return [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
-        if one:
-            return [one]
+    from ..core.checkpoint import INDEX_NAME, WEIGHTS_NAME, parse_index
+
+    idx = cached_file(src, INDEX_NAME, _raise_exceptions_for_missing_entries=False)
+    one = None if idx else cached_file(src, WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False)
+    if idx:
+        with open(idx, "rb") as fh:
+            weight_map = parse_index(fh.read(), idx)
+        return [os.path.join(os.path.dirname(idx), f) for f in sorted(set(weight_map.values()))]
+    if one:
+        return [one]
     raise CheckpointError(f"{src}: no model.safetensors (AFPQ checkpoints are stored as safetensors)")
 
 

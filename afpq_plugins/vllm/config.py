@@ -11,7 +11,8 @@ AFPQ writer); for older checkpoints without it, the layers that have a ``.qweigh
 tensor in the safetensors headers (read in :meth:`maybe_update_config`, no data is
 loaded). vLLM fuses layers (``qkv_proj`` = q/k/v, ``gate_up_proj`` = gate/up): a fused
 layer is quantized when all its parts are, float when none is, and an error names it
-when the parts disagree.
+when the parts disagree. Mixture-of-experts layers (``FusedMoE``) are served with float
+experts only: a checkpoint whose experts are quantized is refused, naming the layer.
 """
 
 from __future__ import annotations
@@ -121,7 +122,14 @@ class AFPQVllmConfig(QuantizationConfig):
 
                 return AFPQLinearMethod(self, self.layer_spec(prefix))
             return UnquantizedLinearMethod()
-        return None
+        inside = self._quantized_inside(prefix)
+        if inside:  # a fused-experts layer (FusedMoE) over quantized experts: vLLM would fail on the keys
+            raise CheckpointError(
+                f"layer {prefix!r} ({type(layer).__name__}): the checkpoint quantizes its experts ({inside[0]!r}, "
+                f"...): the vLLM adapter serves mixture-of-experts models with float experts only (quantized "
+                "experts are not supported yet); quantize with the experts in modules_to_not_convert"
+            )
+        return None  # float experts (vLLM's unquantized method), embeddings, ...
 
     # -- helpers ---------------------------------------------------------------------------
     def shard_names(self, prefix: str) -> List[str]:
@@ -144,6 +152,12 @@ class AFPQVllmConfig(QuantizationConfig):
                 f"different settings ({parts}); quantize fused layers alike (afpq quantize --bits-budget does)"
             )
         return specs[0]
+
+    def _quantized_inside(self, prefix: str) -> List[str]:
+        """Quantized checkpoint layers under module ``prefix`` (a fused layer's parts)."""
+        if not prefix or self.quantized is None:
+            return []
+        return [n for n in self.quantized if n.startswith(prefix + ".")]
 
     def _quantized(self, prefix: str) -> bool:
         names = self.shard_names(prefix)

@@ -1,0 +1,200 @@
+"""Real-size memory and time of streaming RTN, the sharded loader and the old in-memory path.
+
+    python benchmarks/bench_scale.py                    # ~3B Llama (hidden 3072, 28 layers), bf16
+    python benchmarks/bench_scale.py --layers 4 --hidden 512 --inter 1408 --vocab 4096   # smoke run
+
+A synthetic Llama-architecture model (random bf16 weights, N(0, 0.02); accuracy is not the
+point) is written in <= ``--source-shard`` shards (transformers' layout) at full depth and at
+half depth. Each measurement runs in a child process and reports its peak resident memory
+(``ru_maxrss`` of the child):
+
+* ``stream``: :func:`afpq_plugins.streaming.quantize_rtn_streaming`, nf4 g128,
+  ``--max-shard-size 1GB``, at full and half depth: peak / bf16 size (bound 0.4), the two
+  peaks within 10 %, MB/s of source read;
+* ``load``: :func:`afpq_plugins.model.load_quantized` of the sharded result: peak / checkpoint
+  size (bound 1.3);
+* ``in-memory``: the old path (``from_pretrained`` in float32, ``quantize_model_rtn``,
+  ``save_quantized``), at half depth (at full depth it needs about 1.3x the float32 size,
+  more than this machine has);
+* ``baseline``: a child that only imports the same modules (the interpreter's own share of
+  every peak).
+
+Writes ``benchmarks/out/scale.json`` and prints a markdown table; the work folder
+(``--work``, default ``benchmarks/out/scale_work``) is deleted at the end unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CHILD = r"""
+import json, os, resource, sys, time
+mode, args = sys.argv[1], json.loads(sys.argv[2])
+import torch
+from afpq_plugins.core.spec import QuantSpec
+from afpq_plugins.streaming import quantize_rtn_streaming
+from afpq_plugins.model import load_quantized, quantize_model_rtn, save_quantized
+out = {}
+t0 = time.perf_counter()
+if mode == "stream":
+    r = quantize_rtn_streaming(args["src"], args["out"], QuantSpec("nf4", 128), max_shard_size=args["shard"])
+    out.update(source_bytes=r.source_bytes, layers=len(r.qc.quantized_modules))
+elif mode == "load":
+    m = load_quantized(args["src"])
+    out.update(params=sum(t.numel() for t in m.state_dict().values()))
+elif mode == "inmemory":
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(args["src"], dtype=torch.float32)
+    qc = quantize_model_rtn(m, spec=QuantSpec("nf4", 128), progress=False)
+    save_quantized(m, args["out"], qc, dtype=torch.bfloat16, max_shard_size=args["shard"])
+elif mode == "generate":
+    from benchmarks.bench_scale import generate
+    generate(**args)
+out.update(seconds=time.perf_counter() - t0, peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def llama_config(layers: int, hidden: int, inter: int, vocab: int, heads: int, kv_heads: int) -> dict:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                      tie_word_embeddings=False, max_position_embeddings=4096)
+    d = cfg.to_dict()
+    d["architectures"] = ["LlamaForCausalLM"]
+    for k in ("torch_dtype", "dtype"):
+        d[k] = "bfloat16"
+    return d
+
+
+def generate(path: str, layers: int, hidden: int, inter: int, vocab: int, heads: int, kv_heads: int,
+             shard: str, seed: int = 0) -> None:
+    """Write a random bf16 Llama folder in transformers' sharded layout, one tensor at a time."""
+    import torch
+
+    from afpq_plugins.core.checkpoint import ShardWriter
+
+    os.makedirs(path, exist_ok=True)
+    cfg = llama_config(layers, hidden, inter, vocab, heads, kv_heads)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh, indent=2)
+    head_dim = hidden // heads
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + "self_attn.q_proj.weight", (hidden, hidden)),
+                   (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+                   (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+                   (p + "self_attn.o_proj.weight", (hidden, hidden)),
+                   (p + "mlp.gate_proj.weight", (inter, hidden)),
+                   (p + "mlp.up_proj.weight", (inter, hidden)),
+                   (p + "mlp.down_proj.weight", (hidden, inter)),
+                   (p + "input_layernorm.weight", (hidden,)),
+                   (p + "post_attention_layernorm.weight", (hidden,))]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    g = torch.Generator().manual_seed(seed)
+    w = ShardWriter(path, shard, {"format": "pt"})
+    for name, shape in shapes:
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = torch.empty(shape, dtype=torch.bfloat16)
+            t.normal_(0.0, 0.02, generator=g)
+        w.add(name, t)
+    w.finish()
+
+
+def child(mode: str, **args) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, mode, json.dumps(args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{mode} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".safetensors"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--hidden", type=int, default=3072)
+    p.add_argument("--inter", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--source-shard", default="5GB")
+    p.add_argument("--max-shard-size", default="1GB")
+    p.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "out", "scale_work"))
+    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "out", "scale.json"))
+    p.add_argument("--skip-inmemory", action="store_true")
+    p.add_argument("--keep", action="store_true")
+    a = p.parse_args(argv)
+    if os.path.exists(a.work):
+        shutil.rmtree(a.work)
+    os.makedirs(a.work)
+    res = {"settings": vars(a), "machine": f"{os.cpu_count()} cores", "runs": {}}
+    dims = dict(hidden=a.hidden, inter=a.inter, vocab=a.vocab, heads=a.heads, kv_heads=a.kv_heads)
+    try:
+        for tag, layers in (("full", a.layers), ("half", a.layers // 2)):
+            src = os.path.join(a.work, f"src_{tag}")
+            t = time.perf_counter()
+            child("generate", path=src, layers=layers, shard=a.source_shard, **dims)
+            bf16 = folder_bytes(src)
+            print(f"[{tag}] source: {layers} layers, {bf16 / 1e9:.2f} GB bf16 in "
+                  f"{len([n for n in os.listdir(src) if n.endswith('.safetensors')])} file(s), "
+                  f"written in {time.perf_counter() - t:.0f}s", flush=True)
+            out = os.path.join(a.work, f"q_{tag}")
+            r = child("stream", src=src, out=out, shard=a.max_shard_size)
+            r.update(bf16_bytes=bf16, ckpt_bytes=folder_bytes(out), layers=layers)
+            r["ratio_bf16"] = r["peak_bytes"] / bf16
+            r["mb_per_s"] = r["source_bytes"] / 1e6 / r["seconds"]
+            res["runs"][f"stream_{tag}"] = r
+            print(f"[{tag}] stream: peak {r['peak_bytes'] / 1e9:.2f} GB = {r['ratio_bf16']:.3f}x bf16, "
+                  f"{r['seconds']:.0f}s, {r['mb_per_s']:.1f} MB/s of source", flush=True)
+            if tag == "full":
+                lr = child("load", src=out)
+                lr.update(ckpt_bytes=r["ckpt_bytes"], ratio_ckpt=lr["peak_bytes"] / r["ckpt_bytes"])
+                res["runs"]["load_full"] = lr
+                print(f"[full] load_quantized: peak {lr['peak_bytes'] / 1e9:.2f} GB = {lr['ratio_ckpt']:.3f}x the "
+                      f"checkpoint ({r['ckpt_bytes'] / 1e9:.2f} GB), {lr['seconds']:.0f}s", flush=True)
+                shutil.rmtree(src)
+            elif not a.skip_inmemory:
+                mr = child("inmemory", src=src, out=os.path.join(a.work, "mem_half"), shard=a.max_shard_size)
+                mr.update(bf16_bytes=bf16, ratio_bf16=mr["peak_bytes"] / bf16, layers=layers)
+                res["runs"]["inmemory_half"] = mr
+                print(f"[half] in-memory: peak {mr['peak_bytes'] / 1e9:.2f} GB = {mr['ratio_bf16']:.3f}x bf16, "
+                      f"{mr['seconds']:.0f}s", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+        base = child("baseline")
+        res["runs"]["baseline"] = base
+        f, h = res["runs"]["stream_full"], res["runs"]["stream_half"]
+        res["depth_ratio"] = f["peak_bytes"] / h["peak_bytes"]
+        res["checks"] = {"stream <= 0.4x bf16": f["ratio_bf16"] <= 0.4,
+                         "half depth within 10%": abs(res["depth_ratio"] - 1) <= 0.10,
+                         "load <= 1.3x checkpoint": res["runs"]["load_full"]["ratio_ckpt"] <= 1.3}
+        print(f"baseline (imports only): {base['peak_bytes'] / 1e9:.2f} GB; full/half stream peak "
+              f"{res['depth_ratio']:.3f}; checks {res['checks']}")
+    finally:
+        if not a.keep:
+            shutil.rmtree(a.work, ignore_errors=True)
+    os.makedirs(os.path.dirname(a.json), exist_ok=True)
+    with open(a.json, "w") as fh:
+        json.dump(res, fh, indent=2)
+    return 0 if all(res["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
