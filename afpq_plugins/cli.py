@@ -5,6 +5,7 @@
     afpq demo [--quick]
     afpq bench accuracy [--quick]
     afpq formats
+    afpq --version
 
 ``MODEL`` is a local folder or the word ``default`` (the embedded SmolLM2-135M-Instruct).
 """
@@ -272,7 +273,10 @@ def cmd_formats(args) -> int:
 
 # -- parser ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="afpq", description="Asymmetric floating-point quantization for LLMs")
+    p.add_argument("--version", action="version", version=f"afpq {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save an AFPQ checkpoint")

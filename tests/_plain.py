@@ -4,8 +4,10 @@ Makefile or a conftest exports), outside the source tree."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,3 +36,41 @@ def run(argv: Sequence[str], cwd: str, env: Optional[Dict[str, str]] = None, cor
 def afpq(args: Sequence[str], cwd: str, **kw) -> subprocess.CompletedProcess:
     """``python -m afpq_plugins.cli ARGS`` with this interpreter, in a plain environment."""
     return run([sys.executable, "-m", "afpq_plugins.cli", *args], cwd, **kw)
+
+
+#: What a wheel is built from (the rest of the checkout is not the package's).
+PACKAGE_FILES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "_afpq_autoload.py", "afpq_plugins")
+
+
+def build_wheel(workdir: str) -> str:
+    """``pip wheel`` (the PEP 517 build ``python -m build`` runs) of a copy of the package files, so the
+    checkout gets no build/ or egg-info; no network, this interpreter's setuptools. Returns the wheel."""
+    src = os.path.join(workdir, "src")
+    os.makedirs(src)
+    for name in PACKAGE_FILES:
+        path = os.path.join(REPO, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, os.path.join(src, name), ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        elif os.path.exists(path):
+            shutil.copy2(path, src)
+    dist = os.path.join(workdir, "dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", dist, src], check=True, capture_output=True, text=True, env=plain_env(None))
+    (wheel,) = [os.path.join(dist, f) for f in os.listdir(dist) if f.endswith(".whl")]
+    return wheel
+
+
+def venv_with_wheel(path: str, wheel: str) -> str:
+    """A fresh venv holding only ``wheel`` (installed --no-deps), which sees this interpreter's
+    site-packages for the dependencies (torch, transformers, ...) through a path line added after the
+    install (so pip installs into an empty environment, and this venv's editable afpq-plugins, reached
+    only through setuptools' finder .pth that a path line does not run, stays invisible). Returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", path], check=True)
+    py = os.path.join(path, "bin", "python")
+    subprocess.run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", "--no-index", wheel],
+                   check=True, capture_output=True, text=True, env=plain_env(None))
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+                          capture_output=True, text=True, env=plain_env(None)).stdout.strip()
+    with open(os.path.join(site, "_afpq_test_deps.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    return py
