@@ -47,7 +47,7 @@ from .core import (  # noqa: F401
 from .nn import AFPQLinear  # noqa: F401
 from . import _engine_env
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401,E402
 
 
 def _register_with_transformers() -> None:
