@@ -132,7 +132,18 @@ def cmd_quantize(args) -> int:
         return _err(str(exc))
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         return _err(f"OUT {args.out!r} exists and is not empty (use --overwrite)")
-    calib = Calibration(args.nsamples, args.calib_seqlen).resolved(method)
+    calib = Calibration(args.nsamples, args.calib_seqlen, dataset=args.dataset, split=args.dataset_split,
+                        text_field=args.text_field).resolved(method)
+    if args.dataset is not None:
+        if not method.calibrated and args.scale_search != "output":
+            return _err("--dataset is calibration data: it applies to --method gptq / awq and to "
+                        "--scale-search output, not to plain RTN")
+        try:  # read it now: a bad file is reported before the model is loaded
+            from .data import load_dataset_texts
+
+            load_dataset_texts(args.dataset, args.dataset_split, args.text_field)
+        except (ValueError, FileNotFoundError) as exc:
+            return _err(str(exc))
     t0 = time.perf_counter()
     src, model, tok = _load_float(args.model)
     t1 = time.perf_counter()
@@ -302,7 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(diag(X^T X)-weighted; RTN calibrates with --nsamples/--calib-seqlen, default 32 x 512)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = q.add_argument_group("gptq", "options of --method gptq (calibration: the Austen novels but Pride and Prejudice)")
+    c = q.add_argument_group("calibration", "data of --method gptq / awq and --scale-search output "
+                             "(default: the embedded Austen novels but Pride and Prejudice, the evaluation text)")
+    c.add_argument("--dataset", default=None, metavar="PATH",
+                   help="your calibration data: a plain-text file, a JSONL file (one object per line, field "
+                        "--text-field), or a `datasets` folder saved with save_to_disk; it must hold at least "
+                        "--nsamples x --calib-seqlen tokens")
+    c.add_argument("--dataset-split", default=None, help="split of a saved DatasetDict (default: train)")
+    c.add_argument("--text-field", default="text", help="JSONL field / dataset column holding the text (default: text)")
+    g = q.add_argument_group("gptq", "options of --method gptq")
     g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
     g.add_argument("--static-groups", action="store_true", help="group parameters from the original weights, before GPTQ updates")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
