@@ -161,7 +161,11 @@ def cmd_quantize(args) -> int:
     except MethodUnavailable as exc:
         return _err(str(exc))
     t2 = time.perf_counter()
-    out = save_quantized(model, args.out, qc, tokenizer=tok, overwrite=args.overwrite)
+    from .card import card_context, command_line
+
+    with card_context(command=command_line(args.argv), source=str(src),
+                      calibration=calib.describe() if method.calibrated or args.scale_search == "output" else None):
+        out = save_quantized(model, args.out, qc, tokenizer=tok, overwrite=args.overwrite)
     t3 = time.perf_counter()
     print(
         f"quantized {len(qc.quantized_modules)} layers of {src} with {args.method} {spec.fmt}/{spec.mode} "
@@ -393,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for model cards
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

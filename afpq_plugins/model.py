@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .card import with_model_card
 from .core.checkpoint import (
     AFPQConfigDict,
     CheckpointError,
@@ -156,7 +157,8 @@ def save_quantized(
         if gen is not None and not os.path.exists(os.path.join(tmp, "generation_config.json")):
             gen.save_pretrained(tmp)
 
-    return write_checkpoint(out_dir, tensors, cfg, qc, extra_writer=extra, overwrite=overwrite)
+    return write_checkpoint(out_dir, tensors, cfg, qc, extra_writer=with_model_card(extra, model, qc, out_dir),
+                            overwrite=overwrite)
 
 
 def _add_legacy_rope_keys(cfg: dict) -> None:
