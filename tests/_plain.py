@@ -71,6 +71,7 @@ def venv_with_wheel(path: str, wheel: str) -> str:
                    check=True, capture_output=True, text=True, env=plain_env(None))
     site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
                           capture_output=True, text=True, env=plain_env(None)).stdout.strip()
+    deps = [sysconfig.get_paths()["purelib"]] + [p for p in sys.path if os.path.basename(p) == "site-packages"]
     with open(os.path.join(site, "_afpq_test_deps.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
+        f.write("".join(p + "\n" for p in dict.fromkeys(deps)))
     return py
