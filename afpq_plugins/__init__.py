@@ -28,7 +28,10 @@ active in this process):
    instance* only (transformers 4.53 ``_fix_state_dict_keys_on_save``, 5.x
    ``_keys_to_ignore_on_load_unexpected``), and :func:`afpq_plugins.autoawq.io.make_awq_model_safe`
    rebinds one AutoAWQ wrapper's ``save_quantized``; classes are untouched.
-5. Every other upstream workaround is a scoped shim (``with`` block, one name, restored
+5. ``import afpq_plugins`` sets ``GPTQMODEL_CPU_WORKERS`` when it is unset, from the cores
+   this process may run on, at least 2 (:mod:`afpq_plugins._engine_env`: GPTQModel 7.6's own
+   default, 1 on a 2-core machine, cannot start its loader pool). A value already set is kept.
+6. Every other upstream workaround is a scoped shim (``with`` block, one name, restored
    on exit: :func:`afpq_plugins._patching.patched`), never active outside its block.
 """
 
@@ -42,8 +45,9 @@ from .core import (  # noqa: F401
     register_format,
 )
 from .nn import AFPQLinear  # noqa: F401
+from . import _engine_env
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401,E402
 
 
 def _register_with_transformers() -> None:
@@ -80,3 +84,4 @@ def side_effects() -> dict:
 
 
 _register_with_transformers()
+_engine_env.configure()

@@ -5,6 +5,7 @@
     afpq demo [--quick]
     afpq bench accuracy [--quick]
     afpq formats
+    afpq --version
 
 ``MODEL`` is a local folder or the word ``default`` (the embedded SmolLM2-135M-Instruct).
 """
@@ -171,6 +172,18 @@ def cmd_quantize(args) -> int:
         return _err(str(exc))
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         return _err(f"OUT {args.out!r} exists and is not empty (use --overwrite)")
+    calib = Calibration(args.nsamples, args.calib_seqlen, dataset=args.dataset, split=args.dataset_split,
+                        text_field=args.text_field).resolved(method)
+    if args.dataset is not None:
+        if not method.calibrated and args.scale_search != "output" and args.bits_budget is None:
+            return _err("--dataset is calibration data: it applies to --method gptq / awq, to "
+                        "--scale-search output and to --bits-budget, not to plain RTN")
+        try:  # read it now: a bad file is reported before the model is loaded
+            from .data import load_dataset_texts
+
+            load_dataset_texts(args.dataset, args.dataset_split, args.text_field)
+        except (ValueError, FileNotFoundError) as exc:
+            return _err(str(exc))
     from .streaming import DTYPE_NAMES, NotStreamable, coverage, stream_cli
     from .core.checkpoint import parse_size
 
@@ -189,7 +202,6 @@ def cmd_quantize(args) -> int:
     elif method.name == "rtn":
         note("afpq quantize: rtn in memory (cannot stream: a bits budget scores every layer on calibration "
              "activations)")
-    calib = Calibration(args.nsamples, args.calib_seqlen).resolved(method)
     t0 = time.perf_counter()
     src, model, tok = _load_float(args.model, dtype or torch.float32)
     written = _source_dtype(src, dtype or torch.float32)
@@ -216,8 +228,13 @@ def cmd_quantize(args) -> int:
     except MethodUnavailable as exc:
         return _err(str(exc))
     t2 = time.perf_counter()
-    out = save_quantized(model, args.out, qc, tokenizer=tok, overwrite=args.overwrite, dtype=dtype or written,
-                         max_shard_size=max_shard, source_dir=str(src))
+    from .card import card_context, command_line
+
+    with card_context(command=command_line(args.argv), source=str(src),
+                      calibration=calib.describe() if method.calibrated or args.scale_search == "output"
+                      or args.bits_budget is not None else None):
+        out = save_quantized(model, args.out, qc, tokenizer=tok, overwrite=args.overwrite, dtype=dtype or written,
+                             max_shard_size=max_shard, source_dir=str(src))
     t3 = time.perf_counter()
     note(coverage(model, qc.quantized_modules, spec.skip).summary_line())
     print(
@@ -345,7 +362,10 @@ def cmd_formats(args) -> int:
 
 # -- parser ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="afpq", description="Asymmetric floating-point quantization for LLMs")
+    p.add_argument("--version", action="version", version=f"afpq {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save an AFPQ checkpoint")
@@ -384,7 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--require-all", action="store_true",
                    help="error if weights other than embeddings, norms and --skip would stay float (fused MoE experts)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = q.add_argument_group("gptq", "options of --method gptq (calibration: the Austen novels but Pride and Prejudice)")
+    c = q.add_argument_group("calibration", "data of --method gptq / awq and --scale-search output "
+                             "(default: the embedded Austen novels but Pride and Prejudice, the evaluation text)")
+    c.add_argument("--dataset", default=None, metavar="PATH",
+                   help="your calibration data: a plain-text file, a JSONL file (one object per line, field "
+                        "--text-field), or a `datasets` folder saved with save_to_disk; it must hold at least "
+                        "--nsamples x --calib-seqlen tokens")
+    c.add_argument("--dataset-split", default=None, help="split of a saved DatasetDict (default: train)")
+    c.add_argument("--text-field", default="text", help="JSONL field / dataset column holding the text (default: text)")
+    g = q.add_argument_group("gptq", "options of --method gptq")
     g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
     g.add_argument("--static-groups", action="store_true", help="group parameters from the original weights, before GPTQ updates")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
@@ -458,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for model cards
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

@@ -39,6 +39,7 @@ __all__ = [
     "AUSTEN_DIR",
     "calibration_samples",
     "calibration_text_paths",
+    "load_dataset_texts",
     "default_model_path",
     "eval_text_path",
     "find_default_gguf",
@@ -91,6 +92,8 @@ def calibration_samples(
     seqlen: int,
     seed: int = 0,
     paths: Sequence[str | os.PathLike[str]] | None = None,
+    texts: Sequence[str] | None = None,
+    source: str = "calibration dataset",
 ) -> list[torch.Tensor]:
     """Random token windows for calibration, in the way of GPTQ's WikiText-2 loader.
 
@@ -103,14 +106,30 @@ def calibration_samples(
     Returns:
         ``nsamples`` one-dimensional ``torch.long`` tensors of length ``seqlen``.
 
+    ``texts`` (a user's calibration data, :func:`load_dataset_texts`; ``source`` names it in
+    errors) replaces the files; it must hold at least ``nsamples * seqlen`` tokens, so the
+    windows are not mostly repeats of one another.
+
     Raises:
         ValueError: if ``nsamples`` or ``seqlen`` is below 1, or the texts give fewer
-            than ``seqlen`` tokens.
+            than ``seqlen`` tokens (``texts``: fewer than ``nsamples * seqlen``).
     """
     if nsamples < 1:
         raise ValueError(f"nsamples must be at least 1, got {nsamples}")
     if seqlen < 1:
         raise ValueError(f"seqlen must be at least 1, got {seqlen}")
+    if texts is not None:
+        text = "\n\n".join(t for t in texts if t.strip())
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0] if text else torch.zeros(0)
+        need = nsamples * seqlen
+        if ids.numel() < need:
+            raise ValueError(
+                f"{source} is too short: {ids.numel()} tokens with this tokenizer, but {nsamples} samples x "
+                f"{seqlen} tokens need {need} (give more text, or lower --nsamples / --calib-seqlen)"
+            )
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=generator)
+        return [ids[start : start + seqlen].clone() for start in starts.tolist()]
     paths = calibration_text_paths() if paths is None else [Path(p) for p in paths]
     text = "\n\n".join(load_text(p) for p in paths)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -123,6 +142,81 @@ def calibration_samples(
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ntokens - seqlen + 1, (nsamples,), generator=generator)
     return [ids[start : start + seqlen].clone() for start in starts.tolist()]
+
+
+def load_dataset_texts(
+    path: str | os.PathLike[str], split: str | None = None, text_field: str = "text"
+) -> list[str]:
+    """The texts of a user's calibration dataset (``afpq quantize --dataset PATH``).
+
+    * a folder: a ``datasets`` dataset saved with ``save_to_disk`` (a ``DatasetDict`` needs
+      ``split``, default ``train`` when it has one); the column ``text_field``;
+    * ``*.jsonl`` / ``*.json`` (one JSON object per line): each object's ``text_field``;
+    * any other file: plain UTF-8 text, used whole.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the path, the line, the split or the
+    field; ``ValueError`` when the dataset holds no text at all.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--dataset {str(p)!r} does not exist")
+    if p.is_dir():
+        texts = _saved_dataset_texts(p, split, text_field)
+    elif split is not None:
+        raise ValueError(f"--dataset-split {split!r} applies to a saved datasets folder; {str(p)!r} is a file")
+    elif p.suffix.lower() in (".jsonl", ".json"):
+        texts = _jsonl_texts(p, text_field)
+    else:
+        texts = [load_text(p)]
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"--dataset {str(p)!r} holds no text" + ("" if p.is_file() and p.suffix.lower() not in
+                                                                  (".jsonl", ".json") else f" in field {text_field!r}"))
+    return texts
+
+
+def _jsonl_texts(p: Path, field: str) -> list[str]:
+    import json
+
+    out = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{p}:{n}: not a JSON object per line ({exc.msg})") from None
+            if not isinstance(row, dict) or field not in row:
+                keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"{p}:{n}: no field {field!r} (has: {keys}); choose it with --text-field")
+            if not isinstance(row[field], str):
+                raise ValueError(f"{p}:{n}: field {field!r} is {type(row[field]).__name__}, not text")
+            out.append(row[field])
+    return out
+
+
+def _saved_dataset_texts(p: Path, split: str | None, field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--dataset {str(p)!r} is a folder: reading a saved dataset needs the `datasets` "
+                         "package (pip install datasets), or give a .txt / .jsonl file") from None
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except FileNotFoundError as exc:
+        raise ValueError(f"--dataset {str(p)!r} is not a dataset saved with save_to_disk ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        name = split or ("train" if "train" in ds else None)
+        if name not in ds:
+            raise ValueError(f"--dataset {str(p)!r} has splits {', '.join(splits)}: choose one with --dataset-split")
+        ds = ds[name]
+    elif split is not None:
+        raise ValueError(f"--dataset {str(p)!r} is a single split; --dataset-split {split!r} does not apply")
+    if field not in ds.column_names:
+        raise ValueError(f"--dataset {str(p)!r} has no column {field!r} (has: {', '.join(ds.column_names)}); "
+                         "choose it with --text-field")
+    return [t for t in ds[field] if isinstance(t, str)]
 
 
 # -------------------------------------------------------------------------- model

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -55,25 +56,46 @@ def _resolve(ref: Union[str, Callable, None]) -> Optional[Callable]:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Calibration windows (``nsamples`` x ``seqlen`` tokens of the Austen calibration novels,
-    seeded); ``None`` = the engine's own default (:attr:`Method.default_calibration`)."""
+    """Calibration windows: ``nsamples`` x ``seqlen`` tokens, seeded; ``None`` = the engine's own
+    default (:attr:`Method.default_calibration`).
+
+    The text is the embedded Austen calibration novels, or ``dataset``: a plain-text file, a
+    JSONL file (field ``text_field``) or a ``datasets`` folder saved with ``save_to_disk``
+    (``split``; :func:`afpq_plugins.data.load_dataset_texts`), which must hold at least
+    ``nsamples * seqlen`` tokens."""
 
     nsamples: Optional[int] = None
     seqlen: Optional[int] = None
     seed: int = 0
+    dataset: Optional[str] = None
+    split: Optional[str] = None
+    text_field: str = "text"
 
     def resolved(self, method: "Method") -> "Calibration":
         n, s = method.default_calibration
         return replace(self, nsamples=self.nsamples or n, seqlen=self.seqlen or s)
 
+    def describe(self) -> str:
+        """One line for logs and model cards: what the windows are cut from, and how many."""
+        if self.dataset is None:
+            src = "the embedded Austen novels (Emma, Mansfield Park, Northanger Abbey, Persuasion, Sense and Sensibility)"
+        else:
+            src = f"{os.path.basename(os.path.normpath(self.dataset))}" + (f" split {self.split}" if self.split else "")
+            if not os.path.isfile(self.dataset) or self.dataset.lower().endswith((".jsonl", ".json")):
+                src += f" (field {self.text_field!r})"
+        size = f"{self.nsamples} x {self.seqlen} tokens" if self.nsamples and self.seqlen else "engine default size"
+        return f"{size} from {src}, seed {self.seed}"
+
     def samples(self, tokenizer):
         """The windows (memoised per tokenizer: tokenizing the five novels takes tens of seconds)."""
-        from .data import calibration_samples
+        from .data import calibration_samples, load_dataset_texts
 
-        key = (tokenizer, self.nsamples, self.seqlen, self.seed)
+        key = (tokenizer, self.nsamples, self.seqlen, self.seed, self.dataset, self.split, self.text_field)
         if key not in _SAMPLES:
             _SAMPLES.clear()  # keep one set
-            _SAMPLES[key] = calibration_samples(tokenizer, self.nsamples, self.seqlen, seed=self.seed)
+            texts = None if self.dataset is None else load_dataset_texts(self.dataset, self.split, self.text_field)
+            _SAMPLES[key] = calibration_samples(tokenizer, self.nsamples, self.seqlen, seed=self.seed, texts=texts,
+                                                source=f"--dataset {self.dataset!r}")
         return [s.clone() for s in _SAMPLES[key]]
 
 

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .card import with_model_card
 from .core.checkpoint import (
     AFPQConfigDict,
     CheckpointError,
@@ -167,7 +168,7 @@ def save_quantized(
         keep = {f"{n}.{s}" for n in qc.quantized_modules for s in LAYER_PARAM_SUFFIXES}
         tensors = {k: (t.to(dtype) if t.is_floating_point() and k not in keep else t) for k, t in tensors.items()}
     cfg = checkpoint_model_config(model, qc, tensors)
-    extra = extra_files_writer(model, tokenizer, source_dir)
+    extra = with_model_card(extra_files_writer(model, tokenizer, source_dir), model, qc, out_dir)
     return write_checkpoint(out_dir, tensors, cfg, qc, extra_writer=extra, overwrite=overwrite,
                             max_shard_size=max_shard_size)
 

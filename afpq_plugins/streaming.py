@@ -192,6 +192,7 @@ def quantize_rtn_streaming(
     layer's geometry, the coverage) is checked before the first byte is written; an error
     later (a non-finite weight) discards the temporary folder and leaves ``out_dir`` as it was."""
     from .core.output_search import is_output_search
+    from .card import with_model_card
     from .model import checkpoint_model_config, extra_files_writer, find_linears, untie_quantized_head
     from .nn import AFPQLinear
     from .nn.skeleton import plan_skeleton
@@ -235,7 +236,7 @@ def quantize_rtn_streaming(
         written = dtype or source_dtype(snap, [mapping[k] for k in float_keys]) or torch.float32
         untie_quantized_head(model, names)
         cfg = checkpoint_model_config(model, qc, dtype=written)
-        extra = extra_files_writer(model, tokenizer, os.path.abspath(src))
+        extra = with_model_card(extra_files_writer(model, tokenizer, os.path.abspath(src)), model, qc, out_dir)
         if log is not None:
             log(f"afpq quantize: rtn streaming tensor by tensor from {src} ({len(snap.files)} file(s), source dtype "
                 f"{source_dtype(snap)}); quantization in float32 on {device}; float tensors written as "

@@ -43,9 +43,10 @@ def quantize_model(model, cfg: AFPQQuantizeConfig, examples, batch_size: int = 1
 def gptq_quantize(
     model, tokenizer, fmt, group_size: int, mode=None, *, scale_dtype: str = "float16", desc_act: bool = False,
     static_groups: bool = False, true_sequential: bool = True, damp_percent: float = 0.01,
-    nsamples: int = 128, seqlen: int = 2048, seed: int = 0, scale_search=None,
+    nsamples: int = 128, seqlen: int = 2048, seed: int = 0, scale_search=None, samples=None,
 ) -> AFPQConfigDict:
-    """GPTQ-quantize ``model`` (in place) on the Austen calibration novels; the CLI's ``--method gptq``."""
+    """GPTQ-quantize ``model`` (in place) on ``samples`` (1-D token tensors), default the Austen
+    calibration novels (``nsamples`` x ``seqlen``, ``seed``); the CLI's ``--method gptq``."""
     from ..core.formats import get_format
     from ..data import calibration_samples
 
@@ -55,7 +56,9 @@ def gptq_quantize(
         static_groups=static_groups, true_sequential=true_sequential, damp_percent=damp_percent,
         scale_search=scale_search,
     )
-    examples = examples_from_ids(calibration_samples(tokenizer, nsamples, seqlen, seed=seed))
+    if samples is None:
+        samples = calibration_samples(tokenizer, nsamples, seqlen, seed=seed)
+    examples = examples_from_ids(samples)
     return quantize_model(model, cfg, examples)
 
 
@@ -67,8 +70,7 @@ def run(model, tokenizer, spec, calib, progress: bool = True, desc_act: bool = F
         raise ValueError("--method gptq writes layout gptq and keeps only lm_head in float (AutoGPTQ's layer lists)")
     return gptq_quantize(model, tokenizer, spec.fmt, spec.group_size, spec.mode, scale_dtype=spec.scale_dtype,
                          desc_act=desc_act, static_groups=static_groups, true_sequential=true_sequential,
-                         damp_percent=damp_percent, nsamples=calib.nsamples, seqlen=calib.seqlen, seed=calib.seed,
-                         scale_search=spec.scale_search)
+                         damp_percent=damp_percent, scale_search=spec.scale_search, samples=calib.samples(tokenizer))
 
 
 def supports_model(model) -> Optional[str]:

@@ -15,6 +15,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from .._version import __version__, check_writer_version
 from .constants import FORMAT_VERSION, PLACEHOLDER_SUFFIXES, QUANT_METHOD, SCALE_DTYPES
 from .errors import CheckpointError
 from .formats import MODES, get_format, register_format
@@ -199,8 +200,11 @@ class AFPQConfigDict:
     def spec(self) -> QuantSpec:
         """The settings these keys describe, as the one settings value (layout fixed,
         ``modules_to_not_convert`` as its skip list, the recorded scale search)."""
-        return QuantSpec(self.fmt, self.group_size, self.mode, self.scale_dtype, self.layout,
-                         tuple(self.modules_to_not_convert), self.extra.get("scale_search"))
+        try:
+            return QuantSpec(self.fmt, self.group_size, self.mode, self.scale_dtype, self.layout,
+                             tuple(self.modules_to_not_convert), self.extra.get("scale_search"))
+        except ValueError as exc:  # e.g. a malformed scale_search: the checkpoint's fault, named as such
+            raise CheckpointError(f"quantization_config: {exc}") from None
 
     def spec_for(self, name: str) -> QuantSpec:
         """The settings of quantized module ``name``: :attr:`spec` with the module's ``modules``
@@ -243,6 +247,7 @@ class AFPQConfigDict:
         d.update(d.pop("extra"))
         if not d["modules"]:  # uniform checkpoints keep exactly the keys they always had
             del d["modules"]
+        d["afpq_version"] = __version__  # the release that writes it (checked on load: check_writer_version)
         return d
 
     @classmethod
@@ -254,6 +259,7 @@ class AFPQConfigDict:
             raise CheckpointError(
                 f"{source}: quant_method is {method!r}, not {QUANT_METHOD!r}; load it with the tool that wrote it"
             )
+        check_writer_version(d.get("afpq_version"), source)
         missing = [k for k in ("format", "bits", "group_size", "mode") if k not in d]
         if missing:
             raise CheckpointError(f"{source}: missing key(s) {', '.join(missing)}")

@@ -88,10 +88,12 @@ def _method_name(cfg) -> str:
 def _run(qmodel, spec: QuantSpec, cfg, quantize, *args, **kwargs):
     """``quantize(*args, **kwargs)`` (gptqmodel's, on ``qmodel``) with the AFPQ classes swapped in;
     returns the checkpoint config."""
+    from .._engine_env import check
     from .compat import afpq_processors
     from .processors import awq_processor_class, gptq_processor_class
     from .quantizer import gptq_class
 
+    check()  # a GPTQMODEL_CPU_WORKERS gptqmodel cannot run with: named here, not as a pool error
     method = _method_name(cfg)
     if method not in ("gptq", "awq"):
         raise ValueError(f"AFPQ through GPTQModel supports method gptq or awq, got {method!r}")

@@ -7,7 +7,8 @@ class names from ``afpq_plugins.hf``) is left alone; a *foreign* "afpq" (say, a 
 transformers with a native method of that name) is kept and reported, never
 overwritten, unless ``force=True``.
 
-:func:`register_lazily` is what ``import afpq_plugins`` calls: it never imports
+:func:`register_lazily` is what ``import afpq_plugins`` calls (an installed package also registers
+with no import of ours: ``_afpq_autoload``, run from a ``.pth`` file at interpreter start): it never imports
 transformers itself (that costs 1 to 3 s). If ``transformers.quantizers.auto`` is
 already imported it registers at once; otherwise a one-shot import hook registers
 right after that module first executes (transformers imports it while importing
@@ -16,19 +17,20 @@ right after that module first executes (transformers imports it while importing
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
 import logging
 import sys
 import threading
 from typing import Optional
 
+from _afpq_autoload import TARGET as _TARGET
+from _afpq_autoload import PostImportHook
+
 __all__ = ["register", "register_lazily", "is_registered", "unregister", "METHOD"]
 
 log = logging.getLogger(__name__)
 
 METHOD = "afpq"
-_TARGET = "transformers.quantizers.auto"
 _lock = threading.RLock()
 
 
@@ -90,37 +92,9 @@ def _safe_register() -> None:
         log.warning("afpq_plugins: could not register %r with transformers: %s", METHOD, exc)
 
 
-class _PostImportHook(importlib.abc.MetaPathFinder):
-    """Registers right after ``transformers.quantizers.auto`` executes, then removes itself."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
-            return None
-        _remove_hook()
-        spec = importlib.util.find_spec(fullname)  # the normal finders, without us
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        loader = spec.loader
-        original_exec = loader.exec_module
-
-        def exec_module(module):
-            original_exec(module)
-            _safe_register()
-
-        class _Loader(importlib.abc.Loader):
-            """The original loader, plus one registration after ``exec_module``."""
-
-            def create_module(self, spec_):
-                return loader.create_module(spec_)
-
-            def exec_module(self, module):
-                exec_module(module)
-
-            def __getattr__(self, name):  # get_source, get_code, is_package, ... (linecache, inspect)
-                return getattr(loader, name)
-
-        spec.loader = _Loader()
-        return spec
+#: The one post-import hook class (stdlib-only top-level module, shared with the .pth autoload, so a
+#: hook already pending from interpreter start is recognised and not doubled).
+_PostImportHook = PostImportHook
 
 
 _hook: Optional[_PostImportHook] = None
@@ -130,10 +104,7 @@ def _remove_hook() -> None:
     global _hook
     with _lock:
         if _hook is not None:
-            try:
-                sys.meta_path.remove(_hook)
-            except ValueError:
-                pass
+            _hook.remove()
             _hook = None
 
 
@@ -154,7 +125,7 @@ def register_lazily() -> bool:
                 return False
         except (ImportError, ValueError):  # a broken or blocked installation: stay out of the way
             return False
-        if _hook is None and not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
-            _hook = _PostImportHook()
+        if _hook is None and not any(isinstance(f, _PostImportHook) and f.target == _TARGET for f in sys.meta_path):
+            _hook = _PostImportHook(_TARGET, _safe_register)
             sys.meta_path.insert(0, _hook)
         return False

@@ -322,7 +322,7 @@ def test_stock_loaders_refuse_and_awq_save_is_safe(saved_by_autoawq):
             "except RuntimeError as exc:\n    print('REFUSED', exc)\n"
             "assert not [m for m in sys.modules if m.startswith('afpq_plugins')]\n")
     proc = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=""), cwd=os.path.dirname(out), timeout=300)
+                          env=dict(os.environ, PYTHONPATH="", AFPQ_PLUGINS_AUTOLOAD="0"), cwd=os.path.dirname(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("REFUSED") and "size mismatch for weight" in proc.stdout, proc.stdout
     assert "torch.Size([1])" in proc.stdout
@@ -355,7 +355,7 @@ assert not [m for m in sys.modules if m.startswith("afpq_plugins")]
     ("cuda", "exllama_v2", 'ValueError Trying to set a tensor of shape torch.Size([1]) in "qzeros"'),
 ])
 def test_stock_autoawq_refuses_in_a_clean_process(saved_by_autoawq, tmp_path, device, kernel, expect):
-    env = dict(os.environ, PYTHONPATH="")  # stock AutoAWQ, afpq_plugins not even on the path
+    env = dict(os.environ, PYTHONPATH="", AFPQ_PLUGINS_AUTOLOAD="0")  # stock AutoAWQ, afpq_plugins not even on the path
     proc = subprocess.run([sys.executable, "-c", STOCK_AWQ_LOAD, saved_by_autoawq, device, kernel],
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -102,6 +102,7 @@ def afpq_checkpoint(llama_folder, ids, tmp_path_factory):
 def _clean_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = ""  # the stock run must not even see the package on its path
+    env["AFPQ_PLUGINS_AUTOLOAD"] = "0"  # nor the installed package's start-up hook (_afpq_autoload)
     return env
 
 

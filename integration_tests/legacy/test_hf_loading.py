@@ -408,7 +408,7 @@ STOCK_LOAD = (
 
 def _stock(*args) -> subprocess.CompletedProcess:
     """``from_pretrained`` in a fresh interpreter that never imports afpq_plugins (not on its path)."""
-    env = dict(os.environ, PYTHONPATH="")
+    env = dict(os.environ, PYTHONPATH="", AFPQ_PLUGINS_AUTOLOAD="0")  # not even the installed .pth hook
     return subprocess.run([sys.executable, "-c", STOCK_LOAD, *args], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.abspath(args[0])), timeout=300)
 
