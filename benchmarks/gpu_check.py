@@ -14,7 +14,7 @@ tables) and ``gpu_check.log``. Steps, within ``--budget`` seconds overall:
    CUDA GEMV with its bit-exact numpy model), in a pytest subprocess; meanwhile worker
    processes compile every kernel configuration the later steps time, into Triton's cache,
    so that timing does not wait on compilers;
-1b. the CUDA GEMV (``afpq_plugins.kernels.cuda``, :mod:`afpq_plugins.kernels.cuda.bench`):
+1b. the CUDA GEMV (``afpq_plugins.kernels.cuda``, :mod:`cuda_bench` in this folder):
    correctness for every layout, bits, mode, act-order, padded / single groups, fp16 and
    bf16, M = 1..8, outputs NaN-poisoned before each call (all written), within the stated
    bound of float64, bit-exact to the numpy model (M = 1, 3, 8), CUDA-graph replay == eager
@@ -273,7 +273,7 @@ def markdown(result: Dict) -> str:
                                              for a, b in d["checks"].items()), ""]
     cu = result.get("cuda")
     if cu:
-        from afpq_plugins.kernels.cuda import bench as cb
+        import cuda_bench as cb
 
         lines += [cb.markdown(cu)]
     sw = result.get("sweeps")
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     workers = start_workers(nw, dry, sweep, args.full_sweep, warm_log) if nw else []
     pre = None
     if not args.skip_cuda:
-        from afpq_plugins.kernels.cuda import bench as cb
+        import cuda_bench as cb
     if not args.skip_cuda and dev.type == "cuda":  # compile the CUDA GEMV's sources meanwhile (threads)
         import threading
 

@@ -31,12 +31,12 @@ ADAPTERS = ("autogptq", "autoawq", "gptqmodel", "llmcompressor", "hf", "vllm")
 
 
 def layer(mod: str) -> int:
-    """0 core (and the stdlib-only ``_patching``), 1 kernels, 2 nn, 3 the loaders and the
+    """0 core (and the stdlib-only ``_patching`` and ``_version``), 1 kernels, 2 nn, 3 the loaders and the
     registry (``model``, ``data``, ``evaluate``, ``methods``, ``rtn``, ``progress``),
     4 the adapters, 5 CLI and study, 6 the package ``__init__`` (public re-exports)."""
     parts = mod.split(".")
     sub = parts[1] if len(parts) > 1 else ""
-    if sub in ("core", "_patching"):
+    if sub in ("core", "_patching", "_version"):  # stdlib-only leaves
         return 0
     if sub == "kernels":
         return 1
@@ -92,7 +92,8 @@ def imports(mods: Dict[str, str]) -> Dict[str, List[Tuple[str, str, bool]]]:
                     if sub in mods:  # from .pkg import submodule
                         edges.append((sub, "", False))
                     else:
-                        edges.append((_closest(target, mods), a.name, a.name.startswith("_")))
+                        private = a.name.startswith("_") and not (a.name.startswith("__") and a.name.endswith("__"))
+                        edges.append((_closest(target, mods), a.name, private))
         graph[mod] = [e for e in edges if e[0] and e[0] != mod]
     return graph
 

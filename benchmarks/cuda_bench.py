@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from . import planning
-from . import prmt_model as pm
+from afpq_plugins.kernels.cuda import planning
+from afpq_plugins.kernels.cuda import prmt_model as pm
 
 #: (layout, fmt, mode, group_size, act_order): every layout, bits, mode, act-order, padding, one group
 CASES = [
@@ -92,7 +92,7 @@ def precompile(capability, log: Callable[[str], None], dry: bool, workers: int =
     the memory and disk caches, so that the timed steps never wait on the compiler."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import nvrtc
+    from afpq_plugins.kernels.cuda import nvrtc
 
     t0 = time.time()
     srcs = sources(dry)
