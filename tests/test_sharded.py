@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import threading
-import time
 
 import pytest
 import torch
@@ -25,7 +24,6 @@ from _tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 from afpq_plugins import cli  # noqa: E402
 from afpq_plugins.core.checkpoint import (  # noqa: E402
     INDEX_NAME,
-    AFPQConfigDict,
     CheckpointError,
     CheckpointSnapshot,
     load_checkpoint_tensors,
