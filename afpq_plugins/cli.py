@@ -211,7 +211,7 @@ def cmd_quantize(args) -> int:
     if args.require_all:
         cov.require_all()
     note(f"afpq quantize: {args.method} in memory; calibration and quantization in {dtype or torch.float32} on "
-         f"{args.device}; float tensors written as {dtype or written}; shards of at most {max_shard} bytes\n"
+         f"{args.device}; float tensors written as {dtype or written}; shards of at most {max_shard / 1e6:,.1f} MB\n"
          + cov.before_line())
     t1 = time.perf_counter()
     timer = contextlib.nullcontext()

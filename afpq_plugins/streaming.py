@@ -31,8 +31,10 @@ from torch import nn
 from .core.checkpoint import (
     AFPQConfigDict,
     CheckpointError,
+    DEFAULT_MAX_SHARD_SIZE,
     CheckpointSnapshot,
     checkpoint_writer,
+    parse_size,
     with_refusal_placeholders,
 )
 from .core.quantize import check_finite
@@ -240,7 +242,8 @@ def quantize_rtn_streaming(
         if log is not None:
             log(f"afpq quantize: rtn streaming tensor by tensor from {src} ({len(snap.files)} file(s), source dtype "
                 f"{source_dtype(snap)}); quantization in float32 on {device}; float tensors written as "
-                f"{dtype or 'their source dtype'}; shards of at most {max_shard_size or '5GB'} bytes")
+                f"{dtype or 'their source dtype'}; shards of at most "
+                f"{parse_size(max_shard_size or DEFAULT_MAX_SHARD_SIZE) / 1e6:,.1f} MB")
             log(cov.before_line())
         # source order: sequential reads of each shard
         order = sorted(mapping, key=lambda k: (snap.files.index(snap.source(mapping[k])),

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import threading
-import time
 
 import pytest
 import torch
@@ -25,7 +24,6 @@ from _tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 from afpq_plugins import cli  # noqa: E402
 from afpq_plugins.core.checkpoint import (  # noqa: E402
     INDEX_NAME,
-    AFPQConfigDict,
     CheckpointError,
     CheckpointSnapshot,
     load_checkpoint_tensors,
@@ -254,8 +252,13 @@ def test_foreign_shard_and_stamp_disagreement(streamed, src, tmp_path):
     cfg["quantization_config"].pop("table")
     json.dump(cfg, open(os.path.join(path2, "config.json"), "w"))
     for who, load in _loaders(path2).items():
-        with pytest.raises(CheckpointError, match="model-0000"):
+        with pytest.raises(CheckpointError, match="model-0000|index.json"):
             load()
+    # the index of the other save (same tensor names and shards): its stamp disagrees
+    path3 = _copy(streamed, tmp_path / "idx")
+    shutil.copyfile(os.path.join(other, INDEX_NAME), os.path.join(path3, INDEX_NAME))
+    with pytest.raises(CheckpointError, match="index.json: written with another quantization_config"):
+        load_quantized(path3)
 
 
 # SIGKILL during a sharded save: tests/test_concurrency.py::test_killed_saves_leave_one_complete_version[sharded]

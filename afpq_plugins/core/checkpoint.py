@@ -341,6 +341,7 @@ class CheckpointSnapshot:
             self.index_path = os.path.join(path, INDEX_NAME)
             self.weights_path = os.path.join(path, WEIGHTS_NAME)
             self.index: Optional[Dict[str, str]] = None
+            self._index_stamp = None
             self._files = []
             if WEIGHTS_NAME in names and INDEX_NAME in names:
                 raise CheckpointError(
@@ -348,7 +349,10 @@ class CheckpointSnapshot:
                     "remove the stale one"
                 )
             if INDEX_NAME in names:
-                self.index = parse_index(_read_at(dfd, INDEX_NAME), self.index_path)
+                raw = _read_at(dfd, INDEX_NAME)
+                self.index = parse_index(raw, self.index_path)
+                meta = json.loads(raw.decode("utf-8")).get("metadata")
+                self._index_stamp = meta.get(STAMP_METADATA_KEY) if isinstance(meta, dict) else None
                 self.weights_path = self.index_path  # what error messages name
                 for shard in sorted(set(self.index.values())):
                     if shard not in names:
@@ -463,6 +467,9 @@ class CheckpointSnapshot:
         """:class:`CheckpointError` if a tensor file was written with other decoding keys."""
         self.headers()
         want = config_stamp(qc)
+        if self._index_stamp is not None and self._index_stamp != want:
+            raise CheckpointError(f"{self.index_path}: written with another quantization_config than {CONFIG_NAME} "
+                                  "(the files come from different saves); save it again")
         for path, _ in self._files:
             stamp = self._meta[path].get(STAMP_METADATA_KEY)
             if stamp is not None and stamp != want:
