@@ -96,6 +96,12 @@ def render_card(qc, model=None, folder_name: str = "CHECKPOINT", context: Option
                              f"{', '.join(qc.modules_to_not_convert) or 'none'}"),
         ("written by", f"afpq-plugins {__version__}"),
     ]
+    if qc.modules:  # per-module settings (afpq quantize --bits-budget): the top-level row is the commonest
+        shares = (qc.extra.get("allocation") or {}).get("shares") or {}
+        mix = ", ".join(f"{k} {v:.0%}" for k, v in shares.items()) or f"{len(qc.modules)} modules differ"
+        budget = qc.extra.get("bits_budget")
+        rows.insert(2, ("per-module settings", (f"chosen under a budget of {budget} bits/weight: " if budget else "")
+                        + mix + " of the weights (quantization_config.modules)"))
     if ctx.get("source"):
         rows.insert(0, ("source model", f"`{ctx['source']}`"))
     ppl = ctx.get("perplexity") or {}
