@@ -21,6 +21,8 @@ import os
 import shlex
 from typing import Callable, Dict, Iterator, Optional
 
+import torch
+
 __all__ = ["card_context", "with_model_card", "render_card", "bits_per_weight", "CARD_NAME"]
 
 CARD_NAME = "README.md"
@@ -52,19 +54,23 @@ def command_line(argv) -> str:
 
 
 def bits_per_weight(model, qc) -> Optional[float]:
-    """Stored bits of the quantized layers (codes, scales, zeros) per weight they replace; g_idx and
-    biases are not counted (as in the study's peer comparison)."""
+    """Stored bits of the quantized layers (codes, scales, zeros as stored) per weight they replace,
+    from each layer's settings (per-module ones included) and shape; g_idx and biases are not
+    counted. Works on a meta-device model (the streaming writer's)."""
+    from .nn.skeleton import linear_dims
+
     stored = weights = 0
     for name in qc.quantized_modules:
         try:
             m = model.get_submodule(name)
-        except AttributeError:
+            in_f, out_f = (m.in_features, m.out_features) if hasattr(m, "qweight") else linear_dims(m, name)
+        except (AttributeError, ValueError):
             return None
-        for key in ("qweight", "scales", "scales_neg", "zeros"):
-            t = getattr(m, key, None)
-            if t is not None:
-                stored += t.numel() * t.element_size() * 8
-        weights += m.in_features * m.out_features
+        spec = qc.spec_for(name)  # as stored: zero-points are kept in the scale dtype, like the scales
+        params = 1 if spec.mode == "sym" else 2
+        scale_bits = torch.finfo(spec.torch_scale_dtype).bits
+        stored += out_f * in_f * spec.bits + out_f * spec.groups(in_f) * params * scale_bits
+        weights += in_f * out_f
     return stored / weights if weights else None
 
 

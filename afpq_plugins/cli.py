@@ -195,8 +195,12 @@ def cmd_quantize(args) -> int:
         return _err(str(exc))
     note = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     if method.name == "rtn" and args.bits_budget is None:  # streaming: shards in, shards out, one tensor at a time
+        from .card import card_context, command_line
+        from .data import resolve_model
+
         try:
-            return stream_cli(args, spec, dtype, max_shard, note)
+            with card_context(command=command_line(args.argv), source=str(resolve_model(args.model))):
+                return stream_cli(args, spec, dtype, max_shard, note)
         except NotStreamable as exc:
             note(f"afpq quantize: rtn in memory (cannot stream: {exc})")
     elif method.name == "rtn":
