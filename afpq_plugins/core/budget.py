@@ -4,7 +4,9 @@ A *candidate* is a layer setting (format, group size, mode) applied to the run's
 :class:`~afpq_plugins.core.spec.QuantSpec`. Its cost is counted exactly as the peers table
 counts bits per weight: ``bits`` per weight for the codes plus, per group and output
 column, the group parameters in the scale dtype (two scales for ``afpq``, one for ``sym``,
-a scale and a ``bits``-bit zero-point for ``zp``). A layer's cost in bits is an integer:
+a scale and a ``bits``-bit zero-point for ``zp``, as the peers table counts INT formats; the checkpoint
+stores zero-points in the scale dtype, which the model card's measured figure reflects).
+A layer's cost in bits is an integer:
 ``out * in * bits + out * groups * extra``.
 
 :func:`allocate` chooses one candidate per *unit* (a layer, or layers a host fuses and
