@@ -7,7 +7,7 @@ PYTHON ?= python3
 LEGACY := .venv-legacy
 MODERN := .venv-modern
 VLLM := .venv-vllm
-export GPTQMODEL_CPU_WORKERS ?= 2
+# GPTQModel's worker count: afpq_plugins sets it itself (afpq_plugins/_engine_env.py), as in a plain shell
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: demo demo-full accuracy-quick accuracy test test-core test-legacy test-modern test-vllm venvs clean-venvs bench gpu-check

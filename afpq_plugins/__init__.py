@@ -47,7 +47,7 @@ from .core import (  # noqa: F401
 from .nn import AFPQLinear  # noqa: F401
 from . import _engine_env
 
-from ._version import __version__  # noqa: F401,E402
+from .core.version import VERSION as __version__  # noqa: F401,E402
 
 
 def _register_with_transformers() -> None:

@@ -76,7 +76,7 @@ def bits_per_weight(model, qc) -> Optional[float]:
 
 def render_card(qc, model=None, folder_name: str = "CHECKPOINT", context: Optional[dict] = None) -> str:
     """The card's markdown for checkpoint config ``qc`` (an ``AFPQConfigDict``)."""
-    from ._version import __version__
+    from .core.version import VERSION
 
     ctx = dict(_CONTEXT.get() if context is None else context)
     extra = dict(qc.extra)
@@ -100,7 +100,7 @@ def render_card(qc, model=None, folder_name: str = "CHECKPOINT", context: Option
         ("calibration", calib),
         ("quantized layers", f"{len(qc.quantized_modules)}; kept in float: "
                              f"{', '.join(qc.modules_to_not_convert) or 'none'}"),
-        ("written by", f"afpq-plugins {__version__}"),
+        ("written by", f"afpq-plugins {VERSION}"),
     ]
     if qc.modules:  # per-module settings (afpq quantize --bits-budget): the top-level row is the commonest
         shares = (qc.extra.get("allocation") or {}).get("shares") or {}

@@ -366,10 +366,10 @@ def cmd_formats(args) -> int:
 
 # -- parser ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .core.version import VERSION
 
     p = argparse.ArgumentParser(prog="afpq", description="Asymmetric floating-point quantization for LLMs")
-    p.add_argument("--version", action="version", version=f"afpq {__version__} (torch {torch.__version__})")
+    p.add_argument("--version", action="version", version=f"afpq {VERSION} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save an AFPQ checkpoint")

@@ -38,6 +38,6 @@ model.save_quantized(args.out)          # AFPQ checkpoint: quant_method "afpq", 
 
 model = AutoGPTQForCausalLM.from_quantized(args.out, device="cpu")
 ids = tok("It is a truth universally acknowledged", return_tensors="pt")
-out = model.generate(**ids, max_new_tokens=20, do_sample=False)
+out = model.generate(input_ids=ids.input_ids, attention_mask=ids.attention_mask, max_new_tokens=20, do_sample=False)
 print(tok.decode(out[0], skip_special_tokens=True))
 print(f"afpq eval {args.out}  # perplexity on Pride and Prejudice")

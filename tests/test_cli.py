@@ -123,8 +123,9 @@ def test_demo_table_layout():
     assert "| FP sym (one scale) | - | 25.25 |" in lines
     assert "| NF AFPQ + scale search | - | 21.00 |" in lines
     plan = demo.demo_plan(quick=True)  # the demo is a preset of the accuracy study
-    assert len(plan) == 12 and {c.group_size for c in plan} == {64}
-    assert len(demo.demo_plan(quick=False)) == 24
+    assert len(plan) == 14 and {c.group_size for c in plan} == {64}
+    assert len(demo.demo_plan(quick=False)) == 28
+    assert plan[-1].search == "output" and demo.DEMO_ROWS[-1].label == "NF AFPQ + output-aware scale search"
 
 
 def test_demo_runs_end_to_end_on_tiny_model(folder, text_file, monkeypatch, capsys, tmp_path):
@@ -139,5 +140,5 @@ def test_demo_runs_end_to_end_on_tiny_model(folder, text_file, monkeypatch, caps
     out = capsys.readouterr().out
     assert "| NF AFPQ (two scales) |" in out and "| method | 3-bit g32 | 4-bit g32 |" in out
     rows = json.loads(out_json.read_text())["rows"]
-    assert len(rows) == 12 and all(math.isfinite(r["ppl"]) for r in rows)
-    assert {r["scale_search"] for r in rows} == {"minmax", "mse"}
+    assert len(rows) == 14 and all(math.isfinite(r["ppl"]) for r in rows)
+    assert {r["scale_search"] for r in rows} == {"minmax", "mse", "output"}

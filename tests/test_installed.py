@@ -49,6 +49,7 @@ def test_wheel_carries_the_cpp_source_the_texts_and_the_autoload(installed):
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     assert "afpq_plugins/kernels/cpu/afpq_cpu.cpp" in names
     assert "afpq_plugins/assets/text/prideprejudice.txt" in names
+    assert "afpq_plugins/lm_eval_tasks/afpq_pride_ppl.yaml" in names and "afpq_plugins/lm_eval_tasks/pride.py" in names
     assert "afpq_plugins-autoload.pth" in names and "_afpq_autoload.py" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
 

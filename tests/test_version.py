@@ -8,7 +8,7 @@ import os
 import pytest
 
 import afpq_plugins
-from afpq_plugins._version import CheckpointVersionError, check_writer_version
+from afpq_plugins.core.version import CheckpointVersionError, check_writer_version
 from afpq_plugins.core.checkpoint_schema import AFPQConfigDict
 from afpq_plugins.core.errors import CheckpointError
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from .._version import __version__, check_writer_version
+from .version import VERSION, check_writer_version
 from .constants import FORMAT_VERSION, PLACEHOLDER_SUFFIXES, QUANT_METHOD, SCALE_DTYPES
 from .errors import CheckpointError
 from .formats import MODES, get_format, register_format
@@ -247,7 +247,7 @@ class AFPQConfigDict:
         d.update(d.pop("extra"))
         if not d["modules"]:  # uniform checkpoints keep exactly the keys they always had
             del d["modules"]
-        d["afpq_version"] = __version__  # the release that writes it (checked on load: check_writer_version)
+        d["afpq_version"] = VERSION  # the release that writes it (checked on load: check_writer_version)
         return d
 
     @classmethod

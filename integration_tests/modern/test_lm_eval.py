@@ -1,4 +1,5 @@
-"""lm-eval-harness on an AFPQ checkpoint, the way users run it: ``python -m lm_eval --model hf``
+"""lm-eval-harness on an AFPQ checkpoint, the way users run it (examples/lm_eval_quickstart.sh:
+``python -m lm_eval --model hf``
 in a fresh process with no import of ours (the installed package's .pth hook registers
 ``quant_method "afpq"``; here the package is a wheel built from this checkout, in a venv over
 this one), with the task shipped in afpq_plugins/lm_eval_tasks (offline, Pride and Prejudice).
@@ -13,7 +14,7 @@ import os
 
 import pytest
 
-from _plain import build_wheel, plain_env, run, venv_with_wheel
+from _plain import REPO, build_wheel, plain_env, run, venv_with_wheel
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
 
@@ -40,15 +41,15 @@ def test_lm_eval_hf_matches_afpq_eval(setup, capsys):
     from transformers import AutoTokenizer
 
     from afpq_plugins import cli
-    from afpq_plugins.lm_eval_tasks import TASK, TASKS_DIR, token_perplexity
+    from afpq_plugins.lm_eval_tasks import TASK, token_perplexity
     from afpq_plugins.lm_eval_tasks.pride import text
 
     out = os.path.join(setup["work"], "results")
-    r = run([setup["python"], "-m", "lm_eval", "--model", "hf", "--model_args",
-             f"pretrained={setup['ckpt']},max_length={SEQLEN}", "--tasks", TASK, "--include_path",
-             TASKS_DIR.replace(os.path.dirname(os.path.dirname(TASKS_DIR)), _installed_root(setup["python"])),
-             "--metadata", json.dumps({"chars": CHARS}), "--batch_size", "4", "--output_path", out],
-            cwd=setup["work"], env=plain_env(None, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), timeout=900)
+    # the documented example, as a user runs it: bash, the wheel venv's python first on PATH, no PYTHONPATH
+    env = plain_env(None)
+    env["PATH"] = os.path.dirname(setup["python"]) + os.pathsep + env["PATH"]
+    r = run(["bash", os.path.join(REPO, "examples", "lm_eval_quickstart.sh"), setup["ckpt"], str(SEQLEN), str(CHARS),
+             "--output_path", out], cwd=setup["work"], env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     (res_file,) = glob.glob(os.path.join(out, "**", "results_*.json"), recursive=True)
     word_ppl = json.load(open(res_file))["results"][TASK]["word_perplexity,none"]
@@ -65,10 +66,3 @@ def test_lm_eval_hf_matches_afpq_eval(setup, capsys):
     assert ours["kind"] == "afpq"
     assert lm_ppl == pytest.approx(ours["ppl"], rel=TOLERANCE), (lm_ppl, ours["ppl"])
 
-
-def _installed_root(python: str) -> str:
-    """site-packages of the wheel's venv: the task folder the user gets (not this checkout's)."""
-    import subprocess
-
-    return subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .core.errors import CheckpointError
+from .errors import CheckpointError
 
-__version__ = "0.1.0"
+#: The package version (pyproject.toml reads it here; ``afpq_plugins.__version__`` re-exports it).
+VERSION = "0.1.0"
 
-__all__ = ["__version__", "CheckpointVersionError", "check_writer_version"]
+__all__ = ["VERSION", "CheckpointVersionError", "check_writer_version"]
 
 
 class CheckpointVersionError(CheckpointError):
@@ -37,7 +38,7 @@ def check_writer_version(written: Optional[object], source: str = "quantization_
         major = None
     if major is None:
         raise CheckpointVersionError(f"{source}.afpq_version must be a version string like \"0.1.0\", got {written!r:.80}")
-    if major > _major(__version__):
+    if major > _major(VERSION):
         raise CheckpointVersionError(
-            f"{source}: written by afpq-plugins {written}, a newer major release than the installed {__version__}; "
+            f"{source}: written by afpq-plugins {written}, a newer major release than the installed {VERSION}; "
             "upgrade afpq-plugins (pip install -U afpq-plugins) to load it")
