@@ -4,9 +4,10 @@ bits budget is given.
 
 With ``bits_budget`` (``afpq quantize --bits-budget 3.5``) each Linear gets its own format,
 group size and mode from a candidate set (:data:`~afpq_plugins.core.budget.DEFAULT_CANDIDATES`
-unless given), chosen to minimise the summed output-aware error ``sum_j h_j (w - q(w))^2``
-(``h = diag(X^T X)`` of the layer's calibration inputs, the output search's objective; each
-candidate scored with its min/max scales) with the average bits per weight, counted as the
+unless given), chosen to minimise the summed relative output-aware error of the layers,
+``sum_j h_j (w - q(w))^2 / sum_j h_j w^2`` (``h = diag(X^T X)`` of the layer's calibration
+inputs: the output search's objective, over the layer's output energy; each candidate scored
+with its min/max scales) with the average bits per weight, counted as the
 peers table counts them, within the budget; layers a host fuses (q/k/v, gate/up) get one
 choice together (:mod:`afpq_plugins.core.budget`). The spec's scale search then quantizes each
 layer with its chosen setting; the checkpoint records the per-module settings in
@@ -121,7 +122,12 @@ def budgeted_specs(linears, energies, spec: QuantSpec, bits_budget: float,
         it = tqdm(it, total=len(linears), desc=f"bits budget {bits_budget}: scoring {len(specs)} candidates",
                   unit="layer")
     for n, lin in it:
-        errs[n] = layer_errors(lin.weight, energies[n], specs, n)
+        # each layer's error relative to its output energy sum_j h_j ||w_:j||^2: the fraction of the
+        # layer's output signal the candidate loses (raw errors are dominated by the few layers with
+        # the largest activations, which then take the bits every other layer needs)
+        w = lin.weight.detach().float()
+        ref = float((w * w * energies[n].float().reshape(1, -1)).sum(dtype=torch.float64)) or 1.0
+        errs[n] = [e / ref for e in layer_errors(lin.weight, energies[n], specs, n)]
     units = B.fused_units(list(linears))
     unit_err = [[math.fsum(errs[n][c] for n in u) for c in range(len(specs))] for u in units]
     unit_cost = [B.unit_costs(specs, shapes, u) for u in units]
@@ -131,7 +137,8 @@ def budgeted_specs(linears, energies, spec: QuantSpec, bits_budget: float,
     bpw = alloc.bits / total
     extra = {"bits_budget": bits_budget, "bits_per_weight": round(bpw, 6),
              "allocation": {"candidates": [c.label() for c in (candidates or B.DEFAULT_CANDIDATES)],
-                            "error": "sum_j diag(X^T X)_j (w - q(w))^2, min/max scales",
+                            "error": "per layer sum_j h_j (w - q(w))^2 / sum_j h_j w^2 (h = diag(X^T X)), "
+                                     "min/max scales, summed over layers",
                             "exact": alloc.exact, "seconds": round(time.perf_counter() - t0, 2),
                             "shares": {k: round(v, 4) for k, v in B.summary(chosen, shapes).items()}}}
     return chosen, extra
