@@ -125,9 +125,9 @@ def _method_options(args, method) -> dict:
         defaults.update(bits_budget=None, candidates=None)
     for k, v in opts.items():
         if k not in method.options and v != defaults[k]:
-            raise ValueError(f"--{k.replace('_', '-')} is not supported by --method {method.name} "
-                             f"--backend {method.engine}" + (" (per-layer formats: --method rtn)" if k in
-                                                              ("bits_budget", "candidates") else ""))
+            raise ValueError(f"--{k.replace('_', '-')} is not supported by --backend {method.engine}"
+                             + (f" (--method {method.name}; per-layer formats: --method rtn)"
+                                if k in ("bits_budget", "candidates") else ""))
     if opts.get("candidates") and opts.get("bits_budget") is None:
         raise ValueError("--candidates needs --bits-budget")
     out = {k: v for k, v in opts.items() if k in method.options}

@@ -163,3 +163,26 @@ def test_budgeted_rtn_fuses_and_loads_through_every_loader(tmp_path):
             {n: m.spec for n, m in layers.items()}
         torch.testing.assert_close(ours(ids).logits, want, rtol=0, atol=0)
         torch.testing.assert_close(theirs(ids).logits.float(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_budget_is_rtn_only_and_named(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama_folder
+
+    from afpq_plugins import cli
+    from afpq_plugins.methods import MethodUnavailable, get_method
+
+    folder = tiny_llama_folder(str(tmp_path / "m"))
+    try:
+        get_method("gptq")
+    except MethodUnavailable:
+        pytest.skip("no GPTQ engine in this venv")
+    rc = cli.main(["quantize", folder, str(tmp_path / "o"), "--method", "gptq", "--bits-budget", "4",
+                   "--nsamples", "2", "--calib-seqlen", "32", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--bits-budget is not supported by --backend" in err and "--method rtn" in err
+    assert cli.main(["quantize", folder, str(tmp_path / "o2"), "--candidates", "nf3/afpq/g32", "--quiet"]) == 2
+    assert "--candidates needs --bits-budget" in capsys.readouterr().err
+    assert cli.main(["quantize", folder, str(tmp_path / "o3"), "--bits-budget", "4", "--candidates", "nf3-afpq-32",
+                     "--quiet"]) == 2
+    assert "expected FORMAT/MODE/gGROUP" in capsys.readouterr().err
