@@ -163,6 +163,9 @@ def cmd_quantize(args) -> int:
         fmt = get_format(args.format)
         mode = resolve_mode(fmt, args.mode, sym=args.sym)
         method = get_method(args.method, args.backend)
+        if args.candidates and args.bits_budget is None:
+            raise ValueError("--candidates needs --bits-budget")
+        _candidates(args.candidates)  # a malformed candidate is an error before anything is loaded
         # the one settings value, from here to the kernels (layout None: the method's default)
         spec = QuantSpec(fmt, args.group_size, mode, args.scale_dtype, args.layout, tuple(args.skip),
                          args.scale_search).resolved(method.name)
