@@ -60,3 +60,31 @@ def tiny_llama_folder(path: str, seed: int = 0) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def random_quantized_layer(layout, fmt, mode, gs, act, in_f, out_f, seed=0, bias=True):
+    """``(AFPQLinear, QuantizedWeight)`` with random codes and group parameters (act-order
+    ``g_idx`` when ``act``), for the kernel tests."""
+    import numpy as np
+
+    from afpq_plugins.core.formats import get_format
+    from afpq_plugins.core.quantize import QuantizedWeight, default_g_idx
+    from afpq_plugins.nn import AFPQLinear
+
+    g = np.random.default_rng(seed)
+    f = get_format(fmt)
+    codes = torch.from_numpy(g.integers(0, 2**f.bits, (out_f, in_f))).to(torch.uint8)
+    g_idx = default_g_idx(in_f, gs)
+    if act:
+        g_idx = g_idx[torch.from_numpy(g.permutation(in_f))]
+    groups = 1 if gs == -1 else in_f // gs
+    scales = torch.from_numpy(g.uniform(0.01, 0.2, (groups, out_f))).half()
+    if mode == "afpq":
+        scales2 = torch.from_numpy(g.uniform(0.01, 0.2, (groups, out_f))).half()
+    elif mode == "zp":
+        scales2 = torch.from_numpy(g.integers(0, 2**f.bits, (groups, out_f)).astype(np.float64)).half()
+    else:
+        scales2 = None
+    qw = QuantizedWeight(codes, scales, scales2, g_idx, f, mode, gs)
+    b = torch.from_numpy(g.normal(0, 0.1, out_f)).float() if bias else None
+    return AFPQLinear.from_quantized(qw, bias=b, layout=layout), qw

@@ -23,15 +23,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tiny import random_quantized_layer
 
 from afpq_plugins.core.formats import get_format
 from afpq_plugins.core.packing import pack_gptq
-from afpq_plugins.core.quantize import QuantizedWeight, decode, default_g_idx
+from afpq_plugins.core.quantize import decode
 from afpq_plugins.kernels import torch_ref
 from afpq_plugins.kernels import cuda as ck
 from afpq_plugins.kernels.cuda import nvrtc, planning, source
 from afpq_plugins.kernels.cuda import prmt_model as pm
-from afpq_plugins.nn import AFPQLinear
 
 NVRTC_OK, NVRTC_WHY = nvrtc.available()
 needs_nvrtc = pytest.mark.skipif(not NVRTC_OK, reason=f"libnvrtc not available: {NVRTC_WHY}")
@@ -140,23 +140,7 @@ IDS = [f"{c[0]}-{c[1]}-{c[2]}-g{c[3]}{'-act' if c[4] else ''}-{c[5]}x{c[6]}" for
 
 
 def make_layer(layout, fmt, mode, gs, act, in_f, out_f, seed=0, bias=True):
-    g = np.random.default_rng(seed)
-    f = get_format(fmt)
-    codes = torch.from_numpy(g.integers(0, 2**f.bits, (out_f, in_f))).to(torch.uint8)
-    g_idx = default_g_idx(in_f, gs)
-    if act:
-        g_idx = g_idx[torch.from_numpy(g.permutation(in_f))]
-    groups = 1 if gs == -1 else in_f // gs
-    scales = torch.from_numpy(g.uniform(0.01, 0.2, (groups, out_f))).half()
-    if mode == "afpq":
-        scales2 = torch.from_numpy(g.uniform(0.01, 0.2, (groups, out_f))).half()
-    elif mode == "zp":
-        scales2 = torch.from_numpy(g.integers(0, 2**f.bits, (groups, out_f)).astype(np.float64)).half()
-    else:
-        scales2 = None
-    qw = QuantizedWeight(codes, scales, scales2, g_idx, f, mode, gs)
-    b = torch.from_numpy(g.normal(0, 0.1, out_f)).float() if bias else None
-    return AFPQLinear.from_quantized(qw, bias=b, layout=layout)
+    return random_quantized_layer(layout, fmt, mode, gs, act, in_f, out_f, seed, bias)[0]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
