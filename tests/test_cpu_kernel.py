@@ -4,9 +4,14 @@ References: the decoded weight must equal core's ``QuantizedWeight.dequantize`` 
 (the kernel builds its per-group tables with the same float32 operations); the forward is
 compared with float64 ``x @ W.T + b`` (W = core's decode) and with the torch reference kernel.
 
-Stated bound, from the accumulation order: the kernel accumulates K float32 products in SIMD
-lanes (or at::mm), so |y - y64| <= K * 2**-24 * (|x| @ |W|.T + |b|) (the classic gamma_K
-bound, u = 2**-24), plus the output rounding (2**-8 relative for bfloat16 outputs).
+Stated bounds, from the arithmetic of each path. Float32 products (GEMV, the small-batch
+micro-kernel, the float32 chunks): K float32 products accumulated in SIMD lanes (or at::mm), so
+|y - y64| <= K * 2**-24 * (|x| @ |W|.T + |b|) (the classic gamma_K bound, u = 2**-24), plus
+the output rounding (2**-8 relative for bfloat16 outputs). Bfloat16 products (batches above
+``SMALL_ROWS`` rows on a CPU with native bf16, see ``cpu.prefill_bf16``; bfloat16 batches of
+``REG_ROWS_AMX + 1`` to ``SMALL_ROWS`` rows on AMX): x and W are rounded to bf16 first (relative error 2**-9 each, so 2**-8 + 2**-18 per product), accumulated in
+float32, the product rounded to bf16 and the bias added: |y - y64| <= (2**-8 + 2**-18 +
+K * 2**-24) * (|x| @ |W|.T) + 2**-8 * (|y64| + |b|) + K * 2**-24 * |b|.
 
 Every ISA path this machine can run is covered (``AFPQ_CPU_ISA``); the AVX-512 layout
 (16 lanes) is also decoded by the portable path, so its repack is checked here even on
@@ -54,13 +59,23 @@ def _layer(layout, fmt, mode, gs, act, in_f, out_f, seed=0):
     return random_quantized_layer(layout, fmt, mode, gs, act, in_f, out_f, seed)
 
 
-def _check(y, x, w, bias):
-    """|y - y64| within the stated bound (see the module docstring)."""
+def _bf16_products(x, isa="avx512") -> bool:
+    m = x.shape[0]
+    if m > cpu.SMALL_ROWS:
+        return cpu.prefill_bf16(x.dtype)
+    amx = x.dtype == torch.bfloat16 and isa == "avx512" and cpu.amx_usable()
+    return amx and m > cpu.REG_ROWS_AMX
+
+
+def _check(y, x, w, bias, isa="avx512"):
+    """|y - y64| within the stated bound of the path that ran (see the module docstring)."""
     x64, w64, b64 = x.double(), w.double(), bias.double()
     ref = x64 @ w64.T + b64
     k = x.shape[-1]
     bound = (x64.abs() @ w64.abs().T + b64.abs()) * (k * 2**-24)
-    if y.dtype == torch.bfloat16:
+    if _bf16_products(x, isa):
+        bound = bound + (x64.abs() @ w64.abs().T) * (2**-8 + 2**-18) + (ref.abs() + b64.abs()) * 2**-8
+    elif y.dtype == torch.bfloat16:
         bound = bound + ref.abs() * 2**-8
     err = (y.double() - ref).abs()
     assert (err <= bound + 1e-30).all(), f"max err {err.max().item():.3g}, bound at it {bound.flatten()[err.argmax()]:.3g}"
@@ -89,40 +104,70 @@ def test_decoded_weight_equals_core_decode(case):
         assert torch.equal(cpu.decode_packed(pack, layer.in_features, "scalar"), ref)
 
 
+#: Every path: GEMV (1-8 rows), AMX or the float32 small-batch micro-kernel (9-64), chunks (257).
+MS = (1, 2, 3, 9, 16, 17, 64, 257)
+
+
 @needs_kernel
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_matches_float64_and_torch_path(case, dtype, isa_env):
+@pytest.mark.parametrize("prefill", ["auto", "fp32"])
+def test_forward_matches_float64_and_torch_path(case, dtype, prefill, isa_env, monkeypatch):
+    monkeypatch.setenv("AFPQ_CPU_PREFILL", prefill)
     layer, qw = _layer(*case)
     w = qw.dequantize(torch.float32)
     torch.manual_seed(0)
     for isa in ISAS:
         isa_env(isa)
-        for m in (1, 3, 17, 257):
+        for m in MS if prefill == "auto" else (257,):
             x = torch.randn(m, layer.in_features).to(dtype)
             with torch.no_grad():
                 assert cpu.can_implement(x, layer) == (True, "")
                 y = cpu.linear(x, layer)
                 assert y.dtype == dtype and y.shape == (m, layer.out_features)
-                bound = _check(y, x, w, layer.bias)
+                bound = _check(y, x, w, layer.bias, isa)
                 y_ref = torch_ref.linear(x, layer)
             err = (y.double() - y_ref.double()).abs()
             assert (err <= 2 * bound + 1e-30).all(), f"{isa} M={m}: max diff to the torch path {err.max():.3g}"
 
 
+def test_bf16_products_only_where_stated(monkeypatch):
+    """The path table: float32 products up to SMALL_ROWS rows for float32 activations; bf16
+    products above it by default where the CPU has native bf16, never with AFPQ_CPU_PREFILL=fp32;
+    an unknown setting is a named error."""
+    monkeypatch.setenv("AFPQ_CPU_PREFILL", "fp32")
+    assert not cpu.prefill_bf16(torch.float32)
+    monkeypatch.setenv("AFPQ_CPU_PREFILL", "auto")
+    assert cpu.prefill_bf16(torch.float32) == (OK and cpu.native_bf16())
+    assert not cpu.prefill_bf16(torch.float16)
+    monkeypatch.setenv("AFPQ_CPU_PREFILL", "fast")
+    with pytest.raises(ValueError, match="AFPQ_CPU_PREFILL='fast'"):
+        cpu.prefill_bf16(torch.float32)
+
+
 @needs_kernel
-def test_threads_do_not_change_the_result():
-    layer, _ = _layer("gptq", "nf4", "afpq", 32, True, 256, 96)
-    x = torch.randn(3, 256)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_do_not_change_the_result(dtype):
+    """Up to SMALL_ROWS rows every output column is summed by one thread in a fixed order: the
+    result is bit-identical at 1 and 2 threads; above it at::mm may split sums by thread, so
+    the two agree within the stated bound."""
+    layer, qw = _layer("gptq", "nf4", "afpq", 32, True, 256, 96)
+    w = qw.dequantize(torch.float32)
     n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y1 = cpu.linear(x, layer)
-        torch.set_num_threads(2)
-        y2 = cpu.linear(x, layer)
-    finally:
-        torch.set_num_threads(n)
-    assert torch.equal(y1, y2)  # every output column is summed by one thread in a fixed order
+    for m in (3, 9, 64, 257):
+        x = torch.randn(m, 256).to(dtype)
+        try:
+            torch.set_num_threads(1)
+            y1 = cpu.linear(x, layer)
+            torch.set_num_threads(2)
+            y2 = cpu.linear(x, layer)
+        finally:
+            torch.set_num_threads(n)
+        if m <= cpu.SMALL_ROWS:
+            assert torch.equal(y1, y2), m
+        else:
+            bound = _check(y1, x, w, layer.bias)
+            assert ((y1.double() - y2.double()).abs() <= 2 * bound + 1e-30).all()
 
 
 @needs_kernel

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,6 +42,8 @@ __all__ = ["Kernel", "register_kernel", "kernels", "choose_kernel", "prepare", "
 
 Check = Callable[[torch.Tensor, object], Tuple[bool, str]]
 Apply = Callable[[torch.Tensor, object], torch.Tensor]
+Runner = Callable[[torch.Tensor], torch.Tensor]
+Bind = Callable[[torch.Tensor, object], Runner]
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,15 @@ class Kernel:
     priority: int
     can_implement: Check
     apply: Apply
+    #: Optional ``bind(x, layer) -> run(x)``: the kernel's per-layer preparation (repack, settings)
+    #: done once; ``run`` is cached with the choice and called on every forward of that kind.
+    bind: Optional[Bind] = None
+
+    def runner(self, x: torch.Tensor, layer) -> Runner:
+        if self.bind is not None:
+            return self.bind(x, layer)
+        apply = self.apply
+        return lambda x: apply(x, layer)
 
 
 _KERNELS: Dict[str, Kernel] = {}
@@ -109,17 +120,22 @@ def explain(x: torch.Tensor, layer) -> str:
     return f"{k.name}{why}"
 
 
+#: Environment variables a cached choice (or a kernel's bound settings) depends on.
+_ENV = ("AFPQ_KERNEL", "AFPQ_CPU_ISA", "AFPQ_CPU_PREFILL")
+
+
 def _call_key(x: torch.Tensor, layer) -> tuple:
-    """What the choice depends on besides the layer's static description."""
+    """What the choice depends on besides the layer's static description (the weights' device
+    is part of it through ``.to()``, which drops the cache)."""
     small = x.numel() <= SMALL_M * layer.in_features if x.is_cuda else None
+    env = os.environ
     return (_GENERATION[0], x.device, x.dtype, x.requires_grad and torch.is_grad_enabled(),
-            getattr(layer, "backend", "auto") or "auto", os.environ.get("AFPQ_KERNEL", "auto"),
-            layer.qweight.device, small)
+            getattr(layer, "backend", "auto"), env.get(_ENV[0]), env.get(_ENV[1]), env.get(_ENV[2]), small)
 
 
-def prepare(x: torch.Tensor, layer) -> Kernel:
-    """The kernel for ``layer(x)``, chosen once per kind of call and cached on the layer."""
-    cache = layer.__dict__.get(_CACHE_ATTR) if hasattr(layer, "__dict__") else None
+def _cached(x: torch.Tensor, layer) -> Tuple[Kernel, Runner]:
+    d = getattr(layer, "__dict__", None)
+    cache = d.get(_CACHE_ATTR) if d is not None else None
     if cache is None:
         cache = {}
         try:
@@ -127,10 +143,17 @@ def prepare(x: torch.Tensor, layer) -> Kernel:
         except (AttributeError, TypeError):  # a layer object without a writable __dict__: no cache
             pass
     key = _call_key(x, layer)
-    k = cache.get(key)
-    if k is None:
-        k = cache[key] = choose_kernel(x, layer)[0]
-    return k
+    hit = cache.get(key)
+    if hit is None:
+        k = choose_kernel(x, layer)[0]
+        hit = cache[key] = (k, k.runner(x, layer))
+    return hit
+
+
+def prepare(x: torch.Tensor, layer) -> Kernel:
+    """The kernel for ``layer(x)``, chosen once per kind of call and cached on the layer
+    (with what the kernel prepared for it: see :attr:`Kernel.bind`)."""
+    return _cached(x, layer)[0]
 
 
 def invalidate(layer) -> None:
@@ -144,7 +167,7 @@ def afpq_linear(x: torch.Tensor, layer) -> torch.Tensor:
         raise ValueError(
             f"AFPQLinear: input has {x.shape[-1]} features, the layer expects {layer.in_features}"
         )
-    return prepare(x, layer).apply(x, layer)
+    return _cached(x, layer)[1](x)
 
 
 # -- built-in kernels -------------------------------------------------------------------------
@@ -182,6 +205,12 @@ def _cpu_apply(x: torch.Tensor, layer) -> torch.Tensor:
     return cpu.linear(x, layer)
 
 
+def _cpu_bind(x: torch.Tensor, layer) -> Runner:
+    from . import cpu
+
+    return cpu.bind(x, layer)
+
+
 def _cuda_can(x: torch.Tensor, layer) -> Tuple[bool, str]:
     if not x.is_cuda:  # checked before importing the module: CPU forwards never pay for it
         return False, "input is not on a CUDA device"
@@ -203,5 +232,5 @@ def _register_builtin() -> None:
     _KERNELS["cuda"] = Kernel("cuda", 150, _cuda_can, _cuda_apply)
     _KERNELS["torch"] = Kernel("torch", 0, lambda x, layer: (True, ""), torch_ref.linear)
     # Native CPU kernel (C++, AVX-512/AVX2/portable); falls back to torch with one warning.
-    _KERNELS["cpu"] = Kernel("cpu", 50, _cpu_can, _cpu_apply)
+    _KERNELS["cpu"] = Kernel("cpu", 50, _cpu_can, _cpu_apply, _cpu_bind)
     _KERNELS["triton"] = Kernel("triton", 100, _triton_can, lambda x, layer: _triton_linear()(x, layer))

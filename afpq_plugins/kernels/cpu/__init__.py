@@ -2,11 +2,22 @@
 
 ``x @ W.T`` straight from the packed codes: per (group, output column) the decoded values of
 all codes form a 16- (or 8-, 4-) entry table, built with core's float32 decode maths, and each
-weight is decoded by a register permute. Small batches (``M <= GEMV_MAX_ROWS``) run a GEMV
-that never writes the weight out; larger ones decode column tiles into a small buffer and
-multiply with ``at::mm``. Any layout (gptq 2/3/4 bits, awq 4 bits), mode (afpq, sym, zp),
-group size and act-order ``g_idx``; float32 / bfloat16 / float16 activations, float32
-accumulation; ``torch.get_num_threads()`` threads.
+weight is decoded by a register permute. Three paths, by batch rows ``M``:
+
+* ``M <= REG_ROWS``: GEMV, codes decoded in registers, never written out;
+* ``M <= SMALL_ROWS`` (a server's batched decoding, speculative decoding, beam search): each
+  thread decodes a tile of 16 columns once into an L2-resident float32 buffer and multiplies
+  every row block of the batch by it (a 4 x 4 register-blocked micro-kernel; AVX-512);
+* larger ``M`` (prefill, evaluation): column chunks decoded and multiplied by ``at::mm``. Where
+  the CPU multiplies bfloat16 natively (AVX512_BF16 / AMX) the chunks are decoded to bfloat16
+  and the product runs on oneDNN's bf16 matmul (inputs rounded to bf16, fp32 accumulation,
+  output rounded to bf16): for bfloat16 activations always, for float32 activations by default
+  (``AFPQ_CPU_PREFILL``); elsewhere in float32.
+
+The first two paths accumulate in float32 whatever the activations' dtype (bf16 / fp16 inputs
+are widened exactly). Any layout (gptq 2/3/4 bits, awq 4 bits), mode (afpq, sym, zp), group
+size and act-order ``g_idx``; ``torch.get_num_threads()`` threads, one parallel region per
+call on the first two paths.
 
 The weights are repacked once per layer (:mod:`.repack`, cached on the layer and rebuilt when
 its buffers change); the C++ source is compiled on first use (:mod:`.build`).
@@ -15,7 +26,13 @@ Environment:
 
 ``AFPQ_CPU_ISA``  ``auto`` (default: the best the CPU has), ``avx512``, ``avx2`` or ``scalar``:
                   force a narrower path (tests cover each one the machine can run).
+``AFPQ_CPU_PREFILL``  ``auto`` (default: bfloat16 products above ``SMALL_ROWS`` rows where the
+                  CPU has native bf16), ``bf16`` (the same, required) or ``fp32`` (float32 activations
+                  always multiplied in float32; bfloat16 activations still use the bf16 matmul).
 ``AFPQ_KERNEL=torch``  skip this kernel (the registry's switch).
+
+The settings are read when the registry binds the kernel to a layer (the first forward of a
+kind of call, and again after any of these variables changes).
 """
 
 from __future__ import annotations
@@ -30,12 +47,19 @@ import torch
 from . import build
 from .repack import Pack, build_pack, get_pack
 
-__all__ = ["available", "isa", "can_implement", "linear", "decode_packed", "ISAS", "Pack", "build_pack"]
+__all__ = ["available", "isa", "can_implement", "linear", "bind", "decode_packed", "native_bf16", "prefill_bf16",
+           "ISAS", "Pack", "build_pack", "REG_ROWS", "SMALL_ROWS"]
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 _NAMES = {v: k for k, v in ISAS.items()}
-#: Largest batch that takes the GEMV path; above it, tiles are decoded and multiplied by at::mm.
-GEMV_MAX_ROWS = 8
+#: Largest batch decoded in registers (GEMV): float32 products, and bfloat16 activations without AMX.
+REG_ROWS = 8
+#: With AMX, bfloat16 batches above this many rows go to the AMX tiles (measured crossover: the
+#: GEMV is faster up to 6 rows on SmolLM2's and 4096x4096 layers, AMX from 8).
+REG_ROWS_AMX = 6
+#: Largest batch on the small-batch paths; above it, chunks are decoded and multiplied by at::mm.
+SMALL_ROWS = 64
+_PREFILL = ("auto", "bf16", "fp32")
 
 _warned = False
 
@@ -81,6 +105,42 @@ def _resolve_isa(want: str) -> Tuple[str, str]:
     return want, ""
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16; every AMX CPU has it)."""
+    return bool(torch.ops.afpq_cpu.native_bf16())
+
+
+def prefill_bf16(dtype: torch.dtype) -> bool:
+    """Whether batches above :data:`SMALL_ROWS` rows of ``dtype`` activations multiply in bf16."""
+    want = os.environ.get("AFPQ_CPU_PREFILL", "auto").strip().lower() or "auto"
+    if want not in _PREFILL:
+        raise ValueError(f"AFPQ_CPU_PREFILL={want!r} is not one of {', '.join(_PREFILL)}")
+    if dtype == torch.bfloat16:
+        return native_bf16()  # without native bf16 the float32 matmul is the faster one
+    if dtype != torch.float32 or want == "fp32":
+        return False
+    if want == "bf16" and not native_bf16():
+        raise RuntimeError("AFPQ_CPU_PREFILL=bf16 but this CPU has no native bfloat16 (AVX512_BF16 / AMX)")
+    return native_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def amx_usable() -> bool:
+    """Whether the AMX tiles can run here (the CPU has AMX-BF16 and the OS granted its state)."""
+    return bool(torch.ops.afpq_cpu.amx_usable())
+
+
+def settings(dtype: torch.dtype, isa_code: int) -> Tuple[int, int]:
+    """``(rows decoded in registers, path flags)`` for activations of ``dtype`` on ISA ``isa_code``.
+
+    Flags: bit 0, batches above :data:`SMALL_ROWS` multiply in bfloat16 (:func:`prefill_bf16`);
+    bit 1, bfloat16 batches of ``REG_ROWS_AMX + 1`` to ``SMALL_ROWS`` rows run on AMX."""
+    amx = dtype == torch.bfloat16 and isa_code == ISAS["avx512"] and amx_usable()
+    flags = int(prefill_bf16(dtype)) | (2 if amx else 0)
+    return (REG_ROWS_AMX if amx else REG_ROWS), flags
+
+
 def lanes_of(isa_name: str) -> int:
     return 16 if isa_name == "avx512" else 8
 
@@ -115,16 +175,46 @@ def _run_isa() -> Tuple[int, int]:
     return ISAS[name], lanes_of(name)
 
 
-def linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """``layer(x)`` with the native kernel (call :func:`can_implement` first)."""
+def _versions(tensors) -> tuple:
+    return tuple(None if t is None or t.is_inference() else t._version for t in tensors)
+
+
+def bind(x: torch.Tensor, layer):
+    """``run(x) = layer(x)`` with the native kernel, for calls like ``x`` (dtype, device): the ISA,
+    the repacked weights and the settings resolved once (:func:`can_implement` first). ``run``
+    checks that the layer still holds the tensors it was packed from, unedited, and repacks
+    otherwise (a cheap identity and version check per call)."""
     code, lanes = _run_isa()
-    pack = get_pack(layer, lanes)
-    flat = x.dim() != 2
-    y = torch.ops.afpq_cpu.linear(
-        x.reshape(-1, layer.in_features) if flat else x, pack.codes, pack.p1, pack.p2, pack.lut, pack.gstep, pack.kmap, pack.bias,
-        pack.mode, pack.nent, lanes, code, GEMV_MAX_ROWS,
-    )
-    return y.reshape(*x.shape[:-1], layer.out_features) if flat else y
+    reg_rows, flags = settings(x.dtype, code)
+    op = torch.ops.afpq_cpu.linear.default
+    in_f, out_f = layer.in_features, layer.out_features
+    state = {}
+
+    def refresh():
+        pack = get_pack(layer, lanes)
+        state["pack"] = pack
+        state["seen"] = (pack.keep[0], pack.keep[1], _versions(pack.keep))
+        state["args"] = (pack.codes, pack.p1, pack.p2, pack.lut, pack.gstep, pack.kmap, pack.bias,
+                         pack.mode, pack.nent, lanes, code, reg_rows, SMALL_ROWS, flags)
+
+    refresh()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        q, s, versions = state["seen"]
+        if layer.qweight is not q or layer.scales is not s or _versions(state["pack"].keep) != versions:
+            refresh()
+        if x.dim() == 2:
+            return op(x, *state["args"])
+        y = op(x.reshape(-1, in_f), *state["args"])
+        return y.reshape(*x.shape[:-1], out_f)
+
+    return run
+
+
+def linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """``layer(x)`` with the native kernel (call :func:`can_implement` first; the registry
+    binds it once per layer instead, see :func:`bind`)."""
+    return bind(x, layer)(x)
 
 
 def decode_packed(pack: Pack, in_features: int, isa_name: str = "scalar") -> torch.Tensor:

@@ -15,8 +15,13 @@
 // permutes and a blend on the code's top bit). Compiled with -ffp-contract=off, so decoded weights are
 // bit-identical to core's.
 //
-// Paths: GEMV (small M: decode in registers, fused multiply-add into per-row accumulators) and, for
-// large M, decode column tiles into a buffer and multiply with at::mm. ISA chosen at run time.
+// Paths (one parallel region per call for M <= m_small):
+//   M <= m_reg: GEMV, codes decoded in registers and multiplied into up to 4 rows at a time;
+//   M <= m_small: each thread decodes a tile of columns once into an L2-resident float32 buffer and runs
+//     a register-blocked 4 x 4 micro-kernel over every row block of the batch (small batches);
+//   larger M: decode column chunks (float32, or bfloat16 where the CPU multiplies bf16 natively and
+//     the caller asks for it) and multiply with at::mm (oneDNN; AMX / AVX512_BF16 for bf16).
+// ISA chosen at run time.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,10 +31,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define AFPQ_X86 1
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #else
 #define AFPQ_X86 0
 #endif
@@ -228,7 +238,12 @@ AFPQ_AVX512 static inline __m512 lookup_avx512(__m512 tab, __m512i w, int i) {
   return _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4 * i), tab);  // reads the low 4 bits
 }
 
-AFPQ_AVX512 static void decode_col_avx512(const Problem& P, int64_t n, float* out) {
+// Column n decoded in the kernel's input order: float32 (Out = float), or bfloat16 bits (Out = uint16_t,
+// VCVTNEPS2BF16: round to nearest even as c10::BFloat16 rounds, except that float32 subnormals,
+// |w| < 2**-126, which no float16 scale can produce, become 0; run only where the CPU has AVX512_BF16).
+#define AFPQ_BF16 __attribute__((target("avx512f,avx512bf16")))
+template <typename Out>
+AFPQ_BF16 static void decode_col_avx512(const Problem& P, int64_t n, Out* out) {
   const int32_t* w = P.codes + n * P.words();
   const int64_t chunks = P.words() / 16;
   __m512 tab = _mm512_setzero_ps();
@@ -242,7 +257,12 @@ AFPQ_AVX512 static void decode_col_avx512(const Problem& P, int64_t n, float* ou
         do { ++g; gend = P.gstep[g + 1]; } while (t >= gend);
         tab = build_table_avx512(P, n, g);
       }
-      _mm512_storeu_ps(out + t * 16, lookup_avx512(tab, wc, i));
+      const __m512 v = lookup_avx512(tab, wc, i);
+      if constexpr (sizeof(Out) == 4) {
+        _mm512_storeu_ps(out + t * 16, v);
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + t * 16), (__m256i)_mm512_cvtneps_pbh(v));
+      }
     }
   }
 }
@@ -278,6 +298,120 @@ AFPQ_AVX512 static void gemv_avx512(const Problem& P, int64_t n0, int64_t m0) {
   for (int r = 0; r < MR; ++r)
     for (int q = 0; q < NC; ++q) P.y[(m0 + r) * P.ldy + n0 + q] = _mm512_reduce_add_ps(acc[r][q]);
 }
+// ---------------------------------------------------------------------------------------------
+// Small batches (AVX-512): a tile of NB columns decoded once into a buffer, then MR x 4 blocks.
+
+constexpr int NB = 16;  // columns per small-batch tile (4 quads of 4)
+
+template <int MR>
+AFPQ_AVX512 static void block_avx512(const float* x, int64_t ldx, const float* w, int64_t Kp, int nq, float* y,
+                                     int64_t ldy) {
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kp; k += 16) {
+    __m512 wv[4];
+    for (int q = 0; q < 4; ++q) wv[q] = _mm512_loadu_ps(w + q * Kp + k);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * ldx + k);
+      for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(xv, wv[q], acc[r][q]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < nq; ++q) y[r * ldy + q] = _mm512_reduce_add_ps(acc[r][q]);
+}
+
+AFPQ_AVX512 static void rows_avx512(const float* x, int64_t ldx, int64_t M, const float* w, int64_t Kp, int nq,
+                                    float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) block_avx512<4>(x + m * ldx, ldx, w, Kp, nq, y + m * ldy, ldy);
+  switch (M - m) {
+    case 1: block_avx512<1>(x + m * ldx, ldx, w, Kp, nq, y + m * ldy, ldy); break;
+    case 2: block_avx512<2>(x + m * ldx, ldx, w, Kp, nq, y + m * ldy, ldy); break;
+    case 3: block_avx512<3>(x + m * ldx, ldx, w, Kp, nq, y + m * ldy, ldy); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AMX (bf16 tiles) for small batches of bfloat16 activations: C^T = W' . X^T per 16-column tile.
+// A = 16 decoded columns x 32 inputs (bf16, straight from the tile buffer: a column's inputs are
+// contiguous), B = X^T in AMX's pair-interleaved layout (built once per call, 16 rows per block, rows
+// past M are zero), C = 16 columns x 16 rows float32, accumulated over the whole input dimension.
+
+#define AFPQ_AMX __attribute__((target("avx512f,avx512bw,amx-tile,amx-bf16")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+static bool amx_usable_impl() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) return false;
+  if (!__builtin_cpu_supports("avx512bf16")) return false;  // the tiles are filled by the bf16 decode
+  // Linux hands out the AMX register state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+  return false;
+#endif
+}
+
+bool amx_usable() {
+  static const bool yes = amx_usable_impl();
+  return yes;
+}
+
+// X^T tiles: xt[((mb * nkb + kb) * 16 + p) * 32 + 2 * m + e] = x[16 mb + m][32 kb + 2 p + e] (bf16 bits).
+static void build_xt(const uint16_t* x, int64_t M, int64_t Kp, uint16_t* xt) {
+  const int64_t nkb = Kp / 32, nmb = (M + 15) / 16;
+  std::memset(xt, 0, sizeof(uint16_t) * nmb * nkb * 512);
+  const uint32_t* xd = reinterpret_cast<const uint32_t*>(x);
+  uint32_t* td = reinterpret_cast<uint32_t*>(xt);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t mb = m / 16, mi = m % 16;
+    const uint32_t* row = xd + m * (Kp / 2);
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      uint32_t* tile = td + (mb * nkb + kb) * 256;
+      for (int64_t p = 0; p < 16; ++p) tile[p * 16 + mi] = row[kb * 16 + p];
+    }
+  }
+}
+
+template <int NMB>
+AFPQ_AMX static void amx_tile(const uint16_t* a, int64_t Kp, int64_t lda, const uint16_t* xt, float* c) {
+  const int64_t nkb = Kp / 32;
+  _tile_zero(0);
+  if (NMB > 1) _tile_zero(1);
+  if (NMB > 2) _tile_zero(2);
+  if (NMB > 3) _tile_zero(3);
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    _tile_loadd(4, a + kb * 32, lda * 2);
+    _tile_loadd(5, xt + (0 * nkb + kb) * 512, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if (NMB > 1) { _tile_loadd(6, xt + (1 * nkb + kb) * 512, 64); _tile_dpbf16ps(1, 4, 6); }
+    if (NMB > 2) { _tile_loadd(7, xt + (2 * nkb + kb) * 512, 64); _tile_dpbf16ps(2, 4, 7); }
+    if (NMB > 3) { _tile_loadd(5, xt + (3 * nkb + kb) * 512, 64); _tile_dpbf16ps(3, 4, 5); }
+  }
+  _tile_stored(0, c, 64);
+  if (NMB > 1) _tile_stored(1, c + 256, 64);
+  if (NMB > 2) _tile_stored(2, c + 512, 64);
+  if (NMB > 3) _tile_stored(3, c + 768, 64);
+}
+
+AFPQ_AMX static void amx_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  // GCC does not see that ldtilecfg reads the whole struct and drops the stores above without this.
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+AFPQ_AMX static void amx_release() { _tile_release(); }
+#else
+bool amx_usable() { return false; }
 #endif  // AFPQ_X86
 
 // ---------------------------------------------------------------------------------------------
@@ -297,6 +431,23 @@ int64_t isa_supported() {
   return isa;
 }
 
+// Whether the CPU multiplies bfloat16 natively (AVX512_BF16; every AMX CPU has it too): oneDNN's bf16
+// matmul is then several times faster than float32 (without it bf16 is emulated and slower), and the
+// bf16 decode uses its VCVTNEPS2BF16.
+static bool native_bf16_impl() {
+#if AFPQ_X86 && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool native_bf16() {
+  static const bool yes = native_bf16_impl();
+  return yes;
+}
+
 static void check_isa(int64_t isa, int64_t lanes) {
   TORCH_CHECK(isa >= SCALAR && isa <= isa_supported(), "afpq_cpu: ISA ", isa,
               " is not supported by this CPU (best: ", isa_supported(), ")");
@@ -307,10 +458,19 @@ static void check_isa(int64_t isa, int64_t lanes) {
 
 static void decode_col(const Problem& P, int64_t isa, bool t16, int64_t n, float* out) {
 #if AFPQ_X86
-  if (isa == AVX512) return decode_col_avx512(P, n, out);
+  if (isa == AVX512) return decode_col_avx512<float>(P, n, out);
   if (isa == AVX2) return t16 ? decode_col_avx2<true>(P, n, out) : decode_col_avx2<false>(P, n, out);
 #endif
   decode_col_scalar(P, n, out);
+}
+
+// Column n decoded to bfloat16 (round to nearest even, as c10::BFloat16); scratch: Kp floats.
+static void decode_col_bf16(const Problem& P, int64_t isa, bool t16, int64_t n, uint16_t* out, float* scratch) {
+#if AFPQ_X86
+  if (isa == AVX512 && native_bf16()) return decode_col_avx512<uint16_t>(P, n, out);
+#endif
+  decode_col(P, isa, t16, n, scratch);
+  for (int64_t k = 0; k < P.Kp; ++k) out[k] = c10::BFloat16(scratch[k]).x;
 }
 
 constexpr int NCOLS = 4;  // columns per GEMV tile
@@ -341,7 +501,12 @@ static void gemv_rows_avx512(const Problem& P, int64_t n0, int64_t m0, int64_t m
 static void gemv_tile(const Problem& P, int64_t isa, bool t16, int64_t n0, int64_t nc, int64_t m0, int64_t mr) {
 #if AFPQ_X86
   if (isa == AVX2 || isa == AVX512) {
-    if (nc == NCOLS && isa == AVX512) return gemv_rows_avx512<NCOLS>(P, n0, m0, mr);
+    if (nc == NCOLS && isa == AVX512) {
+      if (mr <= 2) return gemv_rows_avx512<NCOLS>(P, n0, m0, mr);
+      // 3-4 rows: two 2-column passes, so accumulators, tables and codes stay in the 32 zmm registers
+      gemv_rows_avx512<2>(P, n0, m0, mr);
+      return gemv_rows_avx512<2>(P, n0 + 2, m0, mr);
+    }
     if (nc == NCOLS) {  // two 2-column passes keep tables and accumulators in the 16 ymm registers
       for (int64_t q = 0; q < NCOLS; q += 2) {
         if (t16) gemv_rows_avx2<true, 2>(P, n0 + q, m0, mr);
@@ -411,74 +576,188 @@ static at::Tensor gather_x(const at::Tensor& x, const at::Tensor& kmap, int64_t 
   const int32_t* km = kmap.numel() ? kmap.data_ptr<int32_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "afpq_cpu_gather", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m) {
-        const scalar_t* s = src + m * K;
-        float* d = o + m * Kp;
-        if (km) {
-          for (int64_t k = 0; k < Kp; ++k) d[k] = km[k] >= 0 ? static_cast<float>(s[km[k]]) : 0.f;
-        } else {
-          for (int64_t k = 0; k < K; ++k) d[k] = static_cast<float>(s[k]);
-          for (int64_t k = K; k < Kp; ++k) d[k] = 0.f;
-        }
+    for (int64_t m = 0; m < M; ++m) {  // small M only: no parallel region of its own
+      const scalar_t* s = src + m * K;
+      float* d = o + m * Kp;
+      if (km) {
+        for (int64_t k = 0; k < Kp; ++k) d[k] = km[k] >= 0 ? static_cast<float>(s[km[k]]) : 0.f;
+      } else {
+        for (int64_t k = 0; k < K; ++k) d[k] = static_cast<float>(s[k]);
+        for (int64_t k = K; k < Kp; ++k) d[k] = 0.f;
       }
-    });
+    }
   });
   return xp;
 }
 
+// Activations for the large-M path in dtype dt, [M, K'] where the decoded weight's first K' inputs
+// line up with them: identity order -> x itself (K' = K, the weight read through a narrowed view),
+// act-order -> gathered into the kernel's order (K' = Kp, padding reads 0).
+static at::Tensor large_x(const at::Tensor& x, const at::Tensor& kmap, at::ScalarType dt) {
+  at::Tensor xd = x.scalar_type() == dt ? x : x.to(dt);
+  if (kmap.numel() == 0) return xd;
+  const at::Tensor idx = kmap.clamp_min(0).to(at::kLong);
+  at::Tensor xp = xd.index_select(1, idx);
+  xp.masked_fill_((kmap < 0).unsqueeze(0), 0);
+  return xp;
+}
+
+static void small_batch(const Problem& P, int64_t isa, bool t16, int64_t M, int64_t m_reg) {
+  const int64_t Kp = P.Kp;
+#if AFPQ_X86
+  if (isa == AVX512 && M > m_reg) {
+    const int64_t tiles = (P.N + NB - 1) / NB;
+    at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(NB * Kp, 0.f);  // one tile of decoded columns, L2-resident
+      for (int64_t tile = b; tile < e; ++tile) {
+        const int64_t n0 = tile * NB, nc = std::min<int64_t>(NB, P.N - n0);
+        for (int64_t q = 0; q < nc; ++q) decode_col(P, isa, t16, n0 + q, buf.data() + q * Kp);
+        for (int64_t q0 = 0; q0 < nc; q0 += 4) {
+          const int nq = int(std::min<int64_t>(4, nc - q0));
+          rows_avx512(P.x, P.ldx, M, buf.data() + q0 * Kp, Kp, nq, P.y + n0 + q0, P.ldy);
+        }
+      }
+    });
+    return;
+  }
+#endif
+  const int64_t tiles = (P.N + NCOLS - 1) / NCOLS;
+  // About 64k weights x rows per task: small layers stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (NCOLS * Kp * std::min<int64_t>(M, 4)));
+  at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
+    for (int64_t tile = b; tile < e; ++tile) {
+      const int64_t n0 = tile * NCOLS, nc = std::min<int64_t>(NCOLS, P.N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += MROWS) gemv_tile(P, isa, t16, n0, nc, m0, std::min<int64_t>(MROWS, M - m0));
+    }
+  });
+}
+
+// Small batches of bfloat16 activations on AMX (M <= 64): one parallel region over 16-column tiles.
+static void amx_batch(const Problem& P, int64_t isa, bool t16, const at::Tensor& x, const at::Tensor& kmap, float* y) {
+#if AFPQ_X86
+  const int64_t M = x.size(0), Kp = P.Kp, nmb = (M + 15) / 16;
+  // x in the kernel's input order, bf16, [M, Kp] (padding inputs 0), then its AMX layout.
+  at::Tensor xb = at::zeros({M, Kp}, x.options().dtype(at::kBFloat16));
+  if (kmap.numel()) xb.copy_(large_x(x, kmap, at::kBFloat16));
+  else xb.narrow(1, 0, x.size(1)).copy_(x);
+  std::vector<uint16_t> xt(nmb * (Kp / 32) * 512);
+  build_xt(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M, Kp, xt.data());
+  const int64_t tiles = (P.N + 15) / 16;
+  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+    // Row stride Kp + 32 inputs: a multiple of 4 KB would put the 16 rows of an A tile in one L1 set.
+    const int64_t lda = Kp + 32;
+    std::vector<uint16_t> a(16 * lda, 0);
+    alignas(64) float c[4 * 256];
+    amx_config();
+    for (int64_t tile = b; tile < e; ++tile) {
+      const int64_t n0 = tile * 16, nc = std::min<int64_t>(16, P.N - n0);
+      for (int64_t q = 0; q < nc; ++q) decode_col_bf16(P, isa, t16, n0 + q, a.data() + q * lda, nullptr);
+      switch (nmb) {
+        case 1: amx_tile<1>(a.data(), Kp, lda, xt.data(), c); break;
+        case 2: amx_tile<2>(a.data(), Kp, lda, xt.data(), c); break;
+        case 3: amx_tile<3>(a.data(), Kp, lda, xt.data(), c); break;
+        default: amx_tile<4>(a.data(), Kp, lda, xt.data(), c); break;
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const float* cm = c + (m / 16) * 256 + (m % 16);
+        for (int64_t q = 0; q < nc; ++q) y[m * P.N + n0 + q] = cm[q * 16];
+      }
+    }
+    amx_release();
+  });
+#else
+  TORCH_CHECK(false, "afpq_cpu: AMX path on a non-x86 build");
+#endif
+}
+
+// Large M, float32 or bfloat16: decode column chunks of at most about 64 MB in parallel and multiply each
+// with a multi-threaded at::mm.
+static at::Tensor chunks_mm(const Problem& P, int64_t isa, bool t16, const at::Tensor& x, const at::Tensor& kmap,
+                            bool bf16) {
+  const int64_t M = x.size(0), K = x.size(1), Kp = P.Kp;
+  const at::ScalarType dt = bf16 ? at::kBFloat16 : at::kFloat;
+  const at::Tensor xl = large_x(x, kmap, dt);
+  const int64_t kuse = kmap.numel() ? Kp : K;
+  const int64_t esize = bf16 ? 2 : 4;
+  const int64_t nt = std::min<int64_t>(P.N, std::max<int64_t>(16, (int64_t(64) << 20) / (Kp * esize)));
+  // The decoded chunk lives in a buffer kept per calling thread (at most about 64 MB): a fresh
+  // allocation of that size costs its page faults on every call.
+  thread_local at::Tensor workspace;
+  const int64_t need = nt * Kp * esize;
+  if (!workspace.defined() || workspace.numel() < need) workspace = at::empty({need}, x.options().dtype(at::kByte));
+  at::Tensor wbuf = workspace.narrow(0, 0, need).view(dt).view({nt, Kp});
+  at::Tensor y = nt >= P.N ? at::Tensor() : at::empty({M, P.N}, x.options().dtype(dt));
+  for (int64_t n0 = 0; n0 < P.N; n0 += nt) {
+    const int64_t nc = std::min(nt, P.N - n0);
+    if (bf16) {
+      uint16_t* wb = reinterpret_cast<uint16_t*>(wbuf.data_ptr<at::BFloat16>());
+      at::parallel_for(0, nc, 16, [&](int64_t b, int64_t e) {
+        std::vector<float> scratch(Kp);
+        for (int64_t q = b; q < e; ++q) decode_col_bf16(P, isa, t16, n0 + q, wb + q * Kp, scratch.data());
+      });
+    } else {
+      float* wb = wbuf.data_ptr<float>();
+      at::parallel_for(0, nc, 16, [&](int64_t b, int64_t e) {
+        for (int64_t q = b; q < e; ++q) decode_col(P, isa, t16, n0 + q, wb + q * Kp);
+      });
+    }
+    at::Tensor part = at::mm(xl, wbuf.narrow(0, 0, nc).narrow(1, 0, kuse).t());
+    if (!y.defined()) return part;
+    y.narrow(1, n0, nc).copy_(part);
+  }
+  return y;
+}
+
+// Paths by batch rows M: M <= m_reg: GEMV; M <= m_small: AMX (flags bit 1, bfloat16 products) or the
+// float32 small-batch micro-kernel; larger: chunks + at::mm, in bfloat16 when flags bit 0 is set.
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& p1, const at::Tensor& p2,
                   const at::Tensor& lut, const at::Tensor& gstep, const at::Tensor& kmap,
                   const c10::optional<at::Tensor>& bias, int64_t mode, int64_t nent, int64_t lanes, int64_t isa,
-                  int64_t m_gemv) {
+                  int64_t m_reg, int64_t m_small, int64_t flags) {
   check_isa(isa, lanes);
   TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "afpq_cpu.linear: x must be a 2-D CPU tensor");
   Problem P = make_problem(codes, p1, p2, lut, gstep, mode, lanes);
   TORCH_CHECK(kmap.numel() == 0 || kmap.numel() == P.Kp, "afpq_cpu.linear: kmap must be empty or [Kp]");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0);
-  at::Tensor xp = gather_x(x, kmap, P.Kp);
-  at::Tensor y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
-  if (M > 0 && P.N > 0) {
+  const bool t16 = nent > 8;
+  const bool bf16_large = (flags & 1) != 0, amx_small = (flags & 2) != 0;
+  TORCH_CHECK(!amx_small || (isa == AVX512 && amx_usable()), "afpq_cpu.linear: AMX requested but not usable");
+  TORCH_CHECK(m_small <= 64 || !amx_small, "afpq_cpu.linear: the AMX path takes at most 64 rows");
+  at::Tensor y;
+  if (M == 0 || P.N == 0) {
+    y = at::zeros({M, P.N}, x.options().dtype(at::kFloat));
+  } else if (M <= m_small && M > m_reg && amx_small) {
+    y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
+    amx_batch(P, isa, t16, x, kmap, y.data_ptr<float>());
+  } else if (M <= m_small) {
+    at::Tensor xp = gather_x(x, kmap, P.Kp);
+    y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
     P.x = xp.data_ptr<float>();
     P.ldx = P.Kp;
     P.y = y.data_ptr<float>();
     P.ldy = P.N;
-    const bool t16 = nent > 8;
-    if (M <= m_gemv) {
-      const int64_t tiles = (P.N + NCOLS - 1) / NCOLS;
-      // About 64k weights per task: small layers stay on one thread.
-      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (NCOLS * P.Kp));
-      at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
-        for (int64_t tile = b; tile < e; ++tile) {
-          const int64_t n0 = tile * NCOLS, nc = std::min<int64_t>(NCOLS, P.N - n0);
-          for (int64_t m0 = 0; m0 < M; m0 += MROWS) gemv_tile(P, isa, t16, n0, nc, m0, std::min<int64_t>(MROWS, M - m0));
-        }
-      });
-    } else {
-      // Decode column tiles (about 2 MB each) in parallel, multiply each with at::mm.
-      const int64_t nt = std::min<int64_t>(P.N, std::max<int64_t>(16, ((int64_t(1) << 19) / P.Kp) / 16 * 16));
-      at::Tensor wbuf = at::empty({nt, P.Kp}, y.options());
-      float* wb = wbuf.data_ptr<float>();
-      for (int64_t n0 = 0; n0 < P.N; n0 += nt) {
-        const int64_t nc = std::min(nt, P.N - n0);
-        at::parallel_for(0, nc, 8, [&](int64_t b, int64_t e) {
-          for (int64_t q = b; q < e; ++q) decode_col(P, isa, t16, n0 + q, wb + q * P.Kp);
-        });
-        y.narrow(1, n0, nc).copy_(at::mm(xp, wbuf.narrow(0, 0, nc).t()));
-      }
-    }
+    small_batch(P, isa, t16, M, m_reg);
+  } else {
+    y = chunks_mm(P, isa, t16, x, kmap, bf16_large);
   }
-  if (bias.has_value() && bias->defined()) y.add_(*bias);
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool early = has_bias && y.scalar_type() == at::kFloat;  // before the output's one rounding
+  if (early) y.add_(*bias);
+  if (y.scalar_type() != x_in.scalar_type()) y = y.to(x_in.scalar_type());
+  if (has_bias && !early) y.add_(*bias);
+  return y;
 }
 
 TORCH_LIBRARY(afpq_cpu, m) {
   m.def("isa_supported() -> int", &isa_supported);
   m.def("decode(Tensor codes, Tensor p1, Tensor p2, Tensor lut, Tensor gstep, int mode, int nent, int lanes, "
         "int isa) -> Tensor", &decode);
+  m.def("native_bf16() -> bool", &native_bf16);
+  m.def("amx_usable() -> bool", &amx_usable);
   m.def("linear(Tensor x, Tensor codes, Tensor p1, Tensor p2, Tensor lut, Tensor gstep, Tensor kmap, "
-        "Tensor? bias, int mode, int nent, int lanes, int isa, int m_gemv) -> Tensor", &linear);
+        "Tensor? bias, int mode, int nent, int lanes, int isa, int m_reg, int m_small, int flags) -> Tensor",
+        &linear);
 }
 
 }  // namespace afpq_cpu
