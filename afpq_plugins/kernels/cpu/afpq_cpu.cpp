@@ -2,10 +2,14 @@
 //
 // Weight layout (built once per layer by repack.py, "lanes" L = 8 for AVX2 / scalar, 16 for AVX-512):
 //   the input dimension is reordered so every group is contiguous (act-order g_idx) and padded to a
-//   multiple of L (padding inputs read x = 0), then cut into *steps* of L inputs. For output column n,
-//   codes[n] is a row of int32 words; chunk c holds 8 steps: word (c, j) keeps, in nibble i, the code of
-//   input k' = (8c + i) * L + j. So step i of a chunk is one vector shift of the chunk's L words, and the
-//   inputs of a step are L consecutive floats of the (reordered) activation row.
+//   multiple of L (padding inputs read x = 0), then cut into *steps* of L inputs. A column's codes are
+//   chunks of L int32 words; chunk c holds 8 steps: word (c, j) keeps, in nibble i, the code of input
+//   k' = (8c + i) * L + j. So step i of a chunk is one vector shift of the chunk's L words, and the
+//   inputs of a step are L consecutive floats of the (reordered) activation row. Columns are stored in
+//   tiles of 4 (the output padded to a multiple of 4 with zero codes), chunk-interleaved: chunk c of
+//   column 4u + q is at word ((u * chunks + c) * 4 + q) * L, so the GEMV, which reads a tile's four
+//   columns chunk by chunk, reads one contiguous stream (the hardware prefetcher follows it; four
+//   2 KB streams per tile left M = 1 at half its speed when the weights come from memory).
 //   gstep[g] .. gstep[g + 1] are the steps of group g; p1 / p2 are [N, G] float32 group parameters
 //   (s_pos / s_neg for afpq, s / unused for sym, s / zero for zp).
 //
@@ -44,6 +48,7 @@
 #define AFPQ_X86 0
 #endif
 
+#define AFPQ_PF 8
 namespace afpq_cpu {
 
 enum Mode : int64_t { AFPQ = 0, SYM = 1, ZP = 2 };
@@ -52,7 +57,7 @@ enum Isa : int64_t { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
 struct Problem {
   const float* x;         // [M, Kp] activations (reordered, padded), row stride ldx
   int64_t ldx;
-  const int32_t* codes;   // [N, Kp / 8]
+  const int32_t* codes;   // [N4, Kp / 8], N4 = N rounded up to 4, column tiles chunk-interleaved
   const float* p1;        // [N, G]
   const float* p2;        // [N, G]
   const float* lut;       // [16] grid value of each code (zero-padded)
@@ -62,6 +67,9 @@ struct Problem {
   int64_t ldy;
   int64_t words() const { return Kp / 8; }
   int64_t steps() const { return Kp / lanes; }
+  // Chunk c of column n is col(n) + c * cstride().
+  int64_t cstride() const { return 4 * lanes; }
+  const int32_t* col(int64_t n) const { return codes + (n >> 2) * 4 * words() + (n & 3) * lanes; }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -81,8 +89,8 @@ static void build_table_scalar(const Problem& P, int64_t n, int64_t g, float* ta
 // Calls f(step, code_of_lane(j), table) for every step of column n.
 template <typename F>
 static inline void walk_column_scalar(const Problem& P, int64_t n, F&& f) {
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(P.codes) + n * P.words();
-  const int64_t L = P.lanes, steps = P.steps();
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(P.col(n));
+  const int64_t L = P.lanes, steps = P.steps(), cs = P.cstride();
   float tab[16];
   int64_t g = -1, gend = 0;
   for (int64_t t = 0; t < steps; ++t) {
@@ -90,7 +98,7 @@ static inline void walk_column_scalar(const Problem& P, int64_t n, F&& f) {
       do { ++g; gend = P.gstep[g + 1]; } while (t >= gend);
       build_table_scalar(P, n, g, tab);
     }
-    const uint32_t* cw = w + (t >> 3) * L;
+    const uint32_t* cw = w + (t >> 3) * cs;
     const int sh = 4 * int(t & 7);
     f(t, cw, sh, tab);
   }
@@ -164,12 +172,12 @@ AFPQ_AVX2 static inline float hsum_avx2(__m256 v) {
 
 template <bool T16>
 AFPQ_AVX2 static void decode_col_avx2(const Problem& P, int64_t n, float* out) {
-  const int32_t* w = P.codes + n * P.words();
-  const int64_t chunks = P.words() / 8;
+  const int32_t* w = P.col(n);
+  const int64_t chunks = P.words() / 8, cs = P.cstride();
   Tab8 tab{};
   int64_t g = -1, gend = 0;
   for (int64_t c = 0; c < chunks; ++c) {
-    const __m256i wc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 8));
+    const __m256i wc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * cs));
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       const int64_t t = c * 8 + i;
@@ -185,7 +193,7 @@ AFPQ_AVX2 static void decode_col_avx2(const Problem& P, int64_t n, float* out) {
 // MR rows x NC columns: codes decoded once per step, multiplied into every row.
 template <bool T16, int MR, int NC>
 AFPQ_AVX2 static void gemv_avx2(const Problem& P, int64_t n0, int64_t m0) {
-  const int64_t words = P.words(), chunks = words / 8;
+  const int64_t chunks = P.words() / 8, cs = P.cstride();
   __m256 acc[MR][NC];
   for (int r = 0; r < MR; ++r)
     for (int q = 0; q < NC; ++q) acc[r][q] = _mm256_setzero_ps();
@@ -196,7 +204,7 @@ AFPQ_AVX2 static void gemv_avx2(const Problem& P, int64_t n0, int64_t m0) {
   for (int64_t c = 0; c < chunks; ++c) {
     __m256i wc[NC];
     for (int q = 0; q < NC; ++q)
-      wc[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P.codes + (n0 + q) * words + c * 8));
+      wc[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P.col(n0 + q) + c * cs));
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       const int64_t t = c * 8 + i;
@@ -222,6 +230,19 @@ AFPQ_AVX2 static void gemv_avx2(const Problem& P, int64_t n0, int64_t m0) {
 
 #define AFPQ_AVX512 __attribute__((target("avx512f")))
 
+// Touch the group-parameter rows of columns [n, n + nc) (p1 and p2: G floats each).
+static inline void prefetch_params(const Problem& P, int64_t n, int64_t nc) {
+  if (n >= P.N) return;
+  nc = std::min(nc, P.N - n);
+  const char* a = reinterpret_cast<const char*>(P.p1 + n * P.G);
+  const char* b = reinterpret_cast<const char*>(P.p2 + n * P.G);
+  const int64_t bytes = nc * P.G * 4;
+  for (int64_t o = 0; o < bytes; o += 64) {
+    _mm_prefetch(a + o, _MM_HINT_T0);
+    if (b != a) _mm_prefetch(b + o, _MM_HINT_T0);
+  }
+}
+
 AFPQ_AVX512 static inline __m512 build_table_avx512(const Problem& P, int64_t n, int64_t g) {
   const __m512 a = _mm512_set1_ps(P.p1[n * P.G + g]);
   const __m512 b = _mm512_set1_ps(P.p2[n * P.G + g]);
@@ -244,12 +265,12 @@ AFPQ_AVX512 static inline __m512 lookup_avx512(__m512 tab, __m512i w, int i) {
 #define AFPQ_BF16 __attribute__((target("avx512f,avx512bf16")))
 template <typename Out>
 AFPQ_BF16 static void decode_col_avx512(const Problem& P, int64_t n, Out* out) {
-  const int32_t* w = P.codes + n * P.words();
-  const int64_t chunks = P.words() / 16;
+  const int32_t* w = P.col(n);
+  const int64_t chunks = P.words() / 16, cs = P.cstride();
   __m512 tab = _mm512_setzero_ps();
   int64_t g = -1, gend = 0;
   for (int64_t c = 0; c < chunks; ++c) {
-    const __m512i wc = _mm512_loadu_si512(w + c * 16);
+    const __m512i wc = _mm512_loadu_si512(w + c * cs);
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       const int64_t t = c * 8 + i;
@@ -269,7 +290,8 @@ AFPQ_BF16 static void decode_col_avx512(const Problem& P, int64_t n, Out* out) {
 
 template <int MR, int NC>
 AFPQ_AVX512 static void gemv_avx512(const Problem& P, int64_t n0, int64_t m0) {
-  const int64_t words = P.words(), chunks = words / 16;
+  const int64_t chunks = P.words() / 16, cs = P.cstride();
+  prefetch_params(P, n0 + 4, NC);  // the next tile's group parameters: short rows the prefetcher misses
   __m512 acc[MR][NC];
   for (int r = 0; r < MR; ++r)
     for (int q = 0; q < NC; ++q) acc[r][q] = _mm512_setzero_ps();
@@ -279,7 +301,13 @@ AFPQ_AVX512 static void gemv_avx512(const Problem& P, int64_t n0, int64_t m0) {
   const float* x0 = P.x + m0 * P.ldx;
   for (int64_t c = 0; c < chunks; ++c) {
     __m512i wc[NC];
-    for (int q = 0; q < NC; ++q) wc[q] = _mm512_loadu_si512(P.codes + (n0 + q) * words + c * 16);
+    for (int q = 0; q < NC; ++q) wc[q] = _mm512_loadu_si512(P.col(n0 + q) + c * cs);
+#ifdef AFPQ_PF
+    _mm_prefetch(reinterpret_cast<const char*>(P.col(n0) + (c + AFPQ_PF) * cs), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(P.col(n0) + (c + AFPQ_PF) * cs + 32), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(P.col(n0) + (c + AFPQ_PF) * cs + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(P.col(n0) + (c + AFPQ_PF) * cs + 96), _MM_HINT_T0);
+#endif
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       const int64_t t = c * 8 + i;
@@ -528,9 +556,10 @@ static void gemv_tile(const Problem& P, int64_t isa, bool t16, int64_t n0, int64
 static Problem make_problem(const at::Tensor& codes, const at::Tensor& p1, const at::Tensor& p2,
                             const at::Tensor& lut, const at::Tensor& gstep, int64_t mode, int64_t lanes) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kInt && codes.is_contiguous(),
-              "afpq_cpu: codes must be a contiguous int32 [N, Kp/8] tensor");
-  TORCH_CHECK(p1.scalar_type() == at::kFloat && p1.is_contiguous() && p1.dim() == 2 && p1.size(0) == codes.size(0),
-              "afpq_cpu: p1 must be a contiguous float32 [N, G] tensor");
+              "afpq_cpu: codes must be a contiguous int32 [N4, Kp/8] tensor");
+  TORCH_CHECK(p1.scalar_type() == at::kFloat && p1.is_contiguous() && p1.dim() == 2 &&
+              (p1.size(0) + 3) / 4 * 4 == codes.size(0),
+              "afpq_cpu: p1 must be a contiguous float32 [N, G] tensor, codes [N rounded up to 4, Kp/8]");
   TORCH_CHECK(p2.sizes() == p1.sizes() && p2.scalar_type() == at::kFloat && p2.is_contiguous(),
               "afpq_cpu: p2 must match p1");
   TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.is_contiguous() && lut.numel() == 16, "afpq_cpu: lut must be 16 float32 values");
@@ -543,7 +572,7 @@ static Problem make_problem(const at::Tensor& codes, const at::Tensor& p1, const
   P.p2 = p2.data_ptr<float>();
   P.lut = lut.data_ptr<float>();
   P.gstep = gstep.data_ptr<int32_t>();
-  P.N = codes.size(0);
+  P.N = p1.size(0);
   P.G = p1.size(1);
   P.Kp = codes.size(1) * 8;
   P.lanes = lanes;

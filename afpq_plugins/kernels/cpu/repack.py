@@ -7,9 +7,12 @@ changed. The layout (described at the top of ``afpq_cpu.cpp``):
   default order: unchanged), each group padded to a multiple of ``lanes`` inputs, the whole
   to a multiple of ``8 * lanes``; ``kmap[k']`` is the original input of position ``k'`` (-1:
   padding, reads 0), empty when the order is the identity;
-* codes as 4-bit nibbles, ``[out, Kp / 8]`` int32: word ``(c, j)`` of a column holds, in
-  nibble ``i``, the code of input ``k' = (8c + i) * lanes + j``. 2- and 3-bit codes take a
-  nibble each too (the spill of 3-bit words is undone here, once);
+* codes as 4-bit nibbles, ``[out4, Kp / 8]`` int32 (``out4``: ``out`` rounded up to 4, extra
+  columns all zero codes): word ``(c, j)`` of a column holds, in nibble ``i``, the code of input
+  ``k' = (8c + i) * lanes + j``; columns are stored in tiles of 4, chunk-interleaved (chunk ``c``
+  of column ``4u + q`` at word ``((u * chunks + c) * 4 + q) * lanes``), so one tile is one
+  contiguous stream. 2- and 3-bit codes take a nibble each too (the spill of 3-bit words is
+  undone here, once);
 * group parameters transposed to ``[out, groups]`` float32.
 
 Unpacking and packing are core's (:func:`~afpq_plugins.core.packing.unpack_kn`,
@@ -115,7 +118,8 @@ def build_pack(layer, lanes: int) -> Pack:
     src = kmap.clamp(min=0) if kmap is not None else None
     pad = (kmap < 0) if kmap is not None else None
     nchunk = kp // (8 * lanes)
-    codes = torch.empty(out_f, kp // 8, dtype=torch.int32)
+    out4 = (out_f + 3) // 4 * 4
+    codes = torch.zeros(out4, kp // 8, dtype=torch.int32)
     q = layer.qweight.detach().cpu()
     for n0 in range(0, out_f, _COLS):
         n1 = min(n0 + _COLS, out_f)
@@ -130,7 +134,13 @@ def build_pack(layer, lanes: int) -> Pack:
             cols = torch.cat([cols, cols.new_zeros(kp - cols.shape[0], cols.shape[1])])
         # k' = (8c + i) * lanes + j  ->  [n, c, j, i]; eight nibbles i per word.
         c = cols.view(nchunk, 8, lanes, n1 - n0).permute(3, 0, 2, 1).reshape(-1, 8)
-        codes[n0:n1] = pack_gptq(c, 4, name=f"AFPQLinear({layer.in_features}->{out_f}).qweight").view(n1 - n0, -1)
+        words = pack_gptq(c, 4, name=f"AFPQLinear({layer.in_features}->{out_f}).qweight").view(n1 - n0, nchunk, lanes)
+        b1 = (n1 + 3) // 4 * 4  # blocks start at multiples of 4 (_COLS is one); the last one is padded
+        if b1 > n1:
+            words = torch.cat([words, words.new_zeros(b1 - n1, nchunk, lanes)])
+        # [tile, q, chunk, lane] -> [tile, chunk, q, lane]: a tile's four columns chunk-interleaved
+        tiles = words.view((b1 - n0) // 4, 4, nchunk, lanes).permute(0, 2, 1, 3)
+        codes[n0:b1] = tiles.reshape(b1 - n0, -1)
     p1 = layer.scales.detach().to("cpu", torch.float32).t().contiguous()
     second = layer.second
     p2 = p1 if second is None else second.detach().to("cpu", torch.float32).t().contiguous()
