@@ -175,38 +175,43 @@ def _run_isa() -> Tuple[int, int]:
     return ISAS[name], lanes_of(name)
 
 
-def _versions(tensors) -> tuple:
-    return tuple(None if t is None or t.is_inference() else t._version for t in tensors)
+def _versioned(tensors) -> tuple:
+    """The tensors whose in-place edits a version counter records (inference tensors keep none)."""
+    return tuple(t for t in tensors if t is not None and not t.is_inference())
+
+
+def _version_sum(tensors) -> int:
+    v = 0
+    for t in tensors:
+        v += t._version  # counters only grow: any edit changes the sum
+    return v
 
 
 def bind(x: torch.Tensor, layer):
     """``run(x) = layer(x)`` with the native kernel, for calls like ``x`` (dtype, device): the ISA,
     the repacked weights and the settings resolved once (:func:`can_implement` first). ``run``
     checks that the layer still holds the tensors it was packed from, unedited, and repacks
-    otherwise (a cheap identity and version check per call)."""
+    otherwise (an identity and version-counter check per call)."""
     code, lanes = _run_isa()
     reg_rows, flags = settings(x.dtype, code)
     op = torch.ops.afpq_cpu.linear.default
-    in_f, out_f = layer.in_features, layer.out_features
-    state = {}
+    state = []
 
     def refresh():
         pack = get_pack(layer, lanes)
-        state["pack"] = pack
-        state["seen"] = (pack.keep[0], pack.keep[1], _versions(pack.keep))
-        state["args"] = (pack.codes, pack.p1, pack.p2, pack.lut, pack.gstep, pack.kmap, pack.bias,
-                         pack.mode, pack.nent, lanes, code, reg_rows, SMALL_ROWS, flags)
+        versioned = _versioned(pack.keep)
+        state[:] = [pack.keep[0], pack.keep[1], versioned, _version_sum(versioned),
+                    (pack.codes, pack.p1, pack.p2, pack.lut, pack.gstep, pack.kmap, pack.bias,
+                     pack.mode, pack.nent, lanes, code, reg_rows, SMALL_ROWS, flags)]
 
     refresh()
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        q, s, versions = state["seen"]
-        if layer.qweight is not q or layer.scales is not s or _versions(state["pack"].keep) != versions:
+        q, s, versioned, v, args = state
+        if layer.qweight is not q or layer.scales is not s or _version_sum(versioned) != v:
             refresh()
-        if x.dim() == 2:
-            return op(x, *state["args"])
-        y = op(x.reshape(-1, in_f), *state["args"])
-        return y.reshape(*x.shape[:-1], out_f)
+            args = state[4]
+        return op(x, *args)
 
     return run
 

@@ -744,10 +744,13 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Ten
                   const c10::optional<at::Tensor>& bias, int64_t mode, int64_t nent, int64_t lanes, int64_t isa,
                   int64_t m_reg, int64_t m_small, int64_t flags) {
   check_isa(isa, lanes);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "afpq_cpu.linear: x must be a 2-D CPU tensor");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.device().is_cpu(), "afpq_cpu.linear: x must be a CPU tensor [..., in]");
   Problem P = make_problem(codes, p1, p2, lut, gstep, mode, lanes);
   TORCH_CHECK(kmap.numel() == 0 || kmap.numel() == P.Kp, "afpq_cpu.linear: kmap must be empty or [Kp]");
-  const at::Tensor x = x_in.contiguous();
+  // Any leading dimensions: flattened here (cheaper than in Python on every call), restored at the end.
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = P.N;
+  const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
   const int64_t M = x.size(0);
   const bool t16 = nent > 8;
   const bool bf16_large = (flags & 1) != 0, amx_small = (flags & 2) != 0;
@@ -775,7 +778,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Ten
   if (early) y.add_(*bias);
   if (y.scalar_type() != x_in.scalar_type()) y = y.to(x_in.scalar_type());
   if (has_bias && !early) y.add_(*bias);
-  return y;
+  return x_in.dim() == 2 ? y : y.view(out_shape);
 }
 
 TORCH_LIBRARY(afpq_cpu, m) {
