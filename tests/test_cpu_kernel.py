@@ -229,4 +229,39 @@ def test_without_compiler_falls_back_to_torch_with_one_warning(monkeypatch):
     assert k.name == "torch" and ("cpu", "no C++ compiler ('c++' not found on PATH)") in skipped
     msgs = [str(w.message) for w in caught if "native CPU kernel" in str(w.message)]
     assert len(msgs) == 1 and "no C++ compiler" in msgs[0]
+    assert "apt install g++" in msgs[0] and "pip install ninja" in msgs[0]  # the message names the fix
     _check(y, x, qw.dequantize(), layer.bias)
+
+
+def test_ninja_is_a_dependency_of_the_package():
+    """The build requirement is part of the install (pyproject), not only of the project's venvs."""
+    import tomllib
+    from pathlib import Path
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.replace(" ", "").startswith("ninja") for d in deps), deps
+
+
+@needs_kernel
+def test_bound_runner_follows_a_views_new_tensors():
+    """Engines (vLLM) pass a LayerView whose tensors they may swap without telling anyone: the
+    runner bound once per view notices a new tensor (identity) and an in-place edit (version)."""
+    from afpq_plugins.core.spec import QuantSpec
+    from afpq_plugins.kernels import afpq_linear
+    from afpq_plugins.kernels.ops import LayerView
+
+    layer, qw = _layer("gptq", "nf4", "afpq", 32, False, 64, 16)
+    view = LayerView(layer.qweight, layer.scales, layer.second, None, layer.bias,
+                     QuantSpec("nf4", 32, "afpq", layer.scales.dtype, "gptq"), 64, 16, True)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        _check(afpq_linear(x, view), x, qw.dequantize(), layer.bias)
+        view.scales = layer.scales * 2  # a new tensor, no invalidate() call
+        view.second = layer.second * 2
+        y2 = afpq_linear(x, view)
+        view.scales.mul_(0.5)  # in place
+        view.second.mul_(0.5)
+        y3 = afpq_linear(x, view)
+    qw2 = QuantizedWeight(qw.codes, qw.scales * 2, qw.scales2 * 2, qw.g_idx, qw.fmt, qw.mode, qw.group_size)
+    _check(y2, x, qw2.dequantize(), layer.bias)
+    _check(y3, x, qw.dequantize(), layer.bias)

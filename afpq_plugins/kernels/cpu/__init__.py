@@ -72,7 +72,8 @@ def available() -> Tuple[bool, str]:
         _warned = True
         warnings.warn(
             f"AFPQ: the native CPU kernel is unavailable ({why}); AFPQ layers on CPU use the slower "
-            "torch path. Install a C++ compiler and ninja to enable it.",
+            "torch path (about 10x slower). Fix: install a C++ compiler (e.g. `apt install g++`) and "
+            "`pip install ninja` (a dependency of afpq-plugins), then start a new process.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -195,22 +196,28 @@ def bind(x: torch.Tensor, layer):
     code, lanes = _run_isa()
     reg_rows, flags = settings(x.dtype, code)
     op = torch.ops.afpq_cpu.linear.default
+    # AFPQLinear drops the registry's cached runner itself when a buffer is replaced
+    # (invalidate()); other layer objects (an engine's LayerView) get an identity check per call.
+    watch_ids = not callable(getattr(layer, "invalidate", None))
     state = []
+
+    def tensors():
+        return (layer.qweight, layer.scales, layer.second, getattr(layer, "g_idx", None), layer.bias)
 
     def refresh():
         pack = get_pack(layer, lanes)
         versioned = _versioned(pack.keep)
-        state[:] = [pack.keep[0], pack.keep[1], versioned, _version_sum(versioned),
+        state[:] = [pack.keep if watch_ids else None, versioned, _version_sum(versioned),
                     (pack.codes, pack.p1, pack.p2, pack.lut, pack.gstep, pack.kmap, pack.bias,
                      pack.mode, pack.nent, lanes, code, reg_rows, SMALL_ROWS, flags)]
 
     refresh()
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        q, s, versioned, v, args = state
-        if layer.qweight is not q or layer.scales is not s or _version_sum(versioned) != v:
+        keep, versioned, v, args = state
+        if _version_sum(versioned) != v or (keep is not None and any(a is not b for a, b in zip(tensors(), keep))):
             refresh()
-            args = state[4]
+            args = state[3]
         return op(x, *args)
 
     return run

@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -631,14 +632,31 @@ static at::Tensor large_x(const at::Tensor& x, const at::Tensor& kmap, at::Scala
   return xp;
 }
 
+// One parallel region whose tasks are handed out one at a time (an atomic counter) instead of split
+// evenly up front: a thread that the OS deschedules (another process on the core) delays the call by
+// the task it holds, not by its whole share, and the others take the rest. worker(take) runs once per
+// thread; take() returns the next task index, or -1 when none is left.
+template <typename Worker>
+static void dynamic_for(int64_t tasks, Worker&& worker) {
+  if (tasks <= 0) return;
+  std::atomic<int64_t> next{0};
+  auto take = [&]() -> int64_t {
+    const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+    return t < tasks ? t : -1;
+  };
+  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+  if (workers <= 1 || at::in_parallel_region()) return worker(take);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(take); });
+}
+
 static void small_batch(const Problem& P, int64_t isa, bool t16, int64_t M, int64_t m_reg) {
   const int64_t Kp = P.Kp;
 #if AFPQ_X86
   if (isa == AVX512 && M > m_reg) {
     const int64_t tiles = (P.N + NB - 1) / NB;
-    at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+    dynamic_for(tiles, [&](auto take) {
       std::vector<float> buf(NB * Kp, 0.f);  // one tile of decoded columns, L2-resident
-      for (int64_t tile = b; tile < e; ++tile) {
+      for (int64_t tile = take(); tile >= 0; tile = take()) {
         const int64_t n0 = tile * NB, nc = std::min<int64_t>(NB, P.N - n0);
         for (int64_t q = 0; q < nc; ++q) decode_col(P, isa, t16, n0 + q, buf.data() + q * Kp);
         for (int64_t q0 = 0; q0 < nc; q0 += 4) {
@@ -653,10 +671,12 @@ static void small_batch(const Problem& P, int64_t isa, bool t16, int64_t M, int6
   const int64_t tiles = (P.N + NCOLS - 1) / NCOLS;
   // About 64k weights x rows per task: small layers stay on one thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (NCOLS * Kp * std::min<int64_t>(M, 4)));
-  at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
-    for (int64_t tile = b; tile < e; ++tile) {
-      const int64_t n0 = tile * NCOLS, nc = std::min<int64_t>(NCOLS, P.N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += MROWS) gemv_tile(P, isa, t16, n0, nc, m0, std::min<int64_t>(MROWS, M - m0));
+  dynamic_for((tiles + grain - 1) / grain, [&](auto take) {
+    for (int64_t task = take(); task >= 0; task = take()) {
+      for (int64_t tile = task * grain; tile < std::min(tiles, (task + 1) * grain); ++tile) {
+        const int64_t n0 = tile * NCOLS, nc = std::min<int64_t>(NCOLS, P.N - n0);
+        for (int64_t m0 = 0; m0 < M; m0 += MROWS) gemv_tile(P, isa, t16, n0, nc, m0, std::min<int64_t>(MROWS, M - m0));
+      }
     }
   });
 }
@@ -672,13 +692,13 @@ static void amx_batch(const Problem& P, int64_t isa, bool t16, const at::Tensor&
   std::vector<uint16_t> xt(nmb * (Kp / 32) * 512);
   build_xt(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M, Kp, xt.data());
   const int64_t tiles = (P.N + 15) / 16;
-  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+  dynamic_for(tiles, [&](auto take) {
     // Row stride Kp + 32 inputs: a multiple of 4 KB would put the 16 rows of an A tile in one L1 set.
     const int64_t lda = Kp + 32;
     std::vector<uint16_t> a(16 * lda, 0);
     alignas(64) float c[4 * 256];
     amx_config();
-    for (int64_t tile = b; tile < e; ++tile) {
+    for (int64_t tile = take(); tile >= 0; tile = take()) {
       const int64_t n0 = tile * 16, nc = std::min<int64_t>(16, P.N - n0);
       for (int64_t q = 0; q < nc; ++q) decode_col_bf16(P, isa, t16, n0 + q, a.data() + q * lda, nullptr);
       switch (nmb) {
@@ -718,16 +738,20 @@ static at::Tensor chunks_mm(const Problem& P, int64_t isa, bool t16, const at::T
   at::Tensor y = nt >= P.N ? at::Tensor() : at::empty({M, P.N}, x.options().dtype(dt));
   for (int64_t n0 = 0; n0 < P.N; n0 += nt) {
     const int64_t nc = std::min(nt, P.N - n0);
+    const int64_t tasks = (nc + 15) / 16;  // 16 columns per task
     if (bf16) {
       uint16_t* wb = reinterpret_cast<uint16_t*>(wbuf.data_ptr<at::BFloat16>());
-      at::parallel_for(0, nc, 16, [&](int64_t b, int64_t e) {
+      dynamic_for(tasks, [&](auto take) {
         std::vector<float> scratch(Kp);
-        for (int64_t q = b; q < e; ++q) decode_col_bf16(P, isa, t16, n0 + q, wb + q * Kp, scratch.data());
+        for (int64_t t = take(); t >= 0; t = take())
+          for (int64_t q = 16 * t; q < std::min(nc, 16 * t + 16); ++q)
+            decode_col_bf16(P, isa, t16, n0 + q, wb + q * Kp, scratch.data());
       });
     } else {
       float* wb = wbuf.data_ptr<float>();
-      at::parallel_for(0, nc, 16, [&](int64_t b, int64_t e) {
-        for (int64_t q = b; q < e; ++q) decode_col(P, isa, t16, n0 + q, wb + q * Kp);
+      dynamic_for(tasks, [&](auto take) {
+        for (int64_t t = take(); t >= 0; t = take())
+          for (int64_t q = 16 * t; q < std::min(nc, 16 * t + 16); ++q) decode_col(P, isa, t16, n0 + q, wb + q * Kp);
       });
     }
     at::Tensor part = at::mm(xl, wbuf.narrow(0, 0, nc).narrow(1, 0, kuse).t());
