@@ -366,6 +366,57 @@ def bench_e2e(quick: bool, rounds: int = 2) -> dict:
     return res
 
 
+def report(paths) -> str:
+    """Markdown tables of one or more ``--json`` outputs (layers, threads, load, end to end)."""
+    lines = []
+    for path in paths:
+        with open(path) as fh:
+            res = json.load(fh)
+        m = res.get("machine", {})
+        lines += [f"`{path}`: {m.get('cpu')}, {m.get('cores')} cores, ISA {' '.join(m.get('isa', []))}, "
+                  f"{m.get('threads')} threads, native bf16 {m.get('native bf16')}, AMX {m.get('amx')}, "
+                  f"load average at start {m.get('loadavg_1m_at_start', 0):.2f}", ""]
+        if "layers" in res:
+            lines += ["| shape (out x in), M | path fp32 / bf16 x | INT4 µs | AFPQ fp32 x µs | AFPQ bf16 x µs | "
+                      "INT4 / AFPQ (bf16 x) | INT4 / AFPQ (fp32 x) | fp32 F.linear / AFPQ (fp32 x) | "
+                      "bf16 F.linear / AFPQ (bf16 x) |", "|---|---|---|---|---|---|---|---|---|"]
+            for r in res["layers"]["rows"]:
+                lines.append(f"| {r['out']} x {r['in']}, {r['M']} | {r['path']} | {r['int4']:.0f} | {r['nf4']:.0f} | "
+                             f"{r['nf4_bf16']:.0f} | {r['int4/nf4_bf16']:.2f} | {r['int4/nf4']:.2f} | "
+                             f"{r['fp32/nf4']:.2f} | {r['bf16/nf4_bf16']:.2f} |")
+            lines.append("")
+        if "threads" in res:
+            lines += ["| shape, M | AFPQ (bf16 x) 1 -> N threads | bf16 F.linear 1 -> N threads |", "|---|---|---|"]
+            for r in res["threads"]["rows"]:
+                lines.append(f"| {r['out']} x {r['in']}, {r['M']} | {r['afpq speed-up']:.2f}x | "
+                             f"{r['bf16 F.linear speed-up']:.2f}x |")
+            lines.append("")
+        if "load" in res:
+            lines += ["| shape, M | slowdown: fp32 / bf16 F.linear, INT4 | AFPQ fp32 x / bf16 x | "
+                      "AFPQ bf16 x over bf16 F.linear's | over INT4's | AFPQ fp32 x over fp32 F.linear's |",
+                      "|---|---|---|---|---|---|"]
+            for r in res["load"]["rows"]:
+                over_bf16, over_int4 = r["nf4_bf16 slowdown / bf16 F.linear's"], r["nf4_bf16 slowdown / int4's"]
+                over_fp32 = r["nf4 slowdown / fp32 F.linear's"]
+                lines.append(f"| {r['out']} x {r['in']}, {r['M']} | {r['fp32 slowdown']:.2f} / {r['bf16 slowdown']:.2f}, "
+                             f"{r['int4 slowdown']:.2f} | {r['nf4 slowdown']:.2f} / {r['nf4_bf16 slowdown']:.2f} | "
+                             f"{over_bf16:.2f} | {over_int4:.2f} | {over_fp32:.2f} |")
+            lines.append("")
+        if "e2e" in res:
+            e = res["e2e"]
+            lines += [f"generate {e['new_tokens']} tokens: float32 {e['float32 tok/s']:.2f} tok/s, AFPQ nf4 g64 "
+                      f"{e['afpq nf4 g64 tok/s']:.2f} tok/s ({e['afpq/float32 speed']:.2f}x)"]
+            if "eval" in e:
+                ev = e["eval"]
+                lines += [f"afpq eval ({ev['windows']} x 1024): wall {ev['float32']['wall_s']:.1f} s float32, "
+                          f"{ev['afpq']['wall_s']:.1f} s AFPQ ({ev['wall ratio afpq/float32']:.2f}x time); forward loop "
+                          f"{ev['float32']['eval_s']:.2f} s / {ev['afpq']['eval_s']:.2f} s "
+                          f"({ev['eval-loop ratio afpq/float32']:.2f}x); perplexity {ev['float32']['ppl']:.4f} / "
+                          f"{ev['afpq']['ppl']:.4f}"]
+            lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and M values, 32 generated tokens")
@@ -374,7 +425,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--e2e-rounds", type=int, default=2, help="generate rounds (1: also 2 eval windows)")
     ap.add_argument("--layer-budget", type=float, default=3.0, help="seconds of timing per layer case")
+    ap.add_argument("--report", nargs="+", default=None, metavar="JSON", help="print markdown tables of saved runs")
     args = ap.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     out = {"machine": machine()}

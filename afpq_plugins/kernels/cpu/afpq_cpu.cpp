@@ -49,7 +49,9 @@
 #define AFPQ_X86 0
 #endif
 
-#define AFPQ_PF 8
+#ifndef AFPQ_PF
+#define AFPQ_PF 8  // chunks of look-ahead in the GEMV
+#endif
 namespace afpq_cpu {
 
 enum Mode : int64_t { AFPQ = 0, SYM = 1, ZP = 2 };
@@ -303,12 +305,10 @@ AFPQ_AVX512 static void gemv_avx512(const Problem& P, int64_t n0, int64_t m0) {
   for (int64_t c = 0; c < chunks; ++c) {
     __m512i wc[NC];
     for (int q = 0; q < NC; ++q) wc[q] = _mm512_loadu_si512(P.col(n0 + q) + c * cs);
-#ifdef AFPQ_PF
-    _mm_prefetch(reinterpret_cast<const char*>(P.col(n0) + (c + AFPQ_PF) * cs), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(P.col(n0) + (c + AFPQ_PF) * cs + 32), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(P.col(n0) + (c + AFPQ_PF) * cs + 64), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(P.col(n0) + (c + AFPQ_PF) * cs + 96), _MM_HINT_T0);
-#endif
+    {  // the tile's chunk AFPQ_PF ahead (256 bytes, all four columns): look-ahead for weights from memory
+      const char* ahead = reinterpret_cast<const char*>(P.col(n0 & ~int64_t(3)) + (c + AFPQ_PF) * cs);
+      for (int l = 0; l < 4; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       const int64_t t = c * 8 + i;
