@@ -305,12 +305,12 @@ def _generate_time(model, ids, new_tokens: int) -> float:
     return dt
 
 
-def _cli_eval(model: str, windows: int) -> dict:
+def _cli_eval(model: str, windows: int, **env) -> dict:
     t = time.perf_counter()
     res = subprocess.run(
         [sys.executable, "-m", "afpq_plugins.cli", "eval", model, "--windows", str(windows), "--json", "--quiet"],
         check=True, capture_output=True, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # the same threads as the rest
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **env},  # the same threads as the rest
     )
     wall = time.perf_counter() - t
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -362,6 +362,12 @@ def bench_e2e(quick: bool, rounds: int = 2) -> dict:
     res["eval"] = {"float32": ev_f, "afpq": ev_q, "windows": windows,
                    "wall ratio afpq/float32": ev_q["wall_s"] / ev_f["wall_s"],
                    "eval-loop ratio afpq/float32": (ev_q["eval_s"] / ev_f["eval_s"]) if ev_f["eval_s"] else None}
+    from afpq_plugins.kernels import cpu
+
+    if cpu.available()[0] and cpu.native_bf16():  # the opt-in bf16 products for float32 activations
+        ev_b = _cli_eval(ckpt, windows, AFPQ_CPU_PREFILL="bf16")
+        res["eval"].update({"afpq bf16 products": ev_b,
+                            "eval-loop ratio afpq bf16 products/float32": ev_b["eval_s"] / ev_f["eval_s"]})
     print(json.dumps(res["eval"]), flush=True)
     return res
 
@@ -413,6 +419,10 @@ def report(paths) -> str:
                           f"{ev['float32']['eval_s']:.2f} s / {ev['afpq']['eval_s']:.2f} s "
                           f"({ev['eval-loop ratio afpq/float32']:.2f}x); perplexity {ev['float32']['ppl']:.4f} / "
                           f"{ev['afpq']['ppl']:.4f}"]
+                if "afpq bf16 products" in ev:
+                    b = ev["afpq bf16 products"]
+                    lines += [f"with AFPQ_CPU_PREFILL=bf16: forward loop {b['eval_s']:.2f} s "
+                              f"({ev['eval-loop ratio afpq bf16 products/float32']:.2f}x), perplexity {b['ppl']:.4f}"]
             lines.append("")
     return "\n".join(lines)
 

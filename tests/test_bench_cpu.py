@@ -49,7 +49,7 @@ def test_path_table_follows_the_kernel_settings(bench, monkeypatch):
     assert bench.path_of(1, torch.float32) == "gemv" and bench.path_of(reg, torch.float32) == "gemv"
     assert bench.path_of(reg + 1, torch.float32) == "small"
     assert bench.path_of(cpu.SMALL_ROWS + 1, torch.float32) == "mm-fp32"
-    monkeypatch.setenv("AFPQ_CPU_PREFILL", "auto")
+    monkeypatch.setenv("AFPQ_CPU_PREFILL", "bf16" if cpu.native_bf16() else "auto")
     assert bench.path_of(cpu.SMALL_ROWS + 1, torch.float32) == ("mm-bf16" if cpu.native_bf16() else "mm-fp32")
 
 

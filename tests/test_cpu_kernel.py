@@ -111,8 +111,10 @@ MS = (1, 2, 3, 9, 16, 17, 64, 257)
 @needs_kernel
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("prefill", ["auto", "fp32"])
+@pytest.mark.parametrize("prefill", ["auto", "bf16"])
 def test_forward_matches_float64_and_torch_path(case, dtype, prefill, isa_env, monkeypatch):
+    if prefill == "bf16" and not cpu.native_bf16():
+        pytest.skip("no native bf16 on this CPU")
     monkeypatch.setenv("AFPQ_CPU_PREFILL", prefill)
     layer, qw = _layer(*case)
     w = qw.dequantize(torch.float32)
@@ -131,14 +133,32 @@ def test_forward_matches_float64_and_torch_path(case, dtype, prefill, isa_env, m
             assert (err <= 2 * bound + 1e-30).all(), f"{isa} M={m}: max diff to the torch path {err.max():.3g}"
 
 
+@needs_kernel
 def test_bf16_products_only_where_stated(monkeypatch):
-    """The path table: float32 products up to SMALL_ROWS rows for float32 activations; bf16
-    products above it by default where the CPU has native bf16, never with AFPQ_CPU_PREFILL=fp32;
-    an unknown setting is a named error."""
-    monkeypatch.setenv("AFPQ_CPU_PREFILL", "fp32")
-    assert not cpu.prefill_bf16(torch.float32)
-    monkeypatch.setenv("AFPQ_CPU_PREFILL", "auto")
-    assert cpu.prefill_bf16(torch.float32) == (OK and cpu.native_bf16())
+    """The path table: float32 activations keep float32 products unless torch's float32 matmul
+    precision allows less ("high"/"medium") or AFPQ_CPU_PREFILL=bf16 asks for it; never with
+    AFPQ_CPU_PREFILL=fp32; an unknown setting is a named error. The registry notices a change of
+    torch's precision after the first call (a new binding)."""
+    prec = torch.get_float32_matmul_precision()
+    try:
+        monkeypatch.setenv("AFPQ_CPU_PREFILL", "auto")
+        torch.set_float32_matmul_precision("highest")
+        assert not cpu.prefill_bf16(torch.float32)
+        layer, qw = _layer("gptq", "nf4", "afpq", 64, False, 192, 72)
+        x = torch.randn(cpu.SMALL_ROWS + 5, 192)
+        with torch.no_grad():
+            exact = layer(x)  # float32 products: the float32 bound
+            _check(exact, x, qw.dequantize(), layer.bias)
+            torch.set_float32_matmul_precision("medium")
+            assert cpu.prefill_bf16(torch.float32) == cpu.native_bf16()
+            fast = layer(x)
+        if cpu.native_bf16():
+            assert not torch.equal(fast, exact)  # the binding followed torch's setting
+        _check(fast, x, qw.dequantize(), layer.bias)
+        monkeypatch.setenv("AFPQ_CPU_PREFILL", "fp32")
+        assert not cpu.prefill_bf16(torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(prec)
     assert not cpu.prefill_bf16(torch.float16)
     monkeypatch.setenv("AFPQ_CPU_PREFILL", "fast")
     with pytest.raises(ValueError, match="AFPQ_CPU_PREFILL='fast'"):

@@ -120,7 +120,8 @@ def explain(x: torch.Tensor, layer) -> str:
     return f"{k.name}{why}"
 
 
-#: Environment variables a cached choice (or a kernel's bound settings) depends on.
+#: Environment variables a cached choice (or a kernel's bound settings) depends on (and torch's
+#: float32 matmul precision, which the native CPU kernel follows for large float32 batches).
 _ENV = ("AFPQ_KERNEL", "AFPQ_CPU_ISA", "AFPQ_CPU_PREFILL")
 
 
@@ -130,7 +131,8 @@ def _call_key(x: torch.Tensor, layer) -> tuple:
     small = x.numel() <= SMALL_M * layer.in_features if x.is_cuda else None
     env = os.environ
     return (_GENERATION[0], x.device, x.dtype, x.requires_grad and torch.is_grad_enabled(),
-            getattr(layer, "backend", "auto"), env.get(_ENV[0]), env.get(_ENV[1]), env.get(_ENV[2]), small)
+            getattr(layer, "backend", "auto"), env.get(_ENV[0]), env.get(_ENV[1]), env.get(_ENV[2]), small,
+            torch.get_float32_matmul_precision())
 
 
 def _cached(x: torch.Tensor, layer) -> Tuple[Kernel, Runner]:

@@ -26,9 +26,11 @@ Environment:
 
 ``AFPQ_CPU_ISA``  ``auto`` (default: the best the CPU has), ``avx512``, ``avx2`` or ``scalar``:
                   force a narrower path (tests cover each one the machine can run).
-``AFPQ_CPU_PREFILL``  ``auto`` (default: bfloat16 products above ``SMALL_ROWS`` rows where the
-                  CPU has native bf16), ``bf16`` (the same, required) or ``fp32`` (float32 activations
-                  always multiplied in float32; bfloat16 activations still use the bf16 matmul).
+``AFPQ_CPU_PREFILL``  how float32 activations above ``SMALL_ROWS`` rows multiply: ``auto`` (default:
+                  as torch's ``torch.set_float32_matmul_precision``: float32 at ``"highest"``, its
+                  default, bf16 products at ``"high"`` / ``"medium"`` where the CPU has native bf16),
+                  ``bf16`` (bf16 products) or ``fp32`` (float32 products). bfloat16 activations always
+                  use the bf16 matmul where the CPU has native bf16.
 ``AFPQ_KERNEL=torch``  skip this kernel (the registry's switch).
 
 The settings are read when the registry binds the kernel to a layer (the first forward of a
@@ -113,7 +115,12 @@ def native_bf16() -> bool:
 
 
 def prefill_bf16(dtype: torch.dtype) -> bool:
-    """Whether batches above :data:`SMALL_ROWS` rows of ``dtype`` activations multiply in bf16."""
+    """Whether batches above :data:`SMALL_ROWS` rows of ``dtype`` activations multiply in bf16.
+
+    bfloat16 activations: always where the CPU has native bf16. float32 activations: as torch
+    decides for its own float32 matmuls, ``torch.get_float32_matmul_precision()`` (``"highest"``,
+    torch's default: float32 products; ``"high"`` or ``"medium"``: bf16 products allowed), unless
+    ``AFPQ_CPU_PREFILL`` says ``bf16`` or ``fp32``."""
     want = os.environ.get("AFPQ_CPU_PREFILL", "auto").strip().lower() or "auto"
     if want not in _PREFILL:
         raise ValueError(f"AFPQ_CPU_PREFILL={want!r} is not one of {', '.join(_PREFILL)}")
@@ -121,9 +128,11 @@ def prefill_bf16(dtype: torch.dtype) -> bool:
         return native_bf16()  # without native bf16 the float32 matmul is the faster one
     if dtype != torch.float32 or want == "fp32":
         return False
-    if want == "bf16" and not native_bf16():
-        raise RuntimeError("AFPQ_CPU_PREFILL=bf16 but this CPU has no native bfloat16 (AVX512_BF16 / AMX)")
-    return native_bf16()
+    if want == "bf16":
+        if not native_bf16():
+            raise RuntimeError("AFPQ_CPU_PREFILL=bf16 but this CPU has no native bfloat16 (AVX512_BF16 / AMX)")
+        return True
+    return native_bf16() and torch.get_float32_matmul_precision() != "highest"
 
 
 @functools.lru_cache(maxsize=None)
