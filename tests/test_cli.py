@@ -99,6 +99,42 @@ def test_quantize_errors_are_clear(folder, tmp_path, capsys):
     assert "no/such/model" in capsys.readouterr().err
 
 
+def test_eval_lm_eval_options_are_checked(folder, capsys):
+    """``afpq eval --lm-eval``: what it cannot honour is refused by name before anything runs (the
+    run itself: integration_tests/modern/test_lm_eval.py)."""
+    import importlib.util
+
+    for extra in (["--text", "x.txt"], ["--windows", "2"], ["--json"]):
+        assert cli.main(["eval", folder, "--lm-eval", "afpq_pride_ppl", *extra, "--quiet"]) == 2
+        assert f"{extra[0]} is not supported with --lm-eval" in capsys.readouterr().err
+    for extra in (["--lm-eval-backend", "vllm"], ["--lm-eval-args", "--limit 1"]):
+        assert cli.main(["eval", folder, *extra, "--quiet"]) == 2
+        assert f"{extra[0]} applies only with --lm-eval TASKS" in capsys.readouterr().err
+    if importlib.util.find_spec("lm_eval") is None:
+        assert cli.main(["eval", folder, "--lm-eval", "afpq_pride_ppl", "--quiet"]) == 2
+        assert "needs lm-eval" in capsys.readouterr().err
+    elif importlib.util.find_spec("vllm") is None:
+        assert cli.main(["eval", folder, "--lm-eval", "afpq_pride_ppl", "--lm-eval-backend", "vllm", "--quiet"]) == 2
+        assert "needs vLLM" in capsys.readouterr().err
+
+
+def test_lm_eval_argv_windows(folder):
+    """Both backends score windows of ``--seqlen`` tokens: lm-eval's vLLM backend scores
+    ``max_length - 2`` (docs/lm_eval.md), its hf backend ``max_length``."""
+    from afpq_plugins.lm_eval_tasks import TASKS_DIR
+
+    def model_args(argv):
+        return dict(kv.split("=", 1) for kv in argv[argv.index("--model_args") + 1].split(","))
+
+    hf = cli.lm_eval_argv(folder, "afpq_pride_ppl", "hf", 512, "float32", ["--limit", "1"])
+    assert hf[1:3] == ["-m", "lm_eval"] and hf[hf.index("--model") + 1] == "hf"
+    assert model_args(hf) == {"pretrained": folder, "max_length": "512", "dtype": "float32"}
+    assert hf[hf.index("--include_path") + 1] == TASKS_DIR and hf[-2:] == ["--limit", "1"]
+    vl = cli.lm_eval_argv(folder, "afpq_pride_ppl", "vllm", 512, "float32")
+    assert vl[1:3] == ["-m", "afpq_plugins.vllm.lm_eval"] and vl[vl.index("--model") + 1] == "vllm"
+    assert model_args(vl)["max_length"] == "514" and model_args(vl)["enforce_eager"] == "True"
+
+
 def test_eval_refuses_foreign_quant_method(folder, tmp_path, capsys):
     import shutil
 

@@ -2,7 +2,8 @@
 
 Examples whose engine is not installed in this venv are skipped here and run in the venv that
 has it (``make test`` runs tests/ in the modern and the legacy venv; lm-eval:
-integration_tests/modern/test_lm_eval.py; vLLM: integration_tests/vllm/test_examples.py)."""
+integration_tests/modern/test_lm_eval.py; vLLM: integration_tests/vllm/test_examples.py; lm-eval
+through vLLM: integration_tests/vllm/test_lm_eval_vllm.py)."""
 
 from __future__ import annotations
 
