@@ -176,10 +176,11 @@ def test_save_pretrained_round_trips_in_the_same_format(rtn_checkpoints, case, t
     for k in t0:
         assert t0[k].dtype == t1[k].dtype and torch.equal(t0[k], t1[k]), k
     ids = _ids(model.config.vocab_size)
-    with torch.no_grad():
+    with torch.no_grad():  # all three on the same kernel (with autograd on, the torch path runs instead)
         ref = load_quantized(str(out))(ids).logits  # our own loader reads what transformers wrote
         again = _hf_load(str(out))(ids).logits
-    assert torch.equal(ref, model(ids).logits) and torch.equal(again, ref)
+        first = model(ids).logits
+    assert torch.equal(ref, first) and torch.equal(again, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
