@@ -13,8 +13,10 @@ output shard, whatever the depth of the model.
 
 Float tensors keep their source dtype unless ``dtype`` is given. A tied output head that is
 quantized is untied on purpose (its weight is read from the embedding, which stays float).
-What cannot stream (a pickled ``.bin`` source, keys the architecture does not know, such as
-a per-expert MoE checkpoint that transformers 5 fuses on load, the ``output`` scale search)
+The ``output`` scale search streams one decoder layer at a time on calibration samples
+(:mod:`afpq_plugins.streaming_output`). What cannot stream (a pickled ``.bin`` source, keys
+the architecture does not know, such as a per-expert MoE checkpoint that transformers 5 fuses
+on load, the output search without calibration samples or on decoder layers of mixed types)
 raises :class:`NotStreamable`, and the CLI says why and takes the in-memory path.
 """
 

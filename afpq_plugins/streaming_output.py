@@ -24,7 +24,9 @@ that is a different method, and not what the output search was studied with.)
 Peak memory: one decoder layer in the compute dtype (float32), its quantization
 temporaries, the output shard being filled, and the calibration activations twice (a
 layer's inputs and outputs: ``2 x nsamples x seqlen x hidden`` floats, plus the captured
-keyword tensors); during the capture, the embedding in float32 instead of the layer.
+keyword tensors); during the capture, the input embedding as stored (e.g. bfloat16; its
+lookups are cast to the compute dtype, the same values as a float32 embedding's) instead of
+the layer.
 """
 
 from __future__ import annotations
@@ -73,7 +75,13 @@ def _skeleton(config) -> nn.Module:
 def plan_layers(config, names: Sequence[str], not_streamable: Callable[[str], Exception]) -> LayerPlan:
     """The decoder layers (the ``nn.ModuleList`` holding most of the quantized Linears) of the
     model of ``config``; a quantized Linear outside them must be the output head with a final
-    norm before it (``not_streamable`` otherwise)."""
+    norm before it, and the layers must all be of one type (``layer_types``: sliding-window
+    and full-attention layers get different masks); ``not_streamable`` otherwise."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = sorted(set(getattr(text, "layer_types", None) or ()))
+    if len(types) > 1:  # each type gets its own mask (and rotary): one captured set of inputs cannot serve all
+        raise not_streamable(f"its decoder layers are of {len(types)} types ({', '.join(types)}), each with its own "
+                             "attention mask: layer-by-layer replay of the first layer's inputs would be wrong")
     model = _skeleton(config)
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     best = max(lists, key=lambda nm: sum(1 for q in names if q.startswith(nm[0] + ".")), default=None)
@@ -126,8 +134,15 @@ def capture(plan: LayerPlan, snap, mapping: Dict[str, str], samples: Sequence[to
     model = plan.model
     outside = [k for k in model.state_dict() if plan.layer_of(k) is None and k in mapping
                and not (plan.head is not None and k.startswith(plan.head + "."))]
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_key = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None) if emb is not None else None
     for k in outside:
-        _assign(model, k, snap.read(mapping[k]).to(device=device, dtype=compute_dtype))
+        raw = snap.read(mapping[k])
+        if k == emb_key and raw.is_floating_point():  # kept as stored; its lookups are cast (same values)
+            _assign(model, k, raw.to(device))
+        else:
+            _assign(model, k, raw.to(device=device, dtype=compute_dtype))
+        del raw
     for mod in model.modules():  # the real buffers (rotary frequencies) to the device; parameters stay meta
         for bn, b in list(mod._buffers.items()):
             if b is not None and not b.is_meta:
@@ -140,6 +155,7 @@ def capture(plan: LayerPlan, snap, mapping: Dict[str, str], samples: Sequence[to
         raise _Captured
 
     h = plan.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    cast = emb.register_forward_hook(lambda mod, args, y: y.to(compute_dtype)) if emb_key is not None else None
     try:
         with torch.no_grad():
             for s in samples:
@@ -151,6 +167,8 @@ def capture(plan: LayerPlan, snap, mapping: Dict[str, str], samples: Sequence[to
                 raise RuntimeError(f"the first decoder layer ({plan.prefix}.0) was not called in the forward pass")
     finally:
         h.remove()
+        if cast is not None:
+            cast.remove()
         _unload(model, outside)
     return got
 

@@ -138,3 +138,26 @@ def test_without_calibration_it_does_not_stream(tmp_path):
     with pytest.raises(NotStreamable, match="output scale search needs calibration"):
         quantize_rtn_streaming(src, str(tmp_path / "o"), QuantSpec("nf4", 32, scale_search="output"))
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_mixed_layer_types_take_the_in_memory_path(tmp_path, capsys):
+    """Sliding-window and full-attention layers get different masks: replaying the first
+    layer's inputs would be wrong, so the run says so and takes the in-memory path (same result)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                      use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    assert len(set(cfg.layer_types)) == 2
+    src = str(tmp_path / "qwen2")
+    Qwen2ForCausalLM(cfg).eval().save_pretrained(src)
+    tok.save_pretrained(src)
+    with pytest.raises(NotStreamable, match="2 types"):
+        quantize_rtn_streaming(src, str(tmp_path / "o"), QuantSpec("nf4", 32, scale_search="output"),
+                               calibration=[torch.arange(40)])
+    assert not os.path.exists(tmp_path / "o")
+    assert cli.main(["quantize", src, str(tmp_path / "cli"), "--group-size", "32", "--scale-search", "output",
+                     "--nsamples", "2", "--calib-seqlen", "48"]) == 0
+    assert "rtn in memory (cannot stream: its decoder layers are of 2 types" in capsys.readouterr().err
