@@ -86,8 +86,14 @@ elif mode in ("stream_output", "inmemory_output"):
         searches = {n: BoundOutputSearch(s.scale_search, grouped_energies(e, s.group_size), name=n) for n, e in h.items()}
         qc = quantize_model_rtn(m, spec=s, layer_searches=searches, progress=False)
         save_quantized(m, args["out"], qc, dtype=torch.bfloat16, max_shard_size=args["shard"])
+elif mode == "cli":  # an afpq command line (calibrated methods: the engines' own in-memory runs)
+    from afpq_plugins import cli
+    out.update(rc=cli.main(args["argv"]))
 elif mode == "baseline_llama":  # the imports plus transformers' model code (loaded lazily by the runs)
     import transformers.models.llama.modeling_llama  # noqa: F401
+elif mode == "baseline_gptqmodel":  # ... plus GPTQModel and its adapter (imported by --cli-methods runs)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    import afpq_plugins.gptqmodel, gptqmodel  # noqa: F401,E401
 elif mode == "generate":
     from benchmarks.bench_scale import generate
     generate(**args)
@@ -190,8 +196,32 @@ def output_search_run(a) -> int:
             res["runs"][mode] = r
             print(f"{mode}: peak {r['peak_bytes'] / 1e9:.3f} GB = {r['ratio_bf16']:.3f}x bf16, {r['seconds']:.0f}s",
                   flush=True)
+        if a.cli_methods:
+            from afpq_plugins.data import resolve_model
+            from afpq_plugins.model import _TOKENIZER_FILES
+
+            tok_src = str(resolve_model("default"))
+            for f in _TOKENIZER_FILES:
+                if f != "generation_config.json" and os.path.isfile(os.path.join(tok_src, f)):
+                    shutil.copyfile(os.path.join(tok_src, f), os.path.join(src, f))
+        for m in a.cli_methods:
+            out = os.path.join(a.work, f"cli_{m}")
+            r = child("cli", argv=["quantize", src, out, "--method", m, "--nsamples", str(a.nsamples),
+                                   "--calib-seqlen", str(a.calib_seqlen), "--max-shard-size", a.max_shard_size,
+                                   "--quiet"])
+            if r["rc"] != 0:
+                raise SystemExit(f"afpq quantize --method {m} failed (rc {r['rc']})")
+            r.update(bf16_bytes=bf16, ratio_bf16=r["peak_bytes"] / bf16)
+            res["runs"][f"cli_{m}"] = r
+            print(f"afpq quantize --method {m}: peak {r['peak_bytes'] / 1e9:.3f} GB = {r['ratio_bf16']:.3f}x bf16, "
+                  f"{r['seconds']:.0f}s", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
         res["runs"]["baseline"] = child("baseline")
         res["runs"]["baseline_llama"] = child("baseline_llama")
+        if a.cli_methods:
+            res["runs"]["baseline_gptqmodel"] = child("baseline_gptqmodel")
+            print(f"baseline with GPTQModel imported: {res['runs']['baseline_gptqmodel']['peak_bytes'] / 1e9:.3f} GB",
+                  flush=True)
         res["identical"] = same_tensors(outs["stream_output"], outs["inmemory_output"])
         res["peak_ratio"] = res["runs"]["stream_output"]["peak_bytes"] / res["runs"]["inmemory_output"]["peak_bytes"]
         print(f"baseline (imports only): {res['runs']['baseline']['peak_bytes'] / 1e9:.3f} GB, with the Llama model "
@@ -226,6 +256,9 @@ def main(argv=None) -> int:
                    help="measure the output scale search: layer by layer vs in memory (module docstring)")
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--cli-methods", nargs="*", default=[],
+                   help="with --output-search: also `afpq quantize --method M` for each (e.g. gptq awq; the "
+                        "engine's in-memory run; needs --vocab >= 49152: the embedded SmolLM2 tokenizer is copied in)")
     a = p.parse_args(argv)
     if os.path.exists(a.work):
         shutil.rmtree(a.work)
