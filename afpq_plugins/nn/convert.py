@@ -19,7 +19,9 @@ shape and values, the spec's group size and packing geometry, ``scale`` / ``zero
 naming the layer and the tensor; :func:`quantized_from_engine` runs it first, so no adapter
 builds (let alone installs) a layer from a bad result. Adapters that convert many layers at
 once build every new module before replacing any (AutoGPTQ's ``pack_model``, AutoAWQ's
-per-decoder-layer ``_apply_quant``); GPTQModel converts one module per finalize task.
+per-decoder-layer ``_apply_quant``); GPTQModel finalizes one module per task, so its GPTQ
+processor checks each result when it is computed, before any module of that decoder layer is
+finalized (:mod:`afpq_plugins.gptqmodel.processors`).
 """
 
 from __future__ import annotations
