@@ -203,8 +203,9 @@ def cmd_quantize(args) -> int:
         from .data import resolve_model
 
         try:
-            with card_context(command=command_line(args.argv), source=str(resolve_model(args.model))):
-                return stream_cli(args, spec, dtype, max_shard, note)
+            with card_context(command=command_line(args.argv), source=str(resolve_model(args.model)),
+                              calibration=calib.describe() if args.scale_search == "output" else None):
+                return stream_cli(args, spec, dtype, max_shard, note, calib)
         except NotStreamable as exc:
             note(f"afpq quantize: rtn in memory (cannot stream: {exc})")
     elif method.name == "rtn":

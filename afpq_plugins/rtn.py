@@ -31,7 +31,7 @@ from .core.quantize import fake_quantize
 from .core.spec import QuantSpec
 from .model import find_linears, quantize_model_rtn
 
-__all__ = ["run", "RTN_OUTPUT_CALIBRATION", "output_searches", "budgeted_specs", "layer_errors"]
+__all__ = ["run", "RTN_OUTPUT_CALIBRATION", "output_searches", "budgeted_specs", "layer_errors", "calibration_samples"]
 
 #: RTN's calibration for the output search when none is given (nsamples x seqlen tokens).
 RTN_OUTPUT_CALIBRATION = (32, 512)
@@ -69,15 +69,20 @@ def run(model, tokenizer, spec: QuantSpec, calib, progress: bool = True, fake: b
                                     extra={**extra, "fake": True})
 
 
-def calibration_energies(model, tokenizer, linears, calib, progress: bool) -> Dict[str, torch.Tensor]:
-    """Each Linear's input energies ``diag(X^T X)`` over the calibration samples (forward hooks;
-    default calibration :data:`RTN_OUTPUT_CALIBRATION`)."""
+def calibration_samples(tokenizer, calib) -> list:
+    """RTN's calibration windows (token-id tensors; default size :data:`RTN_OUTPUT_CALIBRATION`)."""
     if tokenizer is None:
         raise ValueError("RTN with scale search 'output' or a bits budget needs calibration activations: "
                          "pass the tokenizer")
     calib = replace(calib, nsamples=calib.nsamples or RTN_OUTPUT_CALIBRATION[0],
                     seqlen=calib.seqlen or RTN_OUTPUT_CALIBRATION[1])
-    return input_energies(model, linears, calib.samples(tokenizer), progress=progress)
+    return list(calib.samples(tokenizer))
+
+
+def calibration_energies(model, tokenizer, linears, calib, progress: bool) -> Dict[str, torch.Tensor]:
+    """Each Linear's input energies ``diag(X^T X)`` over the calibration samples (forward hooks;
+    default calibration :data:`RTN_OUTPUT_CALIBRATION`)."""
+    return input_energies(model, linears, calibration_samples(tokenizer, calib), progress=progress)
 
 
 def output_searches(model, tokenizer, spec: QuantSpec, calib, progress: bool):

@@ -13,8 +13,10 @@ output shard, whatever the depth of the model.
 
 Float tensors keep their source dtype unless ``dtype`` is given. A tied output head that is
 quantized is untied on purpose (its weight is read from the embedding, which stays float).
-What cannot stream (a pickled ``.bin`` source, keys the architecture does not know, such as
-a per-expert MoE checkpoint that transformers 5 fuses on load, the ``output`` scale search)
+The ``output`` scale search streams one decoder layer at a time on calibration samples
+(:mod:`afpq_plugins.streaming_output`). What cannot stream (a pickled ``.bin`` source, keys
+the architecture does not know, such as a per-expert MoE checkpoint that transformers 5 fuses
+on load, the output search without calibration samples or on decoder layers of mixed types)
 raises :class:`NotStreamable`, and the CLI says why and takes the in-memory path.
 """
 
@@ -186,13 +188,18 @@ def quantize_rtn_streaming(
     progress: bool = False,
     require_all: bool = False,
     log: Optional[Callable[[str], None]] = None,
+    calibration: Optional[Sequence[torch.Tensor]] = None,
 ) -> StreamResult:
     """RTN-quantize the float model folder ``src`` into the AFPQ checkpoint ``out_dir``,
     tensor by tensor (see the module docstring). ``dtype``: the float tensors' dtype in the
     checkpoint (default: each keeps its source dtype); quantization computes in float32 on
     ``device``. Everything that can be checked (config, architecture, every header, each
     layer's geometry, the coverage) is checked before the first byte is written; an error
-    later (a non-finite weight) discards the temporary folder and leaves ``out_dir`` as it was."""
+    later (a non-finite weight) discards the temporary folder and leaves ``out_dir`` as it was.
+
+    The output scale search (``spec.scale_search`` ``"output"``) runs one decoder layer at a
+    time on ``calibration`` (token-id samples, e.g. :func:`afpq_plugins.rtn.calibration_samples`):
+    :mod:`afpq_plugins.streaming_output`; calibration computes in ``dtype`` (default float32)."""
     from .core.output_search import is_output_search
     from .card import with_model_card
     from .model import checkpoint_model_config, extra_files_writer, find_linears, untie_quantized_head
@@ -200,8 +207,10 @@ def quantize_rtn_streaming(
     from .nn.skeleton import plan_skeleton
 
     spec = spec.resolved("rtn")
-    if is_output_search(spec.scale_search):
-        raise NotStreamable("the output scale search needs calibration activations (in-memory path)")
+    output = is_output_search(spec.scale_search)
+    if output and calibration is None:
+        raise NotStreamable("the output scale search needs calibration activations: pass calibration "
+                            "(token-id samples) to run it layer by layer")
     t0 = time.perf_counter()
     with CheckpointSnapshot(src) as snap:
         snap.headers()  # strict, every file, before anything else
@@ -236,11 +245,20 @@ def quantize_rtn_streaming(
                                           f"{snap.dtype(mapping[k])}, but the model holds a float tensor there")
         float_keys = [k for k in mapping if k not in weight_of]
         written = dtype or source_dtype(snap, [mapping[k] for k in float_keys]) or torch.float32
+        lplan = None
+        if output:
+            from .model import _config_from_dict
+            from .streaming_output import plan_layers
+
+            lplan = plan_layers(_config_from_dict(snap.config, snap.config_path), names, NotStreamable)
         untie_quantized_head(model, names)
         cfg = checkpoint_model_config(model, qc, dtype=written)
         extra = with_model_card(extra_files_writer(model, tokenizer, os.path.abspath(src)), model, qc, out_dir)
         if log is not None:
-            log(f"afpq quantize: rtn streaming tensor by tensor from {src} ({len(snap.files)} file(s), source dtype "
+            how = ("layer by layer (output search: calibration in "
+                   f"{dtype or torch.float32}, {len(calibration)} samples, float activations propagated)"
+                   if output else "tensor by tensor")
+            log(f"afpq quantize: rtn streaming {how} from {src} ({len(snap.files)} file(s), source dtype "
                 f"{source_dtype(snap)}); quantization in float32 on {device}; float tensors written as "
                 f"{dtype or 'their source dtype'}; shards of at most "
                 f"{parse_size(max_shard_size or DEFAULT_MAX_SHARD_SIZE) / 1e6:,.1f} MB")
@@ -248,8 +266,16 @@ def quantize_rtn_streaming(
         # source order: sequential reads of each shard
         order = sorted(mapping, key=lambda k: (snap.files.index(snap.source(mapping[k])),
                                                snap.headers()[mapping[k]][1]["data_offsets"][0], k))
+        captured = None
+        if output:  # the first decoder layer's inputs, before anything is written
+            from .streaming_output import capture
+
+            captured = capture(lplan, snap, mapping, calibration, device=device, compute_dtype=dtype or torch.float32)
+            layered = {k for k in order if lplan.layer_of(k) is not None
+                       or (lplan.head is not None and weight_of.get(k) == lplan.head)}
+            order = [k for k in order if k not in layered]
         it = order
-        if progress:
+        if progress and not output:
             from tqdm.auto import tqdm
 
             it = tqdm(order, desc=f"RTN (streaming) {spec.describe()}", unit="tensor")
@@ -276,23 +302,39 @@ def quantize_rtn_streaming(
                 del layer
                 for k, v in sorted(with_refusal_placeholders(layer_tensors, [name]).items()):
                     w.add(k, v)
+            if output:
+                from .streaming_output import run_layers
+
+                read += sum(snap.headers()[mapping[k]][1]["data_offsets"][1]
+                            - snap.headers()[mapping[k]][1]["data_offsets"][0] for k in layered)
+                run_layers(lplan, snap, mapping, weight_of, plan, spec, captured, w.add, dtype=dtype, device=device,
+                           compute_dtype=dtype or torch.float32, progress=progress)
     seconds = time.perf_counter() - t0
     res = StreamResult(qc, w.path, written, read, seconds, cov)
     return res
 
 
-def stream_cli(args, spec: QuantSpec, dtype, max_shard: int, note: Callable[[str], None]) -> int:
+def stream_cli(args, spec: QuantSpec, dtype, max_shard: int, note: Callable[[str], None], calib=None) -> int:
     """``afpq quantize --method rtn``'s streaming run (:class:`NotStreamable`: the CLI takes
-    the in-memory path)."""
+    the in-memory path). ``calib``: the :class:`~afpq_plugins.methods.Calibration` of the
+    output search (its samples are tokenized here, with the source's tokenizer)."""
+    from .core.output_search import is_output_search
     from .data import resolve_model
 
     path = str(resolve_model(args.model))
     with CheckpointSnapshot(path) as snap:
         if not snap.has_files:
             raise NotStreamable(f"{path} has no safetensors weights (pickled .bin weights are loaded whole)")
+    samples = None
+    if is_output_search(spec.scale_search) and calib is not None:
+        from transformers import AutoTokenizer
+
+        from .rtn import calibration_samples
+
+        samples = calibration_samples(AutoTokenizer.from_pretrained(path, trust_remote_code=False), calib)
     res = quantize_rtn_streaming(path, args.out, spec, dtype=dtype, device=args.device, max_shard_size=max_shard,
                                  overwrite=args.overwrite, progress=not args.quiet, require_all=args.require_all,
-                                 log=note)
+                                 log=note, calibration=samples)
     qc, mb = res.qc, res.source_bytes / 1e6
     print(f"quantized {len(qc.quantized_modules)} layers of {path} with rtn {spec.fmt}/{spec.mode} group "
           f"{spec.group_size} layout {qc.layout} -> {res.path} (streaming: read {mb:.1f} MB in {res.seconds:.1f}s, "

@@ -19,7 +19,20 @@ half depth. Each measurement runs in a child process and reports its peak reside
 * ``baseline``: a child that only imports the same modules (the interpreter's own share of
   every peak).
 
-Writes ``benchmarks/out/scale.json`` and prints a markdown table; the work folder
+``--output-search`` measures the output scale search instead (one model at ``--layers``;
+calibration ``--nsamples`` x ``--calib-seqlen`` random token ids, seeded):
+
+* ``stream-output``: :func:`~afpq_plugins.streaming.quantize_rtn_streaming` with
+  ``scale_search="output"``, layer by layer (:mod:`afpq_plugins.streaming_output`);
+* ``inmemory-output``: the in-memory path (``from_pretrained`` float32, the energies of one
+  forward pass per sample, ``quantize_model_rtn`` with the bound searches, ``save_quantized``:
+  what ``rtn.run`` does);
+* the two checkpoints' tensors are compared byte for byte; ``baseline`` as above.
+
+    python benchmarks/bench_scale.py --output-search --layers 4 --hidden 1024 --inter 2816 --heads 16 \
+        --kv-heads 8 --max-shard-size 50MB
+
+Writes ``benchmarks/out/scale.json`` (``--output-search``: ``scale_output.json``) and prints a markdown table; the work folder
 (``--work``, default ``benchmarks/out/scale_work``) is deleted at the end unless ``--keep``.
 """
 
@@ -55,6 +68,32 @@ elif mode == "inmemory":
     m = AutoModelForCausalLM.from_pretrained(args["src"], dtype=torch.float32)
     qc = quantize_model_rtn(m, spec=QuantSpec("nf4", 128), progress=False)
     save_quantized(m, args["out"], qc, dtype=torch.bfloat16, max_shard_size=args["shard"])
+elif mode in ("stream_output", "inmemory_output"):
+    g = torch.Generator().manual_seed(args["seed"])
+    samples = [torch.randint(0, args["vocab"], (args["seqlen"],), generator=g) for _ in range(args["nsamples"])]
+    spec = QuantSpec("nf4", 128, scale_search="output")
+    if mode == "stream_output":
+        r = quantize_rtn_streaming(args["src"], args["out"], spec, max_shard_size=args["shard"], calibration=samples)
+        out.update(source_bytes=r.source_bytes, layers=len(r.qc.quantized_modules))
+    else:
+        from transformers import AutoModelForCausalLM
+        from afpq_plugins.core.output_search import BoundOutputSearch, grouped_energies, input_energies
+        from afpq_plugins.model import find_linears
+        m = AutoModelForCausalLM.from_pretrained(args["src"], dtype=torch.float32).eval()
+        s = spec.resolved("rtn")
+        lin = find_linears(m, s.skip)
+        h = input_energies(m, lin, samples)
+        searches = {n: BoundOutputSearch(s.scale_search, grouped_energies(e, s.group_size), name=n) for n, e in h.items()}
+        qc = quantize_model_rtn(m, spec=s, layer_searches=searches, progress=False)
+        save_quantized(m, args["out"], qc, dtype=torch.bfloat16, max_shard_size=args["shard"])
+elif mode == "cli":  # an afpq command line (calibrated methods: the engines' own in-memory runs)
+    from afpq_plugins import cli
+    out.update(rc=cli.main(args["argv"]))
+elif mode == "baseline_llama":  # the imports plus transformers' model code (loaded lazily by the runs)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+elif mode == "baseline_gptqmodel":  # ... plus GPTQModel and its adapter (imported by --cli-methods runs)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    import afpq_plugins.gptqmodel, gptqmodel  # noqa: F401,E401
 elif mode == "generate":
     from benchmarks.bench_scale import generate
     generate(**args)
@@ -127,6 +166,78 @@ def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".safetensors"))
 
 
+def same_tensors(a_dir: str, b_dir: str) -> bool:
+    """Every tensor of the two checkpoints the same bytes (names, dtypes, shapes, data)."""
+    import torch
+
+    from afpq_plugins.core.checkpoint import load_checkpoint_tensors
+
+    a, b = load_checkpoint_tensors(a_dir), load_checkpoint_tensors(b_dir)
+    raw = (lambda t: t.reshape(-1).view(torch.uint8) if t.numel() else t)
+    return sorted(a) == sorted(b) and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(raw(a[k]), raw(b[k])) for k in a)
+
+
+def output_search_run(a) -> int:
+    """``--output-search``: the layer-by-layer output search beside the in-memory one."""
+    res = {"settings": vars(a), "machine": f"{os.cpu_count()} cores", "runs": {}}
+    dims = dict(hidden=a.hidden, inter=a.inter, vocab=a.vocab, heads=a.heads, kv_heads=a.kv_heads)
+    calib = dict(vocab=a.vocab, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=0, shard=a.max_shard_size)
+    try:
+        src = os.path.join(a.work, "src")
+        child("generate", path=src, layers=a.layers, shard=a.source_shard, **dims)
+        bf16 = folder_bytes(src)
+        print(f"source: {a.layers} layers, {bf16 / 1e9:.3f} GB bf16", flush=True)
+        outs = {}
+        for mode in ("stream_output", "inmemory_output"):
+            outs[mode] = os.path.join(a.work, mode)
+            r = child(mode, src=src, out=outs[mode], **calib)
+            r.update(bf16_bytes=bf16, ratio_bf16=r["peak_bytes"] / bf16)
+            res["runs"][mode] = r
+            print(f"{mode}: peak {r['peak_bytes'] / 1e9:.3f} GB = {r['ratio_bf16']:.3f}x bf16, {r['seconds']:.0f}s",
+                  flush=True)
+        if a.cli_methods:
+            from afpq_plugins.data import resolve_model
+            from afpq_plugins.model import _TOKENIZER_FILES
+
+            tok_src = str(resolve_model("default"))
+            for f in _TOKENIZER_FILES:
+                if f != "generation_config.json" and os.path.isfile(os.path.join(tok_src, f)):
+                    shutil.copyfile(os.path.join(tok_src, f), os.path.join(src, f))
+        for m in a.cli_methods:
+            out = os.path.join(a.work, f"cli_{m}")
+            r = child("cli", argv=["quantize", src, out, "--method", m, "--nsamples", str(a.nsamples),
+                                   "--calib-seqlen", str(a.calib_seqlen), "--max-shard-size", a.max_shard_size,
+                                   "--quiet"])
+            if r["rc"] != 0:
+                raise SystemExit(f"afpq quantize --method {m} failed (rc {r['rc']})")
+            r.update(bf16_bytes=bf16, ratio_bf16=r["peak_bytes"] / bf16)
+            res["runs"][f"cli_{m}"] = r
+            print(f"afpq quantize --method {m}: peak {r['peak_bytes'] / 1e9:.3f} GB = {r['ratio_bf16']:.3f}x bf16, "
+                  f"{r['seconds']:.0f}s", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+        res["runs"]["baseline"] = child("baseline")
+        res["runs"]["baseline_llama"] = child("baseline_llama")
+        if a.cli_methods:
+            res["runs"]["baseline_gptqmodel"] = child("baseline_gptqmodel")
+            print(f"baseline with GPTQModel imported: {res['runs']['baseline_gptqmodel']['peak_bytes'] / 1e9:.3f} GB",
+                  flush=True)
+        res["identical"] = same_tensors(outs["stream_output"], outs["inmemory_output"])
+        res["peak_ratio"] = res["runs"]["stream_output"]["peak_bytes"] / res["runs"]["inmemory_output"]["peak_bytes"]
+        print(f"baseline (imports only): {res['runs']['baseline']['peak_bytes'] / 1e9:.3f} GB, with the Llama model "
+              f"code {res['runs']['baseline_llama']['peak_bytes'] / 1e9:.3f} GB; layer-by-layer / "
+              f"in-memory peak {res['peak_ratio']:.3f}; tensors identical: {res['identical']}", flush=True)
+    finally:
+        if not a.keep:
+            shutil.rmtree(a.work, ignore_errors=True)
+    path = a.json if a.json != os.path.join(ROOT, "benchmarks", "out", "scale.json") else \
+        os.path.join(ROOT, "benchmarks", "out", "scale_output.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=2)
+    return 0 if res["identical"] else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=28)
@@ -141,10 +252,19 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "out", "scale.json"))
     p.add_argument("--skip-inmemory", action="store_true")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--output-search", action="store_true",
+                   help="measure the output scale search: layer by layer vs in memory (module docstring)")
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--cli-methods", nargs="*", default=[],
+                   help="with --output-search: also `afpq quantize --method M` for each (e.g. gptq awq; the "
+                        "engine's in-memory run; needs --vocab >= 49152: the embedded SmolLM2 tokenizer is copied in)")
     a = p.parse_args(argv)
     if os.path.exists(a.work):
         shutil.rmtree(a.work)
     os.makedirs(a.work)
+    if a.output_search:
+        return output_search_run(a)
     res = {"settings": vars(a), "machine": f"{os.cpu_count()} cores", "runs": {}}
     dims = dict(hidden=a.hidden, inter=a.inter, vocab=a.vocab, heads=a.heads, kv_heads=a.kv_heads)
     try:

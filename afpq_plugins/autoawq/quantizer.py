@@ -212,7 +212,11 @@ class AFPQAwqQuantizer(AwqQuantizer):
 
     # -- AFPQ modules ------------------------------------------------------------------------
     def _apply_quant(self, module, named_linears: Dict[str, nn.Linear]):
+        """The decoder layer ``module``'s Linears as AFPQ layers, validate then mutate: every
+        new layer is built (its weight checked and quantized; errors name the layer) before
+        the first one replaces its Linear, so a failure leaves ``module`` as it was."""
         prefix = get_op_name(self.model, module)
+        built = []
         for name, lin in named_linears.items():
             full = f"{prefix}.{name}"
             search = self.search
@@ -226,7 +230,8 @@ class AFPQAwqQuantizer(AwqQuantizer):
                 search=search,
             )
             q = AFPQLinear.from_quantized(qw, lin.bias, layout=self.layout, name=full)
-            q.to(lin.weight.device)
+            built.append((name, full, q.to(lin.weight.device)))
+        for name, full, q in built:
             set_op_by_name(module, name, q)
             self.quantized_modules.append(full)
 

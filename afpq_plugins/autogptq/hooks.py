@@ -4,7 +4,8 @@ AutoGPTQ 0.7.1 has no plugin hooks: ``BaseGPTQForCausalLM.quantize`` builds
 ``auto_gptq.modeling._base.GPTQ`` objects and ``pack_model`` / ``make_quant`` pick their
 layer class with ``auto_gptq.modeling._utils.dynamically_import_QuantLinear``. While an
 AFPQ config is in play (and only then) :func:`afpq_hooks` points those two names at the
-AFPQ classes and restores them on exit.
+AFPQ classes, and ``pack_model`` at :func:`pack_model_afpq` (validate, then mutate: every
+layer is packed before the first module is replaced), and restores them on exit.
 
 :func:`register` (run by ``import afpq_plugins.autogptq``, the documented opt-in; undone
 by :func:`unregister`; :func:`registered` scopes it to a ``with`` block) wraps five entry points so
@@ -44,6 +45,7 @@ __all__ = [
     "save_afpq",
     "load_afpq",
     "wrap_model",
+    "pack_model_afpq",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,58 @@ def afpq_hooks(cfg: AFPQQuantizeConfig) -> Iterator[None]:
         return qlinear
 
     gptq = AFPQGPTQ.bind(cfg.fmt, cfg.mode, cfg.torch_scale_dtype, cfg.scale_search)
-    with compat.patched(_base, "GPTQ", gptq), compat.patched(_utils, "dynamically_import_QuantLinear", import_quant_linear):
+    with compat.patched(_base, "GPTQ", gptq), compat.patched(_utils, "dynamically_import_QuantLinear", import_quant_linear), \
+            compat.patched(_base, "pack_model", functools.partial(pack_model_afpq, qlinear=qlinear)):
         yield
+
+
+def pack_model_afpq(model, quantizers, bits, group_size, use_triton=False, use_cuda_fp16=True, desc_act=False,
+                    warmup_triton=False, force_layer_back_to_cpu=False, *, qlinear) -> None:
+    """AutoGPTQ 0.7.1's ``pack_model`` (same arguments, same result) for AFPQ layers, validate
+    then mutate: upstream replaces every Linear with an empty ``QuantLinear`` first and packs
+    them one by one, so a layer that fails to pack leaves a model of half-empty layers. Here
+    every layer is built and packed on the side (its result checked by
+    :func:`~afpq_plugins.nn.convert.check_engine_result`, errors naming the layer), then all
+    are swapped in; the peak is upstream's (it, too, holds every packed layer beside the float
+    ones). ``quantizers``: ``{name: (quantizer, scale, zero, g_idx)}``, as upstream, and
+    replaced by ``{name: quantizer}`` once packed, as upstream does."""
+    from auto_gptq.modeling._utils import find_layers
+
+    from ..core.errors import EngineResultError
+    from ..nn.convert import float_weight
+    from ..nn.skeleton import set_module
+
+    if use_triton:
+        raise NotImplementedError("AFPQ layers have no AutoGPTQ triton kernels (use_triton=False)")
+    found = find_layers(model)
+    built = {}
+    for name in quantizers:  # validate and pack every layer before touching the model
+        if name not in found:
+            raise EngineResultError(f"{name}: AutoGPTQ quantized a layer the model does not hold")
+        layer = found[name]
+        _, scale, zero, g_idx = quantizers[name]
+        try:
+            W = float_weight(layer)
+        except NotImplementedError as exc:
+            raise EngineResultError(f"{name}: {exc}") from None
+        dev = W.device
+        bias = getattr(layer, "bias", None)
+        try:
+            new = qlinear(bits, group_size, W.shape[1], W.shape[0], True, use_cuda_fp16=use_cuda_fp16,
+                          trainable=False, weight_dtype=W.dtype)
+        except ValueError as exc:  # the group size or the packing does not fit this layer
+            raise EngineResultError(f"{name}: {exc}") from None
+        new.pack_weight(W.to("cpu"), None if bias is None else bias.data.to("cpu"), scale.to("cpu"), zero.to("cpu"),
+                        None if g_idx is None else g_idx.to("cpu"), name)
+        built[name] = new.to(dev)
+    if force_layer_back_to_cpu:
+        model.to("cpu")
+        built = {n: m.to("cpu") for n, m in built.items()}
+    for name, new in built.items():
+        new.device = next(new.buffers()).device  # as make_quant sets it
+        set_module(model, name, new)
+        quantizers[name] = quantizers[name][0]
+    log.info("Model packed (%d AFPQ layers).", len(built))
 
 
 def _is_afpq_dir(path) -> bool:

@@ -44,28 +44,36 @@ class AFPQQuantLinear(AFPQLinear):
         #: Input columns whose re-encoded code disagreed with GPTQ's value (see pack).
         self.pack_mismatches = 0
 
-    def pack(self, linear, scales, zeros, g_idx=None):
+    def pack(self, linear, scales, zeros, g_idx=None, name: str = "AFPQQuantLinear.pack"):
         """Encode ``linear``'s (already GPTQ-quantized) weight with GPTQ's parameters.
 
         ``scales``, ``zeros``: ``[out, groups]``; ``g_idx``: ``[in]`` (None: ``i // group_size``).
+        A result that does not fit raises :class:`~afpq_plugins.core.errors.EngineResultError`
+        naming ``name`` before this layer changes.
         """
+        if isinstance(linear, nn.Conv2d):
+            raise NotImplementedError("AFPQQuantLinear packs nn.Linear and transformers Conv1D layers")
         W = linear.weight.data
         if isinstance(linear, transformers.pytorch_utils.Conv1D):
             W = W.t()
-        if isinstance(linear, nn.Conv2d):
-            raise NotImplementedError("AFPQQuantLinear packs nn.Linear and transformers Conv1D layers")
+        bias = linear.bias.data if linear.bias is not None else None
+        self.pack_weight(W, bias, scales, zeros, g_idx, name)
+
+    def pack_weight(self, W, bias, scales, zeros, g_idx, name: str) -> None:
+        """:meth:`pack` from the ``[out, in]`` weight and the bias (or None) themselves."""
         if g_idx is None:
             g_idx = self.g_idx
-        qw, self.pack_mismatches = quantized_from_engine(self.spec, W, scales, zeros, g_idx, "AFPQQuantLinear.pack",
-                                                         dtype=linear.weight.dtype)
+        qw, mismatches = quantized_from_engine(self.spec, W, scales, zeros, g_idx, name, dtype=W.dtype)
         device = self.qweight.device
-        self.qweight = pack_gptq(qw.codes, self.bits, name="qweight").to(device)
+        qweight = pack_gptq(qw.codes, self.bits, name=f"{name}.qweight").to(device)
+        self.pack_mismatches = mismatches
+        self.qweight = qweight
         self.scales = qw.scales.to(device)
         if self.second is not None:
             setattr(self, "scales_neg" if self.mode == "afpq" else "zeros", qw.scales2.to(device))
         self.g_idx = g_idx.to(torch.int32).clone()
-        if linear.bias is not None:
-            self.bias = linear.bias.data.clone().to(linear.weight.dtype)
+        if bias is not None:
+            self.bias = bias.clone().to(W.dtype)
         else:
             self.bias = None  # AutoGPTQ's make_quant always asks for a bias buffer
 

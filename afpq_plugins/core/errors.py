@@ -4,11 +4,13 @@
 ``except ValueError`` keeps working); ``SafetensorsError`` is the ``CheckpointError``
 of a malformed ``.safetensors`` file. Messages name the file, key or tensor.
 ``MethodUnavailable`` says a quantization method or its engine cannot run here.
+``EngineResultError`` says an engine's per-layer result (GPTQ/AWQ group parameters, the
+fake-quantized weight) cannot become an AFPQ layer; it names the layer and the tensor.
 """
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "SafetensorsError", "MethodUnavailable"]
+__all__ = ["CheckpointError", "SafetensorsError", "MethodUnavailable", "EngineResultError"]
 
 
 class CheckpointError(ValueError):
@@ -22,3 +24,9 @@ class SafetensorsError(CheckpointError):
 
 class MethodUnavailable(ValueError):
     """The method or its engine cannot run here (engine not installed, model type unsupported)."""
+
+
+class EngineResultError(ValueError):
+    """An engine's result for one layer (its group parameters, ``g_idx`` or fake-quantized
+    weight) does not fit the layer or the spec; the message names the layer and the tensor.
+    Raised before any module of the model is replaced."""

@@ -51,6 +51,7 @@ from .search import ScaleSearch
 from .search_registry import register_search
 
 __all__ = [
+    "energy_hooks",
     "OutputSearch",
     "BoundOutputSearch",
     "ColumnCursorSearch",
@@ -340,6 +341,30 @@ def input_energies(
 
     Forward pre-hooks on the given modules; removed afterwards even on error.
     """
+    samples = list(samples)
+    it = samples
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            it = tqdm(samples, desc="calibration energies", leave=False)
+        except ImportError:
+            pass
+    with energy_hooks(modules, second_moment) as acc:
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            for s in it:
+                s = torch.as_tensor(s)
+                model(s.reshape(1, -1).to(dev) if s.dim() == 1 else s.to(dev))
+    return acc
+
+
+@contextlib.contextmanager
+def energy_hooks(modules: Dict[str, torch.nn.Module], second_moment: bool = False):
+    """Yield ``{name: energies}`` that forward pre-hooks on ``modules`` fill while the block
+    runs (what :func:`input_energies` sums: ``diag(X^T X)`` float32 ``[in]`` of each call's
+    first argument, or ``X^T X``); the hooks are removed on exit even on error, and a module
+    no input reached is a ``ValueError`` naming it."""
     acc: Dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -352,29 +377,15 @@ def input_energies(
                 acc[name] = v
         return hook
 
-    samples = list(samples)
-    it = samples
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            it = tqdm(samples, desc="calibration energies", leave=False)
-        except ImportError:
-            pass
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
     try:
-        dev = next(model.parameters()).device
-        with torch.no_grad(), contextlib.ExitStack():
-            for s in it:
-                s = torch.as_tensor(s)
-                model(s.reshape(1, -1).to(dev) if s.dim() == 1 else s.to(dev))
+        yield acc
     finally:
         for h in handles:
             h.remove()
     missing = [n for n in modules if n not in acc]
     if missing:
         raise ValueError(f"no calibration input reached module(s) {missing[:3]} (not called in the forward pass)")
-    return acc
 
 
 register_search("output", lambda kw: OutputSearch(**kw))

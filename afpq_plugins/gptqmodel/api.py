@@ -112,6 +112,8 @@ def _run(qmodel, spec: QuantSpec, cfg, quantize, *args, **kwargs):
         ctx = afpq_processors(awq_processor=proc)
     with ctx:
         quantize(*args, **kwargs)
+    if proc.error is not None:  # recorded in gptqmodel's worker threads (processors._record)
+        raise proc.error
     order = [n for n, _ in qmodel.model.named_modules()]
     names = sorted(set(proc.quantized_modules), key=order.index)
     if not names:

@@ -17,6 +17,11 @@ handling, threading) and change only what the grid touches:
   keeps gptqmodel's own loop); ``pack_module`` writes :class:`AFPQLinear` (4-bit: the
   ``awq`` layout, else ``gptq``).
 
+Engine results are checked (:func:`~afpq_plugins.nn.convert.check_engine_result`; GPTQ's
+when they are computed, before any module of their decoder layer is finalized); the first
+bad one is recorded, nothing is swapped after it and the caller's thread raises it once
+gptqmodel returns (an exception in gptqmodel's worker threads ends the interpreter).
+
 The bound classes carry the settings (a :class:`~afpq_plugins.core.spec.QuantSpec`, layout
 resolved for the method, plus AWQ's clip search) and collect the names of the
 modules they packed (``quantized_modules``) and the count of weights that did not
@@ -30,10 +35,11 @@ from typing import List
 
 import torch
 
+from ..core.errors import EngineResultError
 from ..core.quantize import fake_quantize_rows
 from ..core.spec import QuantSpec
 from ..core.search import apply_two_sided_clip, symmetric_clip, two_sided_clip
-from ..nn.convert import linear_from_engine
+from ..nn.convert import check_engine_result, float_weight, linear_from_engine
 from ..nn.skeleton import set_module
 from .awq_search import compute_best_scale, rotary_for_layer
 
@@ -44,15 +50,45 @@ _AVOID_CLIPPING = ("q_", "k_", "query", "key", "Wqkv")  # as gptqmodel/AutoAWQ: 
 _LOCK = threading.Lock()
 
 
+def _record(cls, exc: EngineResultError) -> None:
+    """Keep the first bad result: gptqmodel ends the whole interpreter (``os._exit(1)``) on an
+    exception in its worker threads, so the error is raised in the caller's thread once
+    gptqmodel returns (:func:`afpq_plugins.gptqmodel.api._run`), and nothing is swapped after it."""
+    with _LOCK:
+        if cls.error is None:
+            cls.error = exc
+
+
 def _pack(cls, root, module, p1, p2, g_idx) -> None:
-    """AFPQLinear from the engine's result (weight = its fake-quantized weight) into ``root``."""
+    """AFPQLinear from the engine's result (weight = its fake-quantized weight) into ``root``;
+    nothing once a bad result was seen (:func:`_record`)."""
     lin = getattr(module, "module", module)
     name = module.full_name
-    layer, mismatches = linear_from_engine(cls.afpq, lin, p1, p2, g_idx, name)
+    if cls.error is not None:
+        return
+    try:
+        layer, mismatches = linear_from_engine(cls.afpq, lin, p1, p2, g_idx, name)
+    except EngineResultError as exc:
+        _record(cls, exc)
+        return
     set_module(root, name, layer)
     with _LOCK:
         cls.quantized_modules.append(name)
         cls.mismatches += mismatches
+
+
+def _check_staged(proc, module) -> None:
+    """The GPTQ result gptqmodel just staged for ``module``, checked when it is computed: all of
+    a decoder layer's modules are processed before the first is finalized (swapped), so a bad
+    result stops the run before any module of its layer changes."""
+    module.stream_sync()
+    with proc.lock:
+        p1, p2, g_idx = (module.state.get(k) for k in ("q_scales", "q_zeros", "q_g_idx"))
+    try:
+        check_engine_result(type(proc).afpq, float_weight(getattr(module, "module", module)), p1, p2, g_idx,
+                            module.full_name)
+    except EngineResultError as exc:
+        _record(type(proc), exc)
 
 
 def _take_state(proc, module, keys):
@@ -72,12 +108,19 @@ def gptq_processor_class(spec: QuantSpec) -> type:
         afpq = spec
         quantized_modules: List[str] = []
         mismatches = 0
+        error = None  # the first bad result (_record)
+
+        def process(self, module, *args, **kwargs):
+            out = super().process(module, *args, **kwargs)
+            _check_staged(self, module)
+            return out
 
         def submodule_finalize(self, module, model, **kwargs):
             q_scales, q_zeros, q_g_idx = _take_state(self, module, ("q_scales", "q_zeros", "q_g_idx"))
             _pack(type(self), model.model, module, q_scales, q_zeros, q_g_idx)
 
     AFPQGPTQProcessor.quantized_modules = []
+    AFPQGPTQProcessor.error = None
     return AFPQGPTQProcessor
 
 
@@ -94,6 +137,7 @@ def awq_processor_class(spec: QuantSpec, clip: str = "symmetric") -> type:
         afpq_clip = clip
         quantized_modules: List[str] = []
         mismatches = 0
+        error = None  # the first bad result (_record)
 
         def pseudo_quantize_tensor(self, w: torch.Tensor):
             s = self.afpq
@@ -143,4 +187,5 @@ def awq_processor_class(spec: QuantSpec, clip: str = "symmetric") -> type:
             _pack(type(self), self.gptq_model.model, module, q_scales, q_zeros, None)
 
     AFPQAWQProcessor.quantized_modules = []
+    AFPQAWQProcessor.error = None
     return AFPQAWQProcessor
