@@ -229,7 +229,7 @@ _MODERN = "; use .venv-modern (pip install gptqmodel==7.6.0)"
 _LLMC = "; use .venv-modern (pip install llmcompressor==0.14.0.1)"
 _GPTQ_OPTIONS = ("desc_act", "static_groups", "true_sequential", "damp_percent")
 
-register_method(Method("rtn", "core", "afpq_plugins.rtn:run", options=("fake", "bits_budget", "candidates"),
+register_method(Method("rtn", "core", "afpq_plugins.rtn:run", options=("fake", "bits_budget", "candidates", "budget_objective"),
                        description="round to nearest (core maths, any venv)"))
 register_method(Method("gptq", "autogptq", "afpq_plugins.autogptq.api:run", requires=("auto_gptq",),
                        install_hint=_LEGACY, default_calibration=(128, 2048), options=_GPTQ_OPTIONS,

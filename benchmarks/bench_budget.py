@@ -51,17 +51,30 @@ CELLS = {
     "nf3-afpq-g64-output": ("NF3 AFPQ g64 + output search", "rtn", (("nf3", 64, "afpq", "output"), None)),
     "budget-3.5": ("budget 3.5 (min/max)", "rtn", (("nf3", 64, "afpq"), 3.5)),
     "budget-3.5-output": ("budget 3.5 + output search", "rtn", (("nf3", 64, "afpq", "output"), 3.5)),
+    # 4.0 bits: the uniform formats at (or just above) that cost
+    "nf3-afpq-g32": ("NF3 AFPQ g32", "rtn", (("nf3", 32, "afpq"), None)),
+    "nf3-afpq-g32-output": ("NF3 AFPQ g32 + output search", "rtn", (("nf3", 32, "afpq", "output"), None)),
+    "nf4-sym-row": ("NF4 one scale, whole row", "rtn", (("nf4", -1, "sym"), None)),
+    "nf4-sym-row-output": ("NF4 one scale, whole row + output search", "rtn", (("nf4", -1, "sym", "output"), None)),
+    # 3.0 bits: nothing uniform with 3-bit codes fits exactly (any scale costs); the cheapest ones
+    "nf3-sym-g192": ("NF3 one scale g192", "rtn", (("nf3", 192, "sym"), None)),
+    "nf3-sym-g192-output": ("NF3 one scale g192 + output search", "rtn", (("nf3", 192, "sym", "output"), None)),
+    "nf3-sym-row": ("NF3 one scale, whole row", "rtn", (("nf3", -1, "sym"), None)),
+    "nf3-sym-row-output": ("NF3 one scale, whole row + output search", "rtn", (("nf3", -1, "sym", "output"), None)),
+    "budget-3.0": ("budget 3.0 (min/max)", "rtn", (("nf3", 64, "afpq"), 3.0)),
+    "budget-3.0-output": ("budget 3.0 + output search", "rtn", (("nf3", 64, "afpq", "output"), 3.0)),
 }
 DEFAULT = ["fp32", "bnb-nf4-dq", "nf4-sym-g64", "budget-4.25", "budget-4.25-output", "nf3-afpq-g64-output",
            "budget-3.5-output"]
 
 
-def _bpw(model) -> float:
+def _model_bpw(spec, model) -> float:
+    """Stored bits per weight of ``spec`` applied to every quantized Linear of ``model``."""
     from afpq_plugins.core.budget import layer_cost_bits
-    from afpq_plugins.nn import AFPQLinear
+    from afpq_plugins.model import find_linears
 
-    layers = [m for m in model.modules() if isinstance(m, AFPQLinear)]
-    bits = sum(layer_cost_bits(m.spec, m.in_features, m.out_features) for m in layers)
+    layers = find_linears(model, spec.skip).values()
+    bits = sum(layer_cost_bits(spec, m.in_features, m.out_features) for m in layers)
     return bits / sum(m.in_features * m.out_features for m in layers)
 
 
@@ -86,10 +99,8 @@ def run_cell(name, model, tok, ids, args) -> dict:
             res["bits_per_weight"] = qc.extra["bits_per_weight"]
             res["allocation"] = qc.extra["allocation"]
             res["budget"] = budget
-        else:
-            from afpq_plugins.core.budget import bits_per_weight
-
-            res["bits_per_weight"] = bits_per_weight(spec, 576, 576)
+        else:  # over the model's Linears (a whole-row group costs by each layer's in_features)
+            res["bits_per_weight"] = _model_bpw(spec, model)
         res["calibrated"] = budget is not None or len(spec_args) > 3
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     r = perplexity(m, ids, seqlen=args.seqlen, windows=args.windows, progress=False)

@@ -186,3 +186,59 @@ def test_cli_budget_is_rtn_only_and_named(tmp_path, capsys):
     assert cli.main(["quantize", folder, str(tmp_path / "o3"), "--bits-budget", "4", "--candidates", "nf3-afpq-32",
                      "--quiet"]) == 2
     assert "expected FORMAT/MODE/gGROUP" in capsys.readouterr().err
+
+
+def test_layer_errors_with_sensitivities_against_float64():
+    """sum_ij F_ij (w - q)_ij^2 with q the min/max fake quantization, in float64 by hand."""
+    from afpq_plugins.core.quantize import fake_quantize
+    from afpq_plugins.rtn import layer_errors
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 64, generator=g)
+    F = torch.rand(6, 64, generator=g)
+    specs = B.candidate_specs(QuantSpec("nf4", 32), [B.Candidate("nf3", 32, "afpq"), B.Candidate("nf4", 64, "sym"),
+                                                      B.Candidate("nf4", 48, "sym")])
+    got = layer_errors(w, torch.ones(64), specs, "w", sensitivities=F)
+    for s, e in zip(specs[:2], got[:2]):
+        q = fake_quantize(w, s.format, s.group_size, s.mode, s.torch_scale_dtype).double()
+        assert e == pytest.approx(float((F.double() * (w.double() - q) ** 2).sum()), rel=1e-9)
+    assert got[2] == math.inf  # 48 does not divide 64
+
+
+@pytest.mark.parametrize("objective", ["fisher", "relative"])
+def test_budget_objectives_run_and_are_recorded(objective):
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama, tiny_tokenizer
+
+    from afpq_plugins.methods import Calibration, quantize
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), tie=False)
+    cands = (B.Candidate("nf3", 32, "afpq"), B.Candidate("nf4", 64, "sym"), B.Candidate("nf4", 32, "afpq"))
+    qc = quantize(model, tok, "rtn", QuantSpec("nf4", 32), Calibration(2, 32), progress=False, fake=True,
+                  bits_budget=4.3, candidates=cands, budget_objective=objective)
+    assert qc.extra["allocation"]["objective"] == objective
+    assert qc.extra["bits_per_weight"] <= 4.3
+
+
+def test_unknown_budget_objective_is_named():
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama, tiny_tokenizer
+
+    from afpq_plugins.methods import Calibration, quantize
+
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="budget objective 'loss'.*fisher, relative"):
+        quantize(tiny_llama(vocab_size=len(tok)), tok, "rtn", QuantSpec("nf4", 32), Calibration(2, 32),
+                 progress=False, bits_budget=4.3, budget_objective="loss")
+
+
+def test_cli_budget_objective_needs_a_budget(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama_folder
+
+    from afpq_plugins import cli
+
+    folder = tiny_llama_folder(str(tmp_path / "m"))
+    assert cli.main(["quantize", folder, str(tmp_path / "o"), "--budget-objective", "relative", "--quiet"]) == 2
+    assert "--budget-objective needs --bits-budget" in capsys.readouterr().err
