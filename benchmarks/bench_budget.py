@@ -61,9 +61,13 @@ CELLS = {
     "nf3-sym-g192-output": ("NF3 one scale g192 + output search", "rtn", (("nf3", 192, "sym", "output"), None)),
     "nf3-sym-row": ("NF3 one scale, whole row", "rtn", (("nf3", -1, "sym"), None)),
     "nf3-sym-row-output": ("NF3 one scale, whole row + output search", "rtn", (("nf3", -1, "sym", "output"), None)),
-    "budget-3.0": ("budget 3.0 (min/max)", "rtn", (("nf3", 64, "afpq"), 3.0)),
-    "budget-3.0-output": ("budget 3.0 + output search", "rtn", (("nf3", 64, "afpq", "output"), 3.0)),
+    "budget-3.0": ("budget 3.0 (min/max)", "rtn", (("nf3", 64, "afpq"), 3.0, "cheap")),
+    "budget-3.0-output": ("budget 3.0 + output search", "rtn", (("nf3", 64, "afpq", "output"), 3.0, "cheap")),
 }
+
+#: Candidate sets besides the default: "cheap" adds whole-row NF3 and INT2 (3.0 bits is below every
+#: default candidate: NF3 one scale g192 costs 3.083).
+CANDIDATE_SETS = {"cheap": ("nf3/sym/g-1", "nf3/afpq/g-1", "int2/zp/g64", "int2/zp/g32")}
 DEFAULT = ["fp32", "bnb-nf4-dq", "nf4-sym-g64", "budget-4.25", "budget-4.25-output", "nf3-afpq-g64-output",
            "budget-3.5-output"]
 
@@ -91,9 +95,17 @@ def run_cell(name, model, tok, ids, args) -> dict:
         apply_peer(m, what)
         res["bits_per_weight"] = bits_per_weight(what)
     elif kind == "rtn":
-        spec_args, budget = what
+        spec_args, budget = what[:2]
         spec = QuantSpec(*spec_args[:3], scale_search=spec_args[3] if len(spec_args) > 3 else None)
         opts = {"bits_budget": budget} if budget is not None else {}
+        if len(what) > 2:
+            from afpq_plugins.cli import _candidates
+            from afpq_plugins.core.budget import DEFAULT_CANDIDATES
+
+            opts["candidates"] = DEFAULT_CANDIDATES + _candidates(CANDIDATE_SETS[what[2]])
+            res["candidate_set"] = f"default + {', '.join(CANDIDATE_SETS[what[2]])}"
+        if budget is not None and args.objective:
+            opts["budget_objective"] = args.objective
         qc = quantize(m, tok, "rtn", spec, Calibration(*CALIB, seed=0), progress=False, fake=True, **opts)
         if budget is not None:
             res["bits_per_weight"] = qc.extra["bits_per_weight"]
@@ -122,7 +134,11 @@ def report(data: dict) -> str:
               "difference is within one error):", ""]
     pairs = [("budget-4.25", "bnb-nf4-dq"), ("budget-4.25", "nf4-sym-g64"), ("budget-4.25-output", "bnb-nf4-dq"),
              ("budget-4.25-output", "nf4-sym-g64"), ("budget-3.5-output", "nf3-afpq-g64-output"),
-             ("budget-3.5", "nf3-afpq-g64"), ("budget-4.0-output", "nf3-sym-g32")]
+             ("budget-3.5", "nf3-afpq-g64"), ("budget-3.5", "nf3-sym-g32"), ("budget-3.5", "nf3-afpq-g64-output"),
+             ("budget-4.0-output", "nf3-afpq-g32-output"), ("budget-4.0-output", "nf4-sym-row-output"),
+             ("budget-4.0", "nf3-afpq-g32"), ("budget-4.0", "nf4-sym-row"),
+             ("budget-3.0-output", "nf3-sym-row-output"), ("budget-3.0-output", "nf3-sym-g192-output"),
+             ("budget-3.0", "nf3-sym-row"), ("budget-3.0", "nf3-sym-g192")]
     for a, b in pairs:
         if a in cells and b in cells:
             c = compare(cells[a], cells[b])
@@ -148,12 +164,15 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", nargs="+", default=DEFAULT, choices=list(CELLS))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_budget.json"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--objective", choices=["fisher", "relative"], default=None,
+                    help="the budget cells' objective (default: the method's, fisher)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {"windows": args.windows, "seqlen": args.seqlen, "calibration": list(CALIB),
-                "text": "prideprejudice.txt", "threads": torch.get_num_threads()}
+                "text": "prideprejudice.txt", "threads": torch.get_num_threads(),
+                "objective": args.objective or "fisher"}
     data = {"settings": settings, "cells": {}}
     if os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as fh:
@@ -166,6 +185,9 @@ def main(argv=None) -> int:
 
         model, tok = D.load_model_and_tokenizer(D.resolve_model("default"))
         ids = tok(D.load_text(str(D.eval_text_path())), return_tensors="pt").input_ids[0]
+        from afpq_plugins.methods import Calibration
+
+        Calibration(*CALIB, seed=0).samples(tok)  # tokenized once here (memoised), not inside a timed cell
         for name in args.cells:
             if name in data["cells"]:
                 continue

@@ -64,3 +64,18 @@ def test_fisher_weights_name_a_module_the_forward_pass_skips():
     with pytest.raises(ValueError, match="stray"):
         fisher_weights(model, {"stray": stray, "model.layers.0.mlp.up_proj": model.model.layers[0].mlp.up_proj},
                        [torch.arange(8)])
+
+
+def test_row_stride_gives_those_rows():
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama
+
+    model = tiny_llama(vocab_size=96, hidden=32)
+    mods = {n: dict(model.named_modules())[n] for n in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.gate_proj")}
+    samples = [torch.arange(10) % 96, (torch.arange(7) * 5) % 96]
+    full = fisher_weights(model, mods, samples)
+    part = fisher_weights(model, mods, samples, row_stride=3)
+    for n in mods:
+        torch.testing.assert_close(part[n], full[n][::3], rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match="row_stride"):
+        fisher_weights(model, mods, samples, row_stride=0)
