@@ -51,9 +51,9 @@ DEFAULT_BUDGET_OBJECTIVE = "fisher"
 #: The fisher objective scores rows 0, k, 2k, ... of each layer (k times cheaper; the sum scaled by k).
 SCORE_ROW_STRIDE = 8
 _OBJECTIVE_TEXT = {
-    "fisher": f"per layer sum_ij F_ij (w - q(w))_ij^2, F_ij = sum_t g_ti^2 x_tj^2 (g: the calibration loss "
-              f"gradient at the layer output), q with the run's scale search, on every {SCORE_ROW_STRIDE}th row "
-              f"(sum scaled by {SCORE_ROW_STRIDE}), summed over layers",
+    "fisher": "per layer sum_ij F_ij (w - q(w))_ij^2, F_ij = sum_t g_ti^2 x_tj^2 (g: the calibration loss "
+              "gradient at the layer output), q with the run's scale search, on every {k}th row "
+              "(sum scaled by {k}), summed over layers",
     "relative": "per layer sum_j h_j (w - q(w))^2 / sum_j h_j w^2 (h = diag(X^T X)), min/max scales, "
                 "summed over layers",
 }
@@ -71,12 +71,17 @@ def run(model, tokenizer, spec: QuantSpec, calib, progress: bool = True, fake: b
         raise ValueError(f"budget objective {budget_objective!r}: expected one of {', '.join(BUDGET_OBJECTIVES)}")
     linears = find_linears(model, spec.skip)
     energies = sens = None
-    if is_output_search(spec.scale_search) or bits_budget is not None:
+    fisher = bits_budget is not None and budget_objective == "fisher"
+    if fisher:  # one forward + backward pass gives the sensitivities and the input energies
+        if tokenizer is None:
+            raise ValueError("a bits budget needs calibration activations: pass the tokenizer")
+        energies = {}
+        sens = fisher_weights(model, linears, _resolved(calib).samples(tokenizer), row_stride=SCORE_ROW_STRIDE,
+                              energies=energies)
+    elif is_output_search(spec.scale_search) or bits_budget is not None:
         energies = calibration_energies(model, tokenizer, linears, calib, progress)
     layer_specs, extra = None, {}
     if bits_budget is not None:
-        if budget_objective == "fisher":
-            sens = fisher_weights(model, linears, _resolved(calib).samples(tokenizer), row_stride=SCORE_ROW_STRIDE)
         layer_specs, extra = budgeted_specs(linears, energies, spec, bits_budget, candidates, progress,
                                             objective=budget_objective, sensitivities=sens)
         spec = _most_common(layer_specs, linears)
@@ -193,7 +198,7 @@ def budgeted_specs(linears, energies, spec: QuantSpec, bits_budget: float,
     bpw = alloc.bits / total
     extra = {"bits_budget": bits_budget, "bits_per_weight": round(bpw, 6),
              "allocation": {"candidates": [c.label() for c in (candidates or B.DEFAULT_CANDIDATES)],
-                            "objective": objective, "error": _OBJECTIVE_TEXT[objective],
+                            "objective": objective, "error": _OBJECTIVE_TEXT[objective].format(k=SCORE_ROW_STRIDE),
                             "exact": alloc.exact, "seconds": round(time.perf_counter() - t0, 2),
                             "shares": {k: round(v, 4) for k, v in B.summary(chosen, shapes).items()}}}
     return chosen, extra

@@ -164,15 +164,21 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", nargs="+", default=DEFAULT, choices=list(CELLS))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_budget.json"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--score-row-stride", type=int, default=None,
+                    help="the fisher objective's row stride (default: afpq_plugins.rtn.SCORE_ROW_STRIDE)")
     ap.add_argument("--objective", choices=["fisher", "relative"], default=None,
                     help="the budget cells' objective (default: the method's, fisher)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
+    import afpq_plugins.rtn as _rtn
+
+    if args.score_row_stride:
+        _rtn.SCORE_ROW_STRIDE = args.score_row_stride
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {"windows": args.windows, "seqlen": args.seqlen, "calibration": list(CALIB),
                 "text": "prideprejudice.txt", "threads": torch.get_num_threads(),
-                "objective": args.objective or "fisher"}
+                "objective": args.objective or "fisher", "score_row_stride": _rtn.SCORE_ROW_STRIDE}
     data = {"settings": settings, "cells": {}}
     if os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as fh:

@@ -38,8 +38,14 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--budget", type=float, default=3.5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--score-row-stride", type=int, default=None,
+                    help="the fisher objective's row stride (default: afpq_plugins.rtn.SCORE_ROW_STRIDE)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    import afpq_plugins.rtn as _rtn
+
+    if args.score_row_stride:
+        _rtn.SCORE_ROW_STRIDE = args.score_row_stride
     torch.set_num_threads(args.threads)
 
     from afpq_plugins import data as D
@@ -71,7 +77,8 @@ def main(argv=None) -> int:
     med = {k: {f: statistics.median(x[f] for x in v) for f in ("wall_s", "cpu_s")} for k, v in runs.items()}
     ratio = {f: round(med["budget"][f] / med["uniform"][f], 3) for f in ("wall_s", "cpu_s")}
     out = {"settings": {"calibration": list(CALIB), "seed": 0, "threads": args.threads, "budget": args.budget,
-                        "uniform": "nf3/afpq g64 + output search", "reps": args.reps},
+                        "uniform": "nf3/afpq g64 + output search", "reps": args.reps,
+                        "score_row_stride": _rtn.SCORE_ROW_STRIDE},
            "runs": runs, "median": med, "ratio_budget_over_uniform": ratio}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w", encoding="utf-8") as fh:

@@ -79,3 +79,22 @@ def test_row_stride_gives_those_rows():
         torch.testing.assert_close(part[n], full[n][::3], rtol=1e-5, atol=1e-12)
     with pytest.raises(ValueError, match="row_stride"):
         fisher_weights(model, mods, samples, row_stride=0)
+
+
+def test_the_same_pass_gives_the_input_energies():
+    """energies= is filled with diag(X^T X), as the output search's own hook pass computes it."""
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama
+
+    from afpq_plugins.core.output_search import input_energies
+    from afpq_plugins.model import find_linears
+
+    model = tiny_llama(vocab_size=96, hidden=32)
+    mods = find_linears(model)
+    samples = [torch.arange(11) % 96, (torch.arange(6) * 7) % 96]
+    h = {"stale": torch.zeros(1)}
+    fisher_weights(model, mods, samples, row_stride=2, energies=h)
+    want = input_energies(model, mods, samples)
+    assert set(h) == set(want)
+    for n in want:
+        torch.testing.assert_close(h[n], want[n], rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ alike whatever the sample count).
 
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
 import torch
 
@@ -26,21 +26,32 @@ __all__ = ["fisher_weights"]
 
 
 def fisher_weights(model: torch.nn.Module, modules: Dict[str, torch.nn.Module],
-                   samples: Iterable[torch.Tensor], row_stride: int = 1) -> Dict[str, torch.Tensor]:
+                   samples: Iterable[torch.Tensor], row_stride: int = 1,
+                   energies: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """``{name: F}`` with ``F[i, j] = sum_t g_ti^2 x_tj^2`` (float32 ``[out, in]``) for each module
     of ``modules`` (``nn.Linear``), over ``samples`` (token-id tensors) through ``model`` (a causal
     LM returning ``.logits``). ``row_stride=k``: only rows ``0, k, 2k, ...`` (``F[::k]``, ``k``
-    times cheaper; what the budget's row-sampled scoring needs). Hooks are removed and parameter
+    times cheaper; what the budget's row-sampled scoring needs). ``energies``: a dict filled, in
+    the same pass, with each module's ``diag(X^T X)`` (float32 ``[in]``, as
+    :func:`~afpq_plugins.core.output_search.input_energies` returns). Hooks are removed and parameter
     gradients cleared afterwards, even on error; the model's ``requires_grad`` flags and training
     mode are restored."""
     if not isinstance(row_stride, int) or row_stride < 1:
         raise ValueError(f"fisher_weights: row_stride must be a positive integer, got {row_stride!r}")
     acc: Dict[str, torch.Tensor] = {}
     xs: Dict[str, torch.Tensor] = {}
+    if energies is not None:
+        energies.clear()
 
     def fwd(name):
         def hook(mod, args, out):
-            xs[name] = args[0].detach().reshape(-1, args[0].shape[-1]).float() ** 2
+            xs[name] = x2 = args[0].detach().reshape(-1, args[0].shape[-1]).float() ** 2
+            if energies is not None:
+                h = x2.sum(0)
+                if name in energies:
+                    energies[name] += h
+                else:
+                    energies[name] = h
             if out.requires_grad:
                 def grad_hook(g, name=name):
                     g2 = g.detach().reshape(-1, g.shape[-1])[:, ::row_stride].float() ** 2
