@@ -13,7 +13,8 @@ gate/up) get one choice together (:mod:`afpq_plugins.core.budget`). The error
   over the calibration tokens (``g`` the loss gradient at the layer output:
   :mod:`afpq_plugins.core.sensitivity`), a second-order estimate of the loss increase, so the
   layers' errors are on one scale; each candidate quantized with the run's own scale search
-  (the output search when the run uses it), scored on every :data:`SCORE_ROW_STRIDE`-th row.
+  (the output search when the run uses it), scored on every :func:`score_row_stride`-th row
+  (8; 32 with the output search).
 * ``"relative"`` (the first objective): ``sum_j h_j (w - q(w))^2 / sum_j h_j w^2``
   (``h = diag(X^T X)``), min/max scales, every row.
 
@@ -48,8 +49,16 @@ RTN_OUTPUT_CALIBRATION = (32, 512)
 #: What a bits budget minimises (``afpq quantize --budget-objective``), summed over the layers.
 BUDGET_OBJECTIVES = ("fisher", "relative")
 DEFAULT_BUDGET_OBJECTIVE = "fisher"
-#: The fisher objective scores rows 0, k, 2k, ... of each layer (k times cheaper; the sum scaled by k).
+#: The fisher objective scores rows 0, k, 2k, ... of each layer (k times cheaper; the sum scaled by k):
+#: every 8th row with min/max (or mse) scales, every 32nd with the output search, whose scoring costs
+#: ~20x more per row (benchmarks/RESULTS.md: strides 8, 16, 32 measured for accuracy and time).
 SCORE_ROW_STRIDE = 8
+SCORE_ROW_STRIDE_OUTPUT = 32
+
+
+def score_row_stride(spec: QuantSpec) -> int:
+    """The fisher objective's row stride for a run with ``spec``'s scale search."""
+    return SCORE_ROW_STRIDE_OUTPUT if is_output_search(spec.scale_search) else SCORE_ROW_STRIDE
 _OBJECTIVE_TEXT = {
     "fisher": "per layer sum_ij F_ij (w - q(w))_ij^2, F_ij = sum_t g_ti^2 x_tj^2 (g: the calibration loss "
               "gradient at the layer output), q with the run's scale search, on every {k}th row "
@@ -76,8 +85,8 @@ def run(model, tokenizer, spec: QuantSpec, calib, progress: bool = True, fake: b
         if tokenizer is None:
             raise ValueError("a bits budget needs calibration activations: pass the tokenizer")
         energies = {}
-        sens = fisher_weights(model, linears, _resolved(calib).samples(tokenizer), row_stride=SCORE_ROW_STRIDE,
-                              energies=energies)
+        sens = fisher_weights(model, linears, _resolved(calib).samples(tokenizer),
+                              row_stride=score_row_stride(spec), energies=energies)
     elif is_output_search(spec.scale_search) or bits_budget is not None:
         energies = calibration_energies(model, tokenizer, linears, calib, progress)
     layer_specs, extra = None, {}
@@ -179,9 +188,9 @@ def budgeted_specs(linears, energies, spec: QuantSpec, bits_budget: float,
         it = tqdm(it, total=len(linears), desc=f"bits budget {bits_budget}: scoring {len(specs)} candidates",
                   unit="layer")
     for n, lin in it:
-        if objective == "fisher":  # the run's own scale search, on every SCORE_ROW_STRIDE-th row
+        if objective == "fisher":  # the run's own scale search, on every score_row_stride(spec)-th row
             errs[n] = layer_errors(lin.weight, energies[n], specs, n, sensitivities=sensitivities[n],
-                                   row_stride=SCORE_ROW_STRIDE, search=spec.scale_search)
+                                   row_stride=score_row_stride(spec), search=spec.scale_search)
             continue
         # each layer's error relative to its output energy sum_j h_j ||w_:j||^2: the fraction of the
         # layer's output signal the candidate loses (raw h-weighted errors are dominated by the few
@@ -198,7 +207,8 @@ def budgeted_specs(linears, energies, spec: QuantSpec, bits_budget: float,
     bpw = alloc.bits / total
     extra = {"bits_budget": bits_budget, "bits_per_weight": round(bpw, 6),
              "allocation": {"candidates": [c.label() for c in (candidates or B.DEFAULT_CANDIDATES)],
-                            "objective": objective, "error": _OBJECTIVE_TEXT[objective].format(k=SCORE_ROW_STRIDE),
+                            "objective": objective,
+                            "error": _OBJECTIVE_TEXT[objective].format(k=score_row_stride(spec)),
                             "exact": alloc.exact, "seconds": round(time.perf_counter() - t0, 2),
                             "shares": {k: round(v, 4) for k, v in B.summary(chosen, shapes).items()}}}
     return chosen, extra

@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_budget.json"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--score-row-stride", type=int, default=None,
-                    help="the fisher objective's row stride (default: afpq_plugins.rtn.SCORE_ROW_STRIDE)")
+                    help="the fisher objective's row stride, with and without the output search "
+                         "(default: afpq_plugins.rtn's, 8 and 32 with the output search)")
     ap.add_argument("--objective", choices=["fisher", "relative"], default=None,
                     help="the budget cells' objective (default: the method's, fisher)")
     ap.add_argument("--report-only", action="store_true")
@@ -173,12 +174,12 @@ def main(argv=None) -> int:
     import afpq_plugins.rtn as _rtn
 
     if args.score_row_stride:
-        _rtn.SCORE_ROW_STRIDE = args.score_row_stride
+        _rtn.SCORE_ROW_STRIDE = _rtn.SCORE_ROW_STRIDE_OUTPUT = args.score_row_stride
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {"windows": args.windows, "seqlen": args.seqlen, "calibration": list(CALIB),
                 "text": "prideprejudice.txt", "threads": torch.get_num_threads(),
-                "objective": args.objective or "fisher", "score_row_stride": _rtn.SCORE_ROW_STRIDE}
+                "objective": args.objective or "fisher", "score_row_stride": args.score_row_stride or "default"}
     data = {"settings": settings, "cells": {}}
     if os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as fh:

@@ -39,13 +39,14 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=3.5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--score-row-stride", type=int, default=None,
-                    help="the fisher objective's row stride (default: afpq_plugins.rtn.SCORE_ROW_STRIDE)")
+                    help="the fisher objective's row stride, with and without the output search "
+                         "(default: afpq_plugins.rtn's, 8 and 32 with the output search)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     import afpq_plugins.rtn as _rtn
 
     if args.score_row_stride:
-        _rtn.SCORE_ROW_STRIDE = args.score_row_stride
+        _rtn.SCORE_ROW_STRIDE = _rtn.SCORE_ROW_STRIDE_OUTPUT = args.score_row_stride
     torch.set_num_threads(args.threads)
 
     from afpq_plugins import data as D
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     ratio = {f: round(med["budget"][f] / med["uniform"][f], 3) for f in ("wall_s", "cpu_s")}
     out = {"settings": {"calibration": list(CALIB), "seed": 0, "threads": args.threads, "budget": args.budget,
                         "uniform": "nf3/afpq g64 + output search", "reps": args.reps,
-                        "score_row_stride": _rtn.SCORE_ROW_STRIDE},
+                        "score_row_stride": args.score_row_stride or "default"},
            "runs": runs, "median": med, "ratio_budget_over_uniform": ratio}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w", encoding="utf-8") as fh:

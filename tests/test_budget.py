@@ -288,3 +288,11 @@ def test_api_budget_with_an_engine_method_is_a_named_error():
         ran += 1
     if not ran:
         pytest.skip("no GPTQ / AWQ engine in this venv")
+
+
+def test_score_row_stride_follows_the_scale_search():
+    from afpq_plugins.rtn import SCORE_ROW_STRIDE, SCORE_ROW_STRIDE_OUTPUT, score_row_stride
+
+    assert score_row_stride(QuantSpec("nf3", 64, "afpq", scale_search="output")) == SCORE_ROW_STRIDE_OUTPUT == 32
+    assert score_row_stride(QuantSpec("nf3", 64, "afpq")) == SCORE_ROW_STRIDE == 8
+    assert score_row_stride(QuantSpec("nf3", 64, "afpq", scale_search="mse")) == 8
