@@ -121,16 +121,19 @@ def _method_options(args, method) -> dict:
     elif method.name == "awq":
         opts.update(clip=args.clip)
         defaults.update(clip="symmetric")
-    if args.bits_budget is not None or args.candidates:
+    if args.bits_budget is not None or args.candidates or args.budget_objective:
         opts.update(bits_budget=args.bits_budget, candidates=_candidates(args.candidates))
         defaults.update(bits_budget=None, candidates=None)
+        if args.budget_objective:
+            opts["budget_objective"], defaults["budget_objective"] = args.budget_objective, None
     for k, v in opts.items():
         if k not in method.options and v != defaults[k]:
             raise ValueError(f"--{k.replace('_', '-')} is not supported by --backend {method.engine}"
                              + (f" (--method {method.name}; per-layer formats: --method rtn)"
-                                if k in ("bits_budget", "candidates") else ""))
-    if opts.get("candidates") and opts.get("bits_budget") is None:
-        raise ValueError("--candidates needs --bits-budget")
+                                if k in ("bits_budget", "candidates", "budget_objective") else ""))
+    for k in ("candidates", "budget_objective"):
+        if opts.get(k) and opts.get("bits_budget") is None:
+            raise ValueError(f"--{k.replace('_', '-')} needs --bits-budget")
     out = {k: v for k, v in opts.items() if k in method.options}
     out["progress"] = not args.quiet
     return out
@@ -164,8 +167,9 @@ def cmd_quantize(args) -> int:
         fmt = get_format(args.format)
         mode = resolve_mode(fmt, args.mode, sym=args.sym)
         method = get_method(args.method, args.backend)
-        if args.candidates and args.bits_budget is None:
-            raise ValueError("--candidates needs --bits-budget")
+        for flag, v in (("--candidates", args.candidates), ("--budget-objective", args.budget_objective)):
+            if v and args.bits_budget is None:
+                raise ValueError(f"{flag} needs --bits-budget")
         _candidates(args.candidates)  # a malformed candidate is an error before anything is loaded
         # the one settings value, from here to the kernels (layout None: the method's default)
         spec = QuantSpec(fmt, args.group_size, mode, args.scale_dtype, args.layout, tuple(args.skip),
@@ -458,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "parameters) within this budget; calibrates like --scale-search output (--method rtn)")
     q.add_argument("--candidates", nargs="+", default=None, metavar="FMT/MODE/gN",
                    help="the settings --bits-budget chooses from (default: nf3 and nf4, afpq and sym, g32 g64 g192)")
+    q.add_argument("--budget-objective", choices=["fisher", "relative"], default=None,
+                   help="what --bits-budget minimises, summed over layers: fisher (default) = each layer's "
+                        "sum F (w - q)^2 with F the calibration loss's squared output gradients times squared "
+                        "inputs (a second-order estimate of the loss increase); relative = each layer's "
+                        "diag(X^T X)-weighted error over its output energy")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (transformers' naming and index "
                    "when there are several), e.g. 5GB (default), 1GB, 500MB")

@@ -139,6 +139,7 @@ class Method:
 
 
 _METHODS: Dict[Tuple[str, str], Method] = {}
+_BUDGET_OPTIONS = ("bits_budget", "candidates", "budget_objective")
 
 
 def register_method(method: Method) -> Method:
@@ -185,7 +186,10 @@ def quantize(model, tokenizer, method: str, spec: QuantSpec, calib: Optional[Cal
     bad = [k for k in options if k not in m.options and k != "progress"]
     if bad:
         raise ValueError(f"method {method!r} ({m.engine}) has no option {bad[0]!r}"
-                         + (f"; it takes {', '.join(m.options)}" if m.options else ""))
+                         + (f"; it takes {', '.join(m.options)}" if m.options else "")
+                         + ("; a bits budget (per-layer formats) runs with method 'rtn' only: the GPTQ and AWQ "
+                            "engines do not take per-module settings yet"
+                            if bad[0] in _BUDGET_OPTIONS and m.name != "rtn" else ""))
     why = m.unsupported(model)
     if why:
         raise MethodUnavailable(why + _alternatives(m, model))
@@ -229,7 +233,7 @@ _MODERN = "; use .venv-modern (pip install gptqmodel==7.6.0)"
 _LLMC = "; use .venv-modern (pip install llmcompressor==0.14.0.1)"
 _GPTQ_OPTIONS = ("desc_act", "static_groups", "true_sequential", "damp_percent")
 
-register_method(Method("rtn", "core", "afpq_plugins.rtn:run", options=("fake", "bits_budget", "candidates"),
+register_method(Method("rtn", "core", "afpq_plugins.rtn:run", options=("fake", "bits_budget", "candidates", "budget_objective"),
                        description="round to nearest (core maths, any venv)"))
 register_method(Method("gptq", "autogptq", "afpq_plugins.autogptq.api:run", requires=("auto_gptq",),
                        install_hint=_LEGACY, default_calibration=(128, 2048), options=_GPTQ_OPTIONS,

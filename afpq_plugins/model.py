@@ -34,6 +34,7 @@ from .nn.skeleton import build_skeleton, plan_skeleton, set_module, tied_paramet
 
 __all__ = [
     "DEFAULT_SKIP",
+    "config_from_dict",
     "find_linears",
     "quantize_model_rtn",
     "save_quantized",
@@ -266,7 +267,7 @@ def load_quantized(path: str, device="cpu", dtype: Optional[torch.dtype] = None)
         qc = snap.quant_config()
         tensors = snap.tensors()
         src = snap.weights_path
-        config = _config_from_dict(snap.config, snap.config_path)
+        config = config_from_dict(snap.config, snap.config_path)
         with torch.device("meta"):  # nothing allocated, whatever the config's sizes
             probe = _build(config, snap.config_path)
         names = quantized_module_names(qc, tensors)
@@ -314,12 +315,12 @@ def prepare_layers(model: nn.Module) -> nn.Module:
 def build_meta_model(config: dict, where: str) -> nn.Module:
     """The transformers model of a ``config.json`` dict (by ``model_type``, no remote code),
     built on the meta device: structure only, nothing allocated."""
-    cfg = _config_from_dict(config, where)
+    cfg = config_from_dict(config, where)
     with torch.device("meta"):
         return _build(cfg, where)
 
 
-def _config_from_dict(config: dict, where: str):
+def config_from_dict(config: dict, where: str):
     """The transformers config of ``config.json``'s dict, by ``model_type`` (no remote code)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

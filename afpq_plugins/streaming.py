@@ -247,10 +247,10 @@ def quantize_rtn_streaming(
         written = dtype or source_dtype(snap, [mapping[k] for k in float_keys]) or torch.float32
         lplan = None
         if output:
-            from .model import _config_from_dict
+            from .model import config_from_dict
             from .streaming_output import plan_layers
 
-            lplan = plan_layers(_config_from_dict(snap.config, snap.config_path), names, NotStreamable)
+            lplan = plan_layers(config_from_dict(snap.config, snap.config_path), names, NotStreamable)
         untie_quantized_head(model, names)
         cfg = checkpoint_model_config(model, qc, dtype=written)
         extra = with_model_card(extra_files_writer(model, tokenizer, os.path.abspath(src)), model, qc, out_dir)

@@ -51,17 +51,34 @@ CELLS = {
     "nf3-afpq-g64-output": ("NF3 AFPQ g64 + output search", "rtn", (("nf3", 64, "afpq", "output"), None)),
     "budget-3.5": ("budget 3.5 (min/max)", "rtn", (("nf3", 64, "afpq"), 3.5)),
     "budget-3.5-output": ("budget 3.5 + output search", "rtn", (("nf3", 64, "afpq", "output"), 3.5)),
+    # 4.0 bits: the uniform formats at (or just above) that cost
+    "nf3-afpq-g32": ("NF3 AFPQ g32", "rtn", (("nf3", 32, "afpq"), None)),
+    "nf3-afpq-g32-output": ("NF3 AFPQ g32 + output search", "rtn", (("nf3", 32, "afpq", "output"), None)),
+    "nf4-sym-row": ("NF4 one scale, whole row", "rtn", (("nf4", -1, "sym"), None)),
+    "nf4-sym-row-output": ("NF4 one scale, whole row + output search", "rtn", (("nf4", -1, "sym", "output"), None)),
+    # 3.0 bits: nothing uniform with 3-bit codes fits exactly (any scale costs); the cheapest ones
+    "nf3-sym-g192": ("NF3 one scale g192", "rtn", (("nf3", 192, "sym"), None)),
+    "nf3-sym-g192-output": ("NF3 one scale g192 + output search", "rtn", (("nf3", 192, "sym", "output"), None)),
+    "nf3-sym-row": ("NF3 one scale, whole row", "rtn", (("nf3", -1, "sym"), None)),
+    "nf3-sym-row-output": ("NF3 one scale, whole row + output search", "rtn", (("nf3", -1, "sym", "output"), None)),
+    "budget-3.0": ("budget 3.0 (min/max)", "rtn", (("nf3", 64, "afpq"), 3.0, "cheap")),
+    "budget-3.0-output": ("budget 3.0 + output search", "rtn", (("nf3", 64, "afpq", "output"), 3.0, "cheap")),
 }
+
+#: Candidate sets besides the default: "cheap" adds whole-row NF3 and INT2 (3.0 bits is below every
+#: default candidate: NF3 one scale g192 costs 3.083).
+CANDIDATE_SETS = {"cheap": ("nf3/sym/g-1", "nf3/afpq/g-1", "int2/zp/g64", "int2/zp/g32")}
 DEFAULT = ["fp32", "bnb-nf4-dq", "nf4-sym-g64", "budget-4.25", "budget-4.25-output", "nf3-afpq-g64-output",
            "budget-3.5-output"]
 
 
-def _bpw(model) -> float:
+def _model_bpw(spec, model) -> float:
+    """Stored bits per weight of ``spec`` applied to every quantized Linear of ``model``."""
     from afpq_plugins.core.budget import layer_cost_bits
-    from afpq_plugins.nn import AFPQLinear
+    from afpq_plugins.model import find_linears
 
-    layers = [m for m in model.modules() if isinstance(m, AFPQLinear)]
-    bits = sum(layer_cost_bits(m.spec, m.in_features, m.out_features) for m in layers)
+    layers = find_linears(model, spec.skip).values()
+    bits = sum(layer_cost_bits(spec, m.in_features, m.out_features) for m in layers)
     return bits / sum(m.in_features * m.out_features for m in layers)
 
 
@@ -78,18 +95,24 @@ def run_cell(name, model, tok, ids, args) -> dict:
         apply_peer(m, what)
         res["bits_per_weight"] = bits_per_weight(what)
     elif kind == "rtn":
-        spec_args, budget = what
+        spec_args, budget = what[:2]
         spec = QuantSpec(*spec_args[:3], scale_search=spec_args[3] if len(spec_args) > 3 else None)
         opts = {"bits_budget": budget} if budget is not None else {}
+        if len(what) > 2:
+            from afpq_plugins.cli import _candidates
+            from afpq_plugins.core.budget import DEFAULT_CANDIDATES
+
+            opts["candidates"] = DEFAULT_CANDIDATES + _candidates(CANDIDATE_SETS[what[2]])
+            res["candidate_set"] = f"default + {', '.join(CANDIDATE_SETS[what[2]])}"
+        if budget is not None and args.objective:
+            opts["budget_objective"] = args.objective
         qc = quantize(m, tok, "rtn", spec, Calibration(*CALIB, seed=0), progress=False, fake=True, **opts)
         if budget is not None:
             res["bits_per_weight"] = qc.extra["bits_per_weight"]
             res["allocation"] = qc.extra["allocation"]
             res["budget"] = budget
-        else:
-            from afpq_plugins.core.budget import bits_per_weight
-
-            res["bits_per_weight"] = bits_per_weight(spec, 576, 576)
+        else:  # over the model's Linears (a whole-row group costs by each layer's in_features)
+            res["bits_per_weight"] = _model_bpw(spec, model)
         res["calibrated"] = budget is not None or len(spec_args) > 3
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     r = perplexity(m, ids, seqlen=args.seqlen, windows=args.windows, progress=False)
@@ -111,7 +134,11 @@ def report(data: dict) -> str:
               "difference is within one error):", ""]
     pairs = [("budget-4.25", "bnb-nf4-dq"), ("budget-4.25", "nf4-sym-g64"), ("budget-4.25-output", "bnb-nf4-dq"),
              ("budget-4.25-output", "nf4-sym-g64"), ("budget-3.5-output", "nf3-afpq-g64-output"),
-             ("budget-3.5", "nf3-afpq-g64"), ("budget-4.0-output", "nf3-sym-g32")]
+             ("budget-3.5", "nf3-afpq-g64"), ("budget-3.5", "nf3-sym-g32"), ("budget-3.5", "nf3-afpq-g64-output"),
+             ("budget-4.0-output", "nf3-afpq-g32-output"), ("budget-4.0-output", "nf4-sym-row-output"),
+             ("budget-4.0", "nf3-afpq-g32"), ("budget-4.0", "nf4-sym-row"),
+             ("budget-3.0-output", "nf3-sym-row-output"), ("budget-3.0-output", "nf3-sym-g192-output"),
+             ("budget-3.0", "nf3-sym-row"), ("budget-3.0", "nf3-sym-g192")]
     for a, b in pairs:
         if a in cells and b in cells:
             c = compare(cells[a], cells[b])
@@ -137,12 +164,22 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", nargs="+", default=DEFAULT, choices=list(CELLS))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_budget.json"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--score-row-stride", type=int, default=None,
+                    help="the fisher objective's row stride, with and without the output search "
+                         "(default: afpq_plugins.rtn's, 8 and 32 with the output search)")
+    ap.add_argument("--objective", choices=["fisher", "relative"], default=None,
+                    help="the budget cells' objective (default: the method's, fisher)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
+    import afpq_plugins.rtn as _rtn
+
+    if args.score_row_stride:
+        _rtn.SCORE_ROW_STRIDE = _rtn.SCORE_ROW_STRIDE_OUTPUT = args.score_row_stride
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {"windows": args.windows, "seqlen": args.seqlen, "calibration": list(CALIB),
-                "text": "prideprejudice.txt", "threads": torch.get_num_threads()}
+                "text": "prideprejudice.txt", "threads": torch.get_num_threads(),
+                "objective": args.objective or "fisher", "score_row_stride": args.score_row_stride or "default"}
     data = {"settings": settings, "cells": {}}
     if os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as fh:
@@ -155,6 +192,9 @@ def main(argv=None) -> int:
 
         model, tok = D.load_model_and_tokenizer(D.resolve_model("default"))
         ids = tok(D.load_text(str(D.eval_text_path())), return_tensors="pt").input_ids[0]
+        from afpq_plugins.methods import Calibration
+
+        Calibration(*CALIB, seed=0).samples(tok)  # tokenized once here (memoised), not inside a timed cell
         for name in args.cells:
             if name in data["cells"]:
                 continue

@@ -186,3 +186,113 @@ def test_cli_budget_is_rtn_only_and_named(tmp_path, capsys):
     assert cli.main(["quantize", folder, str(tmp_path / "o3"), "--bits-budget", "4", "--candidates", "nf3-afpq-32",
                      "--quiet"]) == 2
     assert "expected FORMAT/MODE/gGROUP" in capsys.readouterr().err
+
+
+def test_layer_errors_with_sensitivities_against_float64():
+    """sum_ij F_ij (w - q)_ij^2 with q the min/max fake quantization, in float64 by hand."""
+    from afpq_plugins.core.quantize import fake_quantize
+    from afpq_plugins.rtn import layer_errors
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 64, generator=g)
+    F = torch.rand(6, 64, generator=g)
+    specs = B.candidate_specs(QuantSpec("nf4", 32), [B.Candidate("nf3", 32, "afpq"), B.Candidate("nf4", 64, "sym"),
+                                                      B.Candidate("nf4", 48, "sym")])
+    got = layer_errors(w, torch.ones(64), specs, "w", sensitivities=F)
+    for s, e in zip(specs[:2], got[:2]):
+        q = fake_quantize(w, s.format, s.group_size, s.mode, s.torch_scale_dtype).double()
+        assert e == pytest.approx(float((F.double() * (w.double() - q) ** 2).sum()), rel=1e-6)
+    assert got[2] == math.inf  # 48 does not divide 64
+
+
+@pytest.mark.parametrize("objective", ["fisher", "relative"])
+def test_budget_objectives_run_and_are_recorded(objective):
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama, tiny_tokenizer
+
+    from afpq_plugins.methods import Calibration, quantize
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), tie=False)
+    cands = (B.Candidate("nf3", 32, "afpq"), B.Candidate("nf4", 64, "sym"), B.Candidate("nf4", 32, "afpq"))
+    qc = quantize(model, tok, "rtn", QuantSpec("nf4", 32), Calibration(2, 32), progress=False, fake=True,
+                  bits_budget=4.3, candidates=cands, budget_objective=objective)
+    assert qc.extra["allocation"]["objective"] == objective
+    assert qc.extra["bits_per_weight"] <= 4.3
+
+
+def test_unknown_budget_objective_is_named():
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama, tiny_tokenizer
+
+    from afpq_plugins.methods import Calibration, quantize
+
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="budget objective 'loss'.*fisher, relative"):
+        quantize(tiny_llama(vocab_size=len(tok)), tok, "rtn", QuantSpec("nf4", 32), Calibration(2, 32),
+                 progress=False, bits_budget=4.3, budget_objective="loss")
+
+
+def test_cli_budget_objective_needs_a_budget(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama_folder
+
+    from afpq_plugins import cli
+
+    folder = tiny_llama_folder(str(tmp_path / "m"))
+    assert cli.main(["quantize", folder, str(tmp_path / "o"), "--budget-objective", "relative", "--quiet"]) == 2
+    assert "--budget-objective needs --bits-budget" in capsys.readouterr().err
+
+
+def test_row_sampled_scoring_with_the_output_search_against_float64():
+    """Rows 0, k, 2k of the output search's own quantization (computed on every row: the search is
+    per row and group), F-weighted, summed in float64 and scaled by out / rows."""
+    from afpq_plugins.core.output_search import BoundOutputSearch, OutputSearch, grouped_energies
+    from afpq_plugins.core.quantize import fake_quantize
+    from afpq_plugins.rtn import layer_errors
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(10, 64, generator=g)
+    h = torch.rand(64, generator=g) * 3
+    F = torch.rand(10, 64, generator=g)
+    specs = B.candidate_specs(QuantSpec("nf4", 32), [B.Candidate("nf3", 32, "afpq"), B.Candidate("nf4", 64, "sym")])
+    got = layer_errors(w, h, specs, "w", sensitivities=F[::4], row_stride=4, search=OutputSearch())
+    for s, e in zip(specs, got):
+        q = fake_quantize(w, s.format, s.group_size, s.mode, s.torch_scale_dtype,
+                          search=BoundOutputSearch(OutputSearch(), grouped_energies(h, s.group_size))).double()
+        ref = (F.double() * (w.double() - q) ** 2)[::4].sum() * 10 / 3
+        assert e == pytest.approx(float(ref), rel=1e-6)  # float32 products, float64 sum
+    with pytest.raises(ValueError, match="sensitivities of shape"):
+        layer_errors(w, h, specs, "w", sensitivities=F, row_stride=4)
+
+
+def test_api_budget_with_an_engine_method_is_a_named_error():
+    """quantize(..., 'gptq' / 'awq', bits_budget=...) names the option, the engine and the way out
+    (checked before anything is calibrated)."""
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama, tiny_tokenizer
+
+    from afpq_plugins.methods import MethodUnavailable, get_method, quantize
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok))
+    ran = 0
+    for method in ("gptq", "awq"):
+        try:
+            get_method(method)
+        except MethodUnavailable:
+            continue
+        with pytest.raises(ValueError, match=rf"method '{method}' \(\w+\) has no option 'bits_budget'.*"
+                                             r"runs with method 'rtn' only"):
+            quantize(model, tok, method, QuantSpec("nf4", 32), bits_budget=4.0)
+        ran += 1
+    if not ran:
+        pytest.skip("no GPTQ / AWQ engine in this venv")
+
+
+def test_score_row_stride_follows_the_scale_search():
+    from afpq_plugins.rtn import SCORE_ROW_STRIDE, SCORE_ROW_STRIDE_OUTPUT, score_row_stride
+
+    assert score_row_stride(QuantSpec("nf3", 64, "afpq", scale_search="output")) == SCORE_ROW_STRIDE_OUTPUT == 32
+    assert score_row_stride(QuantSpec("nf3", 64, "afpq")) == SCORE_ROW_STRIDE == 8
+    assert score_row_stride(QuantSpec("nf3", 64, "afpq", scale_search="mse")) == 8
