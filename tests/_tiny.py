@@ -88,3 +88,26 @@ def random_quantized_layer(layout, fmt, mode, gs, act, in_f, out_f, seed=0, bias
     qw = QuantizedWeight(codes, scales, scales2, g_idx, f, mode, gs)
     b = torch.from_numpy(g.normal(0, 0.1, out_f)).float() if bias else None
     return AFPQLinear.from_quantized(qw, bias=b, layout=layout), qw
+
+
+def benchmark_module(name: str):
+    """Context manager: ``benchmarks/<name>.py`` imported as a module (registered in sys.modules
+    while in use, so dataclasses can look it up), for tests of a benchmark's helpers."""
+    import contextlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    @contextlib.contextmanager
+    def loaded():
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        try:
+            spec.loader.exec_module(mod)
+            yield mod
+        finally:
+            sys.modules.pop(spec.name, None)
+
+    return loaded()

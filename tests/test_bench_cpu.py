@@ -4,13 +4,13 @@ Timing values are never asserted (speed targets live in the benchmark's output, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _tiny import benchmark_module
 import torch
 
 from afpq_plugins.kernels import cpu
@@ -21,14 +21,8 @@ OK, WHY = cpu.available()
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("_bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
+    with benchmark_module("bench_cpu") as mod:
         yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_interleaved_times_every_candidate_in_shuffled_rounds(bench):
