@@ -126,17 +126,28 @@ def _method_options(args, method) -> dict:
         defaults.update(bits_budget=None, candidates=None)
         if args.budget_objective:
             opts["budget_objective"], defaults["budget_objective"] = args.budget_objective, None
+    per_module = "layer_specs" in method.options  # the registry runs the budget for such an engine
     for k, v in opts.items():
+        if k in ("bits_budget", "candidates", "budget_objective") and per_module:
+            continue
         if k not in method.options and v != defaults[k]:
             raise ValueError(f"--{k.replace('_', '-')} is not supported by --backend {method.engine}"
-                             + (f" (--method {method.name}; per-layer formats: --method rtn)"
+                             + (f" (--method {method.name}: it takes no per-module settings; per-layer formats: --method rtn"
+                                  + "".join(f" or --backend {e}" for e in _budget_engines(method.name)) + ")"
                                 if k in ("bits_budget", "candidates", "budget_objective") else ""))
     for k in ("candidates", "budget_objective"):
         if opts.get(k) and opts.get("bits_budget") is None:
             raise ValueError(f"--{k.replace('_', '-')} needs --bits-budget")
-    out = {k: v for k, v in opts.items() if k in method.options}
+    out = {k: v for k, v in opts.items() if k in method.options
+           or (per_module and k in ("bits_budget", "candidates", "budget_objective") and v is not None)}
     out["progress"] = not args.quiet
     return out
+
+
+def _budget_engines(name: str) -> List[str]:
+    from .methods import _budget_engines as engines
+
+    return engines(name)
 
 
 def _candidates(values):

@@ -21,6 +21,16 @@ is installed, so :func:`get_method` can pick the default engine of a venv
 (``backend=None``: the first installed in registration order) and name the right venv
 when none is. Adding a stack's method is one :func:`register_method` call.
 
+A bits budget (``bits_budget``, ``candidates``, ``budget_objective``: per-layer formats) runs
+with ``rtn`` itself, and with an engine whose options list ``layer_specs``: :func:`quantize`
+chooses every Linear's settings on the float model first
+(:func:`afpq_plugins.rtn.allocate_budget`), then calls the engine with
+``layer_specs={module name: QuantSpec}`` (names as in ``model.named_modules()``; format,
+group size and mode differ, layout, scale dtype and scale search are ``spec``'s). The engine
+quantizes each of those Linears with its own settings and returns the config built with
+``AFPQConfigDict.from_spec(..., layer_specs=layer_specs)``; :func:`quantize` checks that the
+config says what was chosen and records the allocation.
+
 The same lazy mechanism answers :func:`gptq_layer_class`: the per-layer GPTQ class of an
 engine (optimum runs GPTQ through gptqmodel or AutoGPTQ and asks for theirs here instead
 of importing a sibling adapter).
@@ -183,18 +193,69 @@ def quantize(model, tokenizer, method: str, spec: QuantSpec, calib: Optional[Cal
              backend: Optional[str] = None, **options):
     """Quantize ``model`` in place with ``method`` (see the module docstring); returns the config."""
     m = get_method(method, backend)
-    bad = [k for k in options if k not in m.options and k != "progress"]
+    budget = m.name != "rtn" and any(options.get(k) is not None for k in _BUDGET_OPTIONS)
+    bad = [k for k in options if k not in m.options and k != "progress"
+           and not (budget and k in _BUDGET_OPTIONS and "layer_specs" in m.options)]
     if bad:
         raise ValueError(f"method {method!r} ({m.engine}) has no option {bad[0]!r}"
                          + (f"; it takes {', '.join(m.options)}" if m.options else "")
-                         + ("; a bits budget (per-layer formats) runs with method 'rtn' only: the GPTQ and AWQ "
-                            "engines do not take per-module settings yet"
+                         + ("; a bits budget (per-layer formats) needs an engine that takes per-module settings ("
+                            + (f"for {m.name!r}: backend {', '.join(_budget_engines(m.name))}; or method 'rtn')"
+                               if _budget_engines(m.name) else f"none for {m.name!r} yet; use method 'rtn')")
                             if bad[0] in _BUDGET_OPTIONS and m.name != "rtn" else ""))
     why = m.unsupported(model)
     if why:
         raise MethodUnavailable(why + _alternatives(m, model))
     calib = (calib or Calibration()).resolved(m)
-    return m(model, tokenizer, spec.resolved(m.name), calib, **options)
+    spec = spec.resolved(m.name)
+    if not budget:
+        return m(model, tokenizer, spec, calib, **options)
+    return _budgeted_engine_run(m, model, tokenizer, spec, calib, options)
+
+
+def _budget_engines(name: str) -> List[str]:
+    return [e for e in engines_for(name) if "layer_specs" in _METHODS[name, e].options]
+
+
+#: The bits budget's scoring windows for a calibrated method: the engine's calibration data, at
+#: most this many samples x tokens (RTN's default; the engine itself uses all of its windows).
+BUDGET_SCORING_CALIBRATION = (32, 512)
+
+
+def _budgeted_engine_run(m: Method, model, tokenizer, spec: QuantSpec, calib: Calibration, options: dict):
+    """A bits budget through a calibrated engine: choose every Linear's settings on the float model
+    (:func:`afpq_plugins.rtn.allocate_budget`, the candidates scored with ``spec``'s scale search),
+    then run the engine with that choice (``layer_specs``) and record the allocation."""
+    from .rtn import allocate_budget, most_common_spec
+    from .model import find_linears
+
+    opts = dict(options)
+    bits_budget = opts.pop("bits_budget", None)
+    candidates = opts.pop("candidates", None)
+    objective = opts.pop("budget_objective", None)
+    if bits_budget is None:
+        raise ValueError("--candidates / --budget-objective need --bits-budget")
+    n, s = BUDGET_SCORING_CALIBRATION
+    scoring = replace(calib, nsamples=min(calib.nsamples or n, n), seqlen=min(calib.seqlen or s, s))
+    linears = find_linears(model, spec.skip)
+    kw = {"objective": objective} if objective else {}
+    layer_specs, extra, _ = allocate_budget(model, tokenizer, spec, scoring, bits_budget, candidates,
+                                            progress=opts.get("progress", True), linears=linears, **kw)
+    base = most_common_spec(layer_specs, linears)
+    qc = m(model, tokenizer, base, calib, layer_specs=layer_specs, **opts)
+    def label(q: QuantSpec) -> str:
+        return f"{q.fmt}/{q.mode}/g{q.group_size}"
+
+    wrong = [f"{k} ({label(qc.spec_for(k)) if k in qc.quantized_modules else 'not quantized'}, "
+             f"chosen {label(v)})" for k, v in layer_specs.items()
+             if k not in qc.quantized_modules or
+             (qc.spec_for(k).fmt, qc.spec_for(k).group_size, qc.spec_for(k).mode) != (v.fmt, v.group_size, v.mode)]
+    if wrong:
+        raise RuntimeError(f"{m.engine} did not apply the bits budget's per-module settings: "
+                           + "; ".join(wrong[:3]) + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+    extra["allocation"]["scoring_calibration"] = scoring.describe()
+    qc.extra.update(extra)
+    return qc
 
 
 def _alternatives(m: Method, model) -> str:

@@ -40,7 +40,7 @@ from .core.sensitivity import fisher_weights
 from .core.spec import QuantSpec
 from .model import find_linears, quantize_model_rtn
 
-__all__ = ["run", "RTN_OUTPUT_CALIBRATION", "output_searches", "budgeted_specs", "layer_errors",
+__all__ = ["run", "allocate_budget", "most_common_spec", "RTN_OUTPUT_CALIBRATION", "output_searches", "budgeted_specs", "layer_errors",
            "calibration_samples", "BUDGET_OBJECTIVES", "DEFAULT_BUDGET_OBJECTIVE"]
 
 #: RTN's calibration for the output search when none is given (nsamples x seqlen tokens).
@@ -79,21 +79,13 @@ def run(model, tokenizer, spec: QuantSpec, calib, progress: bool = True, fake: b
     if budget_objective not in BUDGET_OBJECTIVES:
         raise ValueError(f"budget objective {budget_objective!r}: expected one of {', '.join(BUDGET_OBJECTIVES)}")
     linears = find_linears(model, spec.skip)
-    energies = sens = None
-    fisher = bits_budget is not None and budget_objective == "fisher"
-    if fisher:  # one forward + backward pass gives the sensitivities and the input energies
-        if tokenizer is None:
-            raise ValueError("a bits budget needs calibration activations: pass the tokenizer")
-        energies = {}
-        sens = fisher_weights(model, linears, _resolved(calib).samples(tokenizer),
-                              row_stride=score_row_stride(spec), energies=energies)
-    elif is_output_search(spec.scale_search) or bits_budget is not None:
-        energies = calibration_energies(model, tokenizer, linears, calib, progress)
-    layer_specs, extra = None, {}
+    energies, layer_specs, extra = None, None, {}
     if bits_budget is not None:
-        layer_specs, extra = budgeted_specs(linears, energies, spec, bits_budget, candidates, progress,
-                                            objective=budget_objective, sensitivities=sens)
-        spec = _most_common(layer_specs, linears)
+        layer_specs, extra, energies = allocate_budget(model, tokenizer, spec, calib, bits_budget, candidates,
+                                                       budget_objective, progress, linears=linears)
+        spec = most_common_spec(layer_specs, linears)
+    elif is_output_search(spec.scale_search):
+        energies = calibration_energies(model, tokenizer, linears, calib, progress)
     specs = {n: (layer_specs or {}).get(n, spec) for n in linears}
     layer_searches = None
     if is_output_search(spec.scale_search):
@@ -110,6 +102,32 @@ def run(model, tokenizer, spec: QuantSpec, calib, progress: bool = True, fake: b
                                            search=(layer_searches or {}).get(name, s.scale_search)))
     return AFPQConfigDict.from_spec(spec, "rtn", quantized_modules=list(linears), layer_specs=layer_specs,
                                     extra={**extra, "fake": True})
+
+
+def allocate_budget(model, tokenizer, spec: QuantSpec, calib, bits_budget: float,
+                    candidates: Optional[Sequence[B.Candidate]] = None,
+                    objective: str = DEFAULT_BUDGET_OBJECTIVE, progress: bool = True, linears=None):
+    """The per-layer choice under ``bits_budget`` for a run with ``spec`` (its scale search scores
+    the candidates): ``({layer: spec}, extra config keys, {layer: input energies})``.
+
+    Shared by RTN and the calibrated methods (:func:`afpq_plugins.methods.quantize` hands the
+    choice to the engine as ``layer_specs``); the calibration windows are ``calib``'s
+    (default size :data:`RTN_OUTPUT_CALIBRATION`)."""
+    if objective not in BUDGET_OBJECTIVES:
+        raise ValueError(f"budget objective {objective!r}: expected one of {', '.join(BUDGET_OBJECTIVES)}")
+    if tokenizer is None:
+        raise ValueError("a bits budget needs calibration activations: pass the tokenizer")
+    linears = find_linears(model, spec.skip) if linears is None else linears
+    sens = None
+    if objective == "fisher":  # one forward + backward pass gives the sensitivities and the input energies
+        energies = {}
+        sens = fisher_weights(model, linears, _resolved(calib).samples(tokenizer),
+                              row_stride=score_row_stride(spec), energies=energies)
+    else:
+        energies = calibration_energies(model, tokenizer, linears, calib, progress)
+    layer_specs, extra = budgeted_specs(linears, energies, spec, bits_budget, candidates, progress,
+                                        objective=objective, sensitivities=sens)
+    return layer_specs, extra, energies
 
 
 def calibration_samples(tokenizer, calib) -> list:
@@ -219,7 +237,7 @@ def budgeted_specs(linears, energies, spec: QuantSpec, bits_budget: float,
     return chosen, extra
 
 
-def _most_common(layer_specs: Dict[str, QuantSpec], linears) -> QuantSpec:
+def most_common_spec(layer_specs: Dict[str, QuantSpec], linears) -> QuantSpec:
     """The spec covering the most weights (the checkpoint's top-level keys; the rest go to ``modules``)."""
     weight: Dict[QuantSpec, int] = {}
     for n, s in layer_specs.items():

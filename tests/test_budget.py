@@ -165,22 +165,21 @@ def test_budgeted_rtn_fuses_and_loads_through_every_loader(tmp_path):
         torch.testing.assert_close(theirs(ids).logits.float(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_cli_budget_is_rtn_only_and_named(tmp_path, capsys):
+def test_cli_budget_needs_an_engine_with_per_module_settings(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
     from _tiny import tiny_llama_folder
 
+    import afpq_plugins.methods as M
     from afpq_plugins import cli
-    from afpq_plugins.methods import MethodUnavailable, get_method
 
     folder = tiny_llama_folder(str(tmp_path / "m"))
-    try:
-        get_method("gptq")
-    except MethodUnavailable:
-        pytest.skip("no GPTQ engine in this venv")
-    rc = cli.main(["quantize", folder, str(tmp_path / "o"), "--method", "gptq", "--bits-budget", "4",
-                   "--nsamples", "2", "--calib-seqlen", "32", "--quiet"])
+    monkeypatch.setattr(M, "_METHODS", dict(M._METHODS))
+    M.register_method(M.Method("gptq", "plain", lambda *a, **k: None, default_calibration=(4, 48)))
+    rc = cli.main(["quantize", folder, str(tmp_path / "o"), "--method", "gptq", "--backend", "plain",
+                   "--bits-budget", "4", "--nsamples", "2", "--calib-seqlen", "32", "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--bits-budget is not supported by --backend" in err and "--method rtn" in err
+    assert rc == 2 and "--bits-budget is not supported by --backend plain" in err and "--method rtn" in err
+    assert not (tmp_path / "o").exists()
     assert cli.main(["quantize", folder, str(tmp_path / "o2"), "--candidates", "nf3/afpq/g32", "--quiet"]) == 2
     assert "--candidates needs --bits-budget" in capsys.readouterr().err
     assert cli.main(["quantize", folder, str(tmp_path / "o3"), "--bits-budget", "4", "--candidates", "nf3-afpq-32",
@@ -266,33 +265,83 @@ def test_row_sampled_scoring_with_the_output_search_against_float64():
         layer_errors(w, h, specs, "w", sensitivities=F, row_stride=4)
 
 
-def test_api_budget_with_an_engine_method_is_a_named_error():
-    """quantize(..., 'gptq' / 'awq', bits_budget=...) names the option, the engine and the way out
-    (checked before anything is calibrated)."""
-    pytest.importorskip("transformers")
-    from _tiny import tiny_llama, tiny_tokenizer
-
-    from afpq_plugins.methods import MethodUnavailable, get_method, quantize
-
-    tok = tiny_tokenizer()
-    model = tiny_llama(vocab_size=len(tok))
-    ran = 0
-    for method in ("gptq", "awq"):
-        try:
-            get_method(method)
-        except MethodUnavailable:
-            continue
-        with pytest.raises(ValueError, match=rf"method '{method}' \(\w+\) has no option 'bits_budget'.*"
-                                             r"runs with method 'rtn' only"):
-            quantize(model, tok, method, QuantSpec("nf4", 32), bits_budget=4.0)
-        ran += 1
-    if not ran:
-        pytest.skip("no GPTQ / AWQ engine in this venv")
-
-
 def test_score_row_stride_follows_the_scale_search():
     from afpq_plugins.rtn import SCORE_ROW_STRIDE, SCORE_ROW_STRIDE_OUTPUT, score_row_stride
 
     assert score_row_stride(QuantSpec("nf3", 64, "afpq", scale_search="output")) == SCORE_ROW_STRIDE_OUTPUT == 32
     assert score_row_stride(QuantSpec("nf3", 64, "afpq")) == SCORE_ROW_STRIDE == 8
     assert score_row_stride(QuantSpec("nf3", 64, "afpq", scale_search="mse")) == 8
+
+
+def _fake_engine(honour: bool):
+    """A registered 'gptq' engine that takes per-module settings: RTN of every Linear with
+    ``layer_specs``' settings (or, ``honour=False``, ignoring them)."""
+    from afpq_plugins.core.checkpoint import AFPQConfigDict
+    from afpq_plugins.model import find_linears, quantize_model_rtn
+
+    seen = {}
+
+    def run(model, tokenizer, spec, calib, progress=True, layer_specs=None):
+        seen.update(spec=spec, calib=calib, layer_specs=dict(layer_specs or {}))
+        quantize_model_rtn(model, progress=False, spec=spec, layer_specs=layer_specs if honour else None)
+        names = list(find_linears(model, ()))  # already AFPQLinear: the names only
+        return AFPQConfigDict.from_spec(spec, "gptq", quantized_modules=list(seen["layer_specs"]) or names,
+                                        layer_specs=layer_specs if honour else None)
+
+    return run, seen
+
+
+@pytest.mark.parametrize("honour", [True, False])
+def test_budget_through_an_engine_that_takes_per_module_settings(honour, monkeypatch):
+    """The registry chooses on the float model, hands the engine ``layer_specs`` and the most common
+    setting as ``spec``, checks the engine's config says what was chosen, and records the allocation."""
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama, tiny_tokenizer
+
+    import afpq_plugins.methods as M
+    from afpq_plugins.rtn import allocate_budget, most_common_spec
+
+    run, seen = _fake_engine(honour)
+    monkeypatch.setattr(M, "_METHODS", dict(M._METHODS))
+    M.register_method(M.Method("gptq", "fake", run, default_calibration=(4, 48), options=("layer_specs",)))
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), tie=False)
+    ref = tiny_llama(vocab_size=len(tok), tie=False)
+    ref.load_state_dict(model.state_dict())
+    cands = (B.Candidate("nf3", 32, "afpq"), B.Candidate("nf4", 64, "sym"), B.Candidate("nf4", 32, "afpq"))
+    # the same choice made by hand on the same float weights, with the scoring windows the registry uses
+    want, _, _ = allocate_budget(ref, tok, QuantSpec("nf4", 32).resolved("gptq"), M.Calibration(4, 48, seed=0),
+                                 4.2, cands, progress=False)
+    assert len(set(want.values())) > 1
+    if not honour:
+        with pytest.raises(RuntimeError, match=r"fake did not apply the bits budget's per-module settings: "
+                                               r"model\.layers\.\d\.\w+\.\w+_proj \("):
+            M.quantize(model, tok, "gptq", QuantSpec("nf4", 32), backend="fake", bits_budget=4.2,
+                       candidates=cands, progress=False)
+        return
+    qc = M.quantize(model, tok, "gptq", QuantSpec("nf4", 32), backend="fake", bits_budget=4.2, candidates=cands,
+                    progress=False)
+    assert seen["layer_specs"] == want
+    assert seen["spec"] == most_common_spec(want, {n: m for n, m in ref.named_modules() if n in want})
+    assert seen["calib"].nsamples == 4 and seen["calib"].seqlen == 48  # the engine gets its own windows
+    key = lambda q: (q.fmt, q.group_size, q.mode)  # noqa: E731
+    assert {n: key(qc.spec_for(n)) for n in want} == {n: key(s) for n, s in want.items()}
+    assert {n: key(m.spec) for n, m in model.named_modules() if isinstance(m, AFPQLinear)} == \
+        {n: key(s) for n, s in want.items()}
+    assert qc.extra["bits_budget"] == 4.2 and qc.extra["bits_per_weight"] <= 4.2
+    assert "4 x 48 tokens" in qc.extra["allocation"]["scoring_calibration"]
+
+
+def test_budget_with_an_engine_without_per_module_settings_is_named(monkeypatch):
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama, tiny_tokenizer
+
+    import afpq_plugins.methods as M
+
+    monkeypatch.setattr(M, "_METHODS", dict(M._METHODS))
+    M.register_method(M.Method("gptq", "plain", lambda *a, **k: None, default_calibration=(4, 48)))
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match=r"method 'gptq' \(plain\) has no option 'bits_budget'.*"
+                                         r"needs an engine that takes per-module settings \((none|for)"):
+        M.quantize(tiny_llama(vocab_size=len(tok)), tok, "gptq", QuantSpec("nf4", 32), backend="plain",
+                   bits_budget=4.0)
