@@ -16,6 +16,9 @@ half depth. Each measurement runs in a child process and reports its peak reside
 * ``in-memory``: the old path (``from_pretrained`` in float32, ``quantize_model_rtn``,
   ``save_quantized``), at half depth (at full depth it needs about 1.3x the float32 size,
   more than this machine has);
+* ``copy`` (``--copy-baseline``): a child that reads every source tensor and writes it
+  unchanged in shards of the same size, right after the streaming run: the time of the I/O
+  alone (it writes the bf16 bytes, ~3.3x what the nf4 checkpoint holds);
 * ``baseline``: a child that only imports the same modules (the interpreter's own share of
   every peak).
 
@@ -60,6 +63,21 @@ t0 = time.perf_counter()
 if mode == "stream":
     r = quantize_rtn_streaming(args["src"], args["out"], QuantSpec("nf4", 128), max_shard_size=args["shard"])
     out.update(source_bytes=r.source_bytes, layers=len(r.qc.quantized_modules))
+elif mode == "copy":  # the I/O floor: read every source tensor, write it unchanged in shards of the same size
+    from afpq_plugins.core.checkpoint import ShardWriter
+    from afpq_plugins.core.safetensors_io import open_regular, read_header, read_tensor
+    os.makedirs(args["out"], exist_ok=True)
+    w, n = ShardWriter(args["out"], args["shard"], {"format": "pt"}), 0
+    for f in sorted(x for x in os.listdir(args["src"]) if x.endswith(".safetensors")):
+        path = os.path.join(args["src"], f)
+        infos, _, start = read_header(path)
+        with open_regular(path) as fh:
+            for k, info in infos.items():
+                t = read_tensor(fh, info, start, k)
+                n += t.numel() * t.element_size()
+                w.add(k, t)
+    w.finish()
+    out.update(source_bytes=n)
 elif mode == "load":
     m = load_quantized(args["src"])
     out.update(params=sum(t.numel() for t in m.state_dict().values()))
@@ -252,6 +270,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "out", "scale.json"))
     p.add_argument("--skip-inmemory", action="store_true")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--copy-baseline", action="store_true",
+                   help="also time a child that reads every source tensor and writes it unchanged in shards "
+                        "(the I/O floor; it writes the bf16 bytes, more than the quantized checkpoint)")
     p.add_argument("--output-search", action="store_true",
                    help="measure the output scale search: layer by layer vs in memory (module docstring)")
     p.add_argument("--nsamples", type=int, default=8)
@@ -284,6 +305,13 @@ def main(argv=None) -> int:
             res["runs"][f"stream_{tag}"] = r
             print(f"[{tag}] stream: peak {r['peak_bytes'] / 1e9:.2f} GB = {r['ratio_bf16']:.3f}x bf16, "
                   f"{r['seconds']:.0f}s, {r['mb_per_s']:.1f} MB/s of source", flush=True)
+            if a.copy_baseline:  # the same bytes read and written without quantizing, right after
+                cr = child("copy", src=src, out=os.path.join(a.work, f"copy_{tag}"), shard=a.max_shard_size)
+                cr.update(mb_per_s=cr["source_bytes"] / 1e6 / cr["seconds"], stream_over_copy=r["seconds"] / cr["seconds"])
+                res["runs"][f"copy_{tag}"] = cr
+                shutil.rmtree(os.path.join(a.work, f"copy_{tag}"), ignore_errors=True)
+                print(f"[{tag}] copy (read + write unchanged): {cr['seconds']:.0f}s, {cr['mb_per_s']:.1f} MB/s; "
+                      f"streaming RTN / copy = {cr['stream_over_copy']:.2f}x", flush=True)
             if tag == "full":
                 lr = child("load", src=out)
                 lr.update(ckpt_bytes=r["ckpt_bytes"], ratio_ckpt=lr["peak_bytes"] / r["ckpt_bytes"])

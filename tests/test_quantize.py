@@ -786,3 +786,25 @@ def test_column_quantizer_is_core_fake_quant(fmt, mode, search):
     one = ColumnQuantizer(w, fmt, mode, perchannel=False)  # one group for the whole tensor
     assert torch.equal(one.p1, one.p1[:1].expand_as(one.p1))
     assert torch.equal(one(w[:, :1]), decode(encode(w[:, :1], fmt, mode, one.p1, one.p2), fmt, mode, one.p1, one.p2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_check_finite_finds_every_bad_value_and_no_false_alarm(dtype):
+    """The fast path (a float32 sum) never hides a NaN or Inf, and finite values whose sum
+    overflows float32 are not reported (the element-wise check decides)."""
+    from afpq_plugins.core.quantize import check_finite
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 129, generator=g).to(dtype)
+    check_finite(x, "w")
+    for pos in (0, 1000, x.numel() - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            y = x.clone()
+            y.view(-1)[pos] = bad
+            with pytest.raises(ValueError, match=r"^w: 1 non-finite value\(s\)"):
+                check_finite(y, "w")
+    big = torch.full((4, 8), torch.finfo(dtype).max, dtype=dtype)  # finite; its float32 sum is inf
+    check_finite(big, "w")
+    big[1, 2] = -big[1, 2]
+    check_finite(big, "w")
+    check_finite(torch.empty(0, 3, dtype=dtype), "w")

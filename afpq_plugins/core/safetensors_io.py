@@ -212,12 +212,25 @@ def read_header(src, name: Optional[str] = None) -> Tuple[Dict[str, dict], Dict[
     return header, metadata, start
 
 
+def read_into(fd: int, buf: bytearray, offset: int) -> int:
+    """Fill ``buf`` from ``fd`` at ``offset`` (``preadv`` straight into it: no intermediate copy,
+    so the peak is the tensor once); returns the bytes read (fewer only at the end of the file).
+    One read returns at most about 2 GiB on Linux, so a large tensor takes several."""
+    view, done = memoryview(buf), 0
+    while done < len(buf):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 def read_tensor(fh: BinaryIO, info: dict, start: int, name: Optional[str] = None) -> torch.Tensor:
     """One tensor of an open file whose header :func:`read_header` validated."""
     begin, end = info["data_offsets"]
     dtype = _DTYPES[info["dtype"]]
-    buf = bytearray(os.pread(fh.fileno(), end - begin, start + begin)) if end > begin else bytearray()
-    if len(buf) != end - begin:
+    buf = bytearray(end - begin)
+    if read_into(fh.fileno(), buf, start + begin) != end - begin:
         raise SafetensorsError(f"{name or getattr(fh, 'name', '<file>')}: short read (the file changed while it was read)")
     if not buf:
         return torch.empty(info["shape"], dtype=dtype)
