@@ -158,6 +158,9 @@ def test_demo_table_layout():
     assert "| NF AFPQ (two scales) | 30.50 | - |" in lines
     assert "| FP sym (one scale) | - | 25.25 |" in lines
     assert "| NF AFPQ + scale search | - | 21.00 |" in lines
+    se = demo.format_demo_table(20.0, results, [64], {("int3", "zp", None, 64): 1.234}, 0.5).splitlines()
+    assert "| fp32 (Q4_1-derived) | 20.00 +- 0.50 | 20.00 +- 0.50 |" in se
+    assert "| INT (scale + zero) | 40.00 +- 1.23 | - |" in se and "| FP sym (one scale) | - | 25.25 |" in se
     plan = demo.demo_plan(quick=True)  # the demo is a preset of the accuracy study
     assert len(plan) == 14 and {c.group_size for c in plan} == {64}
     assert len(demo.demo_plan(quick=False)) == 28

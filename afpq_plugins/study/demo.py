@@ -36,20 +36,25 @@ def demo_plan(quick: bool, group_sizes: Optional[Sequence[int]] = None) -> List[
     return [Cell("rtn", r.family, r.mode, r.search, b, g) for g in gs for b in BITS for r in DEMO_ROWS]
 
 
-def format_demo_table(fp32_ppl: float, results: dict, group_sizes: Sequence[int]) -> str:
+def format_demo_table(fp32_ppl: float, results: dict, group_sizes: Sequence[int],
+                      errors: Optional[dict] = None, fp32_se: Optional[float] = None) -> str:
     """Markdown table: one row per format, one column per bits x group size.
 
-    ``results``: ``{(fmt, mode, search, group_size): ppl}``.
+    ``results``: ``{(fmt, mode, search, group_size): ppl}``; ``errors`` (same keys) and
+    ``fp32_se``: standard errors, printed as ``ppl +- se`` where given.
     """
+    def cell(v, se):
+        return "-" if v is None else (f"{v:.2f}" if se is None else f"{v:.2f} +- {se:.2f}")
+
     cols = [(b, g) for g in group_sizes for b in BITS]
     head = "| method | " + " | ".join(f"{b}-bit g{g}" for b, g in cols) + " |"
     lines = [head, "|---|" + "---|" * len(cols)]
-    lines.append("| fp32 (Q4_1-derived) | " + " | ".join(f"{fp32_ppl:.2f}" for _ in cols) + " |")
+    lines.append("| fp32 (Q4_1-derived) | " + " | ".join(cell(fp32_ppl, fp32_se) for _ in cols) + " |")
     for r in DEMO_ROWS:
         cells = []
         for b, g in cols:
-            v = results.get((f"{r.family}{b}", r.mode, r.search, g))
-            cells.append("-" if v is None else f"{v:.2f}")
+            key = (f"{r.family}{b}", r.mode, r.search, g)
+            cells.append(cell(results.get(key), (errors or {}).get(key)))
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -68,14 +73,16 @@ def run_demo(inputs, quick: bool, seqlen: int, windows: Optional[int], group_siz
     fp32 = sec["fp32"]
     cells = [sec["cells"][c.key] for c in plan]
     results = {(c.fmt, c.mode, c.search, c.group_size): r["ppl"] for c, r in zip(plan, cells)}
-    table = format_demo_table(fp32["ppl"], results, groups)
+    errors = {(c.fmt, c.mode, c.search, c.group_size): r.get("ppl_se") for c, r in zip(plan, cells)}
+    table = format_demo_table(fp32["ppl"], results, groups, errors, fp32.get("ppl_se"))
     log("")
     log(table)
     log(f"\nTotal {time.perf_counter() - t_start:.0f}s. fp32 = SmolLM2-135M-Instruct dequantized from Q4_1; "
-        "lower perplexity is better.")
+        "lower perplexity is better; +- is the standard error over windows (two cells closer than their "
+        "combined error are a tie).")
     if json_out:
-        rows = [{k: r[k] for k in ("format", "mode", "scale_search", "bits", "group_size", "ppl", "quantize_s",
-                                   "eval_s")} for r in cells]
+        rows = [{k: r.get(k) for k in ("format", "mode", "scale_search", "bits", "group_size", "ppl", "ppl_se",
+                                       "window_nll", "quantize_s", "eval_s")} for r in cells]
         tmp_out = json_out + ".tmp"
         with open(tmp_out, "w", encoding="utf-8") as fh:
             json.dump({"fp32": fp32, "seqlen": seqlen, "windows": windows, "rows": rows, "table_markdown": table},
