@@ -99,10 +99,13 @@ def test_engine_quantize_save_reload(folders, tok, tmp_path, engine_weights, arc
 
 
 def _int_gptqmodel(path, tok):
-    """GPTQModel's stock INT4 GPTQ of the float model: the packed tensors it produces."""
+    """GPTQModel's stock INT4 GPTQ of the float model: the packed tensors it produces (its disk
+    offload off: with it on, finished modules stay on the meta device until GPTQModel's own save,
+    so the state dict would hold no data: seen when this is the process's first GPTQModel run)."""
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    m = GPTQModel.load(path, QuantizeConfig(bits=4, group_size=32), device="cpu", dtype=torch.float32)
+    m = GPTQModel.load(path, QuantizeConfig(bits=4, group_size=32, offload_to_disk=False), device="cpu",
+                       dtype=torch.float32)
     m.quantize([TEXT[i * 150:(i + 1) * 150] for i in range(6)], tokenizer=tok, batch_size=1)
     return {k: v.clone() for k, v in m.model.state_dict().items() if k.endswith(("qweight", "scales", "qzeros"))}
 
