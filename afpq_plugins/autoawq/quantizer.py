@@ -93,6 +93,7 @@ class AFPQAwqQuantizer(AwqQuantizer):
     """
 
     search = None  # the scale search (None: min/max); set by __init__
+    layer_specs: Mapping[str, QuantSpec] = {}  # per-module settings; set by __init__
 
     def __init__(
         self, awq_model, model, tokenizer, w_bit, group_size, zero_point, version, calib_data,
@@ -200,7 +201,10 @@ class AFPQAwqQuantizer(AwqQuantizer):
     @contextlib.contextmanager
     def _settings_of(self, names: Sequence[str]):
         """The grid, mode and group size of the modules ``names`` (which must share one setting)
-        for the duration of the block."""
+        for the duration of the block (without per-module settings: the run's, as they are)."""
+        if not self.layer_specs:
+            yield
+            return
         settings = {n: self._setting(n) for n in names}
         if len(set(settings.values())) > 1:
             label = ", ".join(f"{n} {f.name}/{m}/g{g}" for n, (f, m, g) in settings.items())

@@ -136,6 +136,22 @@ def test_budget_holds_and_checkpoint_round_trips(runs, tok, method, tmp_path):
     assert torch.equal(got_hf, want)
 
 
+def test_autogptq_from_quantized_keeps_the_per_module_settings(runs, tok, tmp_path):
+    """AutoGPTQ's own entry point on a budgeted checkpoint: ``from_quantized`` gives a config whose
+    ``layer_specs`` are the checkpoint's ``modules`` (and whose checkpoint config says so again)."""
+    from auto_gptq import AutoGPTQForCausalLM
+
+    model, qc, _ = runs["gptq"]
+    path = save_quantized(model, str(tmp_path / "ckpt"), qc, tokenizer=tok)
+    wrapper = AutoGPTQForCausalLM.from_quantized(path, device="cpu")
+    cfg = wrapper.quantize_config
+    assert {n: _key(s) for n, s in cfg.layer_specs.items()} == {n: _key(qc.spec_for(n)) for n in qc.modules}
+    assert cfg.to_afpq(qc.quantized_modules).modules == qc.modules
+    ids = _ids(len(tok))
+    with torch.no_grad():
+        assert torch.equal(wrapper.model(ids).logits, model(ids).logits)
+
+
 def _state(model, prefix):
     return {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
 
@@ -223,3 +239,36 @@ def test_cli_budget_with_autogptq_writes_the_apis_checkpoint(runs, tok, tmp_path
     ids = _ids(len(tok))
     with torch.no_grad():
         assert torch.equal(load_quantized(str(out))(ids).logits, model(ids).logits)
+
+
+# -- errors name the module ------------------------------------------------------------------
+def test_gptq_layer_specs_for_a_module_autogptq_does_not_quantize_is_named_before_any_work(tok):
+    from afpq_plugins.autogptq import gptq_quantize
+
+    model = _float(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    samples = [torch.arange(32) % len(tok)]
+    for specs, msg in (({"lm_head": QuantSpec("nf3", 32)}, r"'lm_head', which AutoGPTQ 0\.7\.1 does not quantize"),
+                       ({L0 + "mlp.down_proj": QuantSpec("nf3", 96)},
+                        r"model\.layers\.0\.mlp\.down_proj: group_size 96 must be -1 or a positive divisor of in_features 128")):
+        with pytest.raises(ValueError, match=msg):
+            gptq_quantize(model, tok, "nf4", 32, samples=samples, layer_specs=specs)
+    assert not _layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_awq_linears_sharing_an_input_with_different_settings_are_named(tok):
+    from afpq_plugins.autoawq import awq_quantize
+
+    specs = {L0 + "self_attn.q_proj": QuantSpec("nf4", 32, "sym", layout="gptq"),
+             L0 + "self_attn.k_proj": QuantSpec("nf3", 64, "sym", layout="gptq")}
+    with pytest.raises(ValueError, match=r"one smoothing scale .* differ: model\.layers\.0\.self_attn\.q_proj "
+                                         r"nf4/sym/g32, model\.layers\.0\.self_attn\.k_proj nf3/sym/g64"):
+        awq_quantize(_float(tok), tok, "nf4", 32, layout="gptq", calib_data=[list(range(32))], n_samples=1,
+                     seqlen=32, progress=False, layer_specs=specs)
+
+
+def test_awq_budget_with_3_bit_candidates_needs_the_gptq_layout(tok):
+    backend, _, _ = ENGINES["awq"]
+    with pytest.raises(ValueError, match=r"layout 'awq' \(AutoAWQ GEMM\) is 4-bit only; use layout 'gptq' for 3 bits"):
+        quantize(_float(tok), tok, "awq", QuantSpec("nf4", 32), CALIB, backend=backend, progress=False,
+                 bits_budget=BUDGET, candidates=CANDIDATES)
