@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import defaultdict
 from dataclasses import replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -162,7 +163,8 @@ class AFPQAwqQuantizer(AwqQuantizer):
 
     def _check_layer_specs(self) -> None:
         """Before any search: every ``layer_specs`` name is a Linear AutoAWQ quantizes here, and
-        takes its settings (group size); errors name the module."""
+        takes its settings (group size), and the Linears AWQ scales together share one setting;
+        errors name the modules."""
         if not self.layer_specs:
             return
         linears = {}
@@ -170,6 +172,12 @@ class AFPQAwqQuantizer(AwqQuantizer):
             prefix = get_op_name(self.model, block)
             named = exclude_layers_to_not_quantize(get_named_linears(block), self.modules_to_not_convert)
             linears.update({f"{prefix}.{n}": lin for n, lin in named.items()})
+            try:  # AutoAWQ's description of the block's scaling groups (their inputs are not needed here)
+                groups = self.awq_model.get_layers_for_scaling(block, defaultdict(lambda: None), {})
+            except Exception:  # a description that needs the real inputs: checked when the group is searched
+                groups = []
+            for g in groups:
+                self._common_setting([get_op_name(self.model, lin) for lin in g["layers"]])
         for name, ls in self.layer_specs.items():
             if name not in linears:
                 raise ValueError(f"layer_specs names {name!r}, which AutoAWQ 0.2.9 does not quantize in this model "
@@ -198,6 +206,15 @@ class AFPQAwqQuantizer(AwqQuantizer):
         ls = self.layer_specs.get(name)
         return self._top if ls is None else (ls.format, ls.mode, ls.group_size)
 
+    def _common_setting(self, names: Sequence[str]) -> Tuple:
+        """The one setting of the modules ``names`` (AWQ scales them together); else a ``ValueError`` naming them."""
+        settings = {n: self._setting(n) for n in names}
+        if len(set(settings.values())) > 1:
+            label = ", ".join(f"{n} {f.name}/{m}/g{g}" for n, (f, m, g) in settings.items())
+            raise ValueError(f"AWQ searches one smoothing scale for Linears that share an input, so they need one "
+                             f"setting; per-module settings differ: {label}")
+        return next(iter(settings.values()))
+
     @contextlib.contextmanager
     def _settings_of(self, names: Sequence[str]):
         """The grid, mode and group size of the modules ``names`` (which must share one setting)
@@ -205,12 +222,7 @@ class AFPQAwqQuantizer(AwqQuantizer):
         if not self.layer_specs:
             yield
             return
-        settings = {n: self._setting(n) for n in names}
-        if len(set(settings.values())) > 1:
-            label = ", ".join(f"{n} {f.name}/{m}/g{g}" for n, (f, m, g) in settings.items())
-            raise ValueError(f"AWQ searches one smoothing scale for Linears that share an input, so they need one "
-                             f"setting; per-module settings differ: {label}")
-        with self._using(*next(iter(settings.values()))):
+        with self._using(*self._common_setting(names)):
             yield
 
     @contextlib.contextmanager

@@ -79,10 +79,6 @@ class AFPQQuantizeConfig(BaseQuantizeConfig):
             out[name] = replace(base, fmt=ls.fmt, group_size=ls.group_size, mode=ls.mode)
         return out
 
-    def spec_for(self, name: str) -> QuantSpec:
-        """The settings of module ``name``: its ``layer_specs`` entry, else :attr:`spec`."""
-        return (self.layer_specs or {}).get(name) or self.spec
-
     @property
     def format(self):
         return get_format(self.fmt)

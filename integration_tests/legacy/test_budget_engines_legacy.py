@@ -44,9 +44,10 @@ BUDGET = 4.0
 CALIB = Calibration(4, 64)
 # GPTQ: act-order (a g_idx per layer and group size), every Linear of a decoder layer on float inputs
 GPTQ_OPTS = {"desc_act": True, "true_sequential": False}
+# the output scale search: its energies are bound per layer at that layer's own group size
 ENGINES = {  # method -> (backend, top-level spec, engine options)
-    "gptq": ("autogptq", QuantSpec("nf4", 32), GPTQ_OPTS),
-    "awq": ("autoawq", QuantSpec("nf4", 32, layout="gptq"), {}),  # 3- and 4-bit layers: the gptq layout
+    "gptq": ("autogptq", QuantSpec("nf4", 32, scale_search="output"), GPTQ_OPTS),
+    "awq": ("autoawq", QuantSpec("nf4", 32, layout="gptq", scale_search="output"), {}),  # 3 and 4 bits: gptq layout
 }
 L0 = "model.layers.0."
 
@@ -226,7 +227,8 @@ def test_cli_budget_with_autogptq_writes_the_apis_checkpoint(runs, tok, tmp_path
     r = afpq(["quantize", folder, str(out), "--method", "gptq", "--backend", "autogptq", "--format", "nf4",
               "--group-size", "32", "--bits-budget", str(BUDGET), "--candidates",
               *[f"{c.fmt}/{c.mode}/g{c.group_size}" for c in CANDIDATES], "--nsamples", str(CALIB.nsamples),
-              "--calib-seqlen", str(CALIB.seqlen), "--desc-act", "--no-true-sequential", "--quiet"],
+              "--calib-seqlen", str(CALIB.seqlen), "--scale-search", "output", "--desc-act", "--no-true-sequential",
+              "--quiet"],
              cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -259,12 +261,17 @@ def test_gptq_layer_specs_for_a_module_autogptq_does_not_quantize_is_named_befor
 def test_awq_linears_sharing_an_input_with_different_settings_are_named(tok):
     from afpq_plugins.autoawq import awq_quantize
 
-    specs = {L0 + "self_attn.q_proj": QuantSpec("nf4", 32, "sym", layout="gptq"),
-             L0 + "self_attn.k_proj": QuantSpec("nf3", 64, "sym", layout="gptq")}
-    with pytest.raises(ValueError, match=r"one smoothing scale .* differ: model\.layers\.0\.self_attn\.q_proj "
-                                         r"nf4/sym/g32, model\.layers\.0\.self_attn\.k_proj nf3/sym/g64"):
-        awq_quantize(_float(tok), tok, "nf4", 32, layout="gptq", calib_data=[list(range(32))], n_samples=1,
+    L1 = "model.layers.1."  # the last decoder layer: found before layer 0 is touched
+    specs = {L1 + "self_attn.q_proj": QuantSpec("nf4", 32, "sym", layout="gptq"),
+             L1 + "self_attn.k_proj": QuantSpec("nf3", 64, "sym", layout="gptq")}
+    model = _float(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"one smoothing scale .* differ: model\.layers\.1\.self_attn\.q_proj "
+                                         r"nf4/sym/g32, model\.layers\.1\.self_attn\.k_proj nf3/sym/g64"):
+        awq_quantize(model, tok, "nf4", 32, layout="gptq", calib_data=[list(range(32))], n_samples=1,
                      seqlen=32, progress=False, layer_specs=specs)
+    # found before any search: nothing was scaled or quantized
+    assert not _layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_awq_budget_with_3_bit_candidates_needs_the_gptq_layout(tok):
