@@ -297,11 +297,12 @@ _GPTQ_OPTIONS = ("desc_act", "static_groups", "true_sequential", "damp_percent")
 register_method(Method("rtn", "core", "afpq_plugins.rtn:run", options=("fake", "bits_budget", "candidates", "budget_objective"),
                        description="round to nearest (core maths, any venv)"))
 register_method(Method("gptq", "autogptq", "afpq_plugins.autogptq.api:run", requires=("auto_gptq",),
-                       install_hint=_LEGACY, default_calibration=(128, 2048), options=_GPTQ_OPTIONS,
-                       description="GPTQ through AutoGPTQ 0.7.1",
+                       install_hint=_LEGACY, default_calibration=(128, 2048),
+                       options=_GPTQ_OPTIONS + ("layer_specs",), description="GPTQ through AutoGPTQ 0.7.1",
                        supports_model="afpq_plugins.autogptq.api:supports_model"))
 register_method(Method("awq", "autoawq", "afpq_plugins.autoawq.io:run", requires=("awq",), install_hint=_LEGACY,
-                       default_calibration=(128, 512), options=("clip",), description="AWQ through AutoAWQ 0.2.9",
+                       default_calibration=(128, 512), options=("clip", "layer_specs"),
+                       description="AWQ through AutoAWQ 0.2.9",
                        supports_model="afpq_plugins.autoawq.io:supports_model"))
 register_method(Method("gptq", "gptqmodel", "afpq_plugins.gptqmodel.api:run_gptq", requires=("gptqmodel",),
                        install_hint=_MODERN, default_calibration=(128, 2048), options=_GPTQ_OPTIONS,

@@ -141,14 +141,17 @@ def quantize_awq(model_path: str, out_dir: Optional[str] = None, dtype: torch.dt
     return awq_model, tok, seconds
 
 
-def run(model, tokenizer, spec, calib, progress: bool = True, clip: str = "symmetric") -> AFPQConfigDict:
+def run(model, tokenizer, spec, calib, progress: bool = True, clip: str = "symmetric",
+        layer_specs=None) -> AFPQConfigDict:
     """The registry's ``awq`` method with ``--backend autoawq``: :func:`awq_quantize` with
     ``spec``'s settings (a :class:`~afpq_plugins.core.spec.QuantSpec`; layout ``None``: ``awq``
-    at 4 bits) on ``calib``'s windows."""
+    at 4 bits) on ``calib``'s windows; ``layer_specs`` (a bits budget's choice): those modules on
+    their own settings (:class:`~afpq_plugins.autoawq.quantizer.AFPQAwqQuantizer`)."""
+    kw = {"layer_specs": layer_specs} if layer_specs else {}
     return awq_quantize(model, tokenizer, spec.fmt, spec.group_size, spec.mode, clip=clip,
                         layout=spec.layout_for("awq"), skip=list(spec.skip), scale_dtype=spec.torch_scale_dtype,
                         calib_data=[s.tolist() for s in calib.samples(tokenizer)], n_samples=calib.nsamples,
-                        seqlen=calib.seqlen, progress=progress, scale_search=spec.scale_search)
+                        seqlen=calib.seqlen, progress=progress, scale_search=spec.scale_search, **kw)
 
 
 def supports_model(model) -> Optional[str]:

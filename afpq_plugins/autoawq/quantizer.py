@@ -27,13 +27,20 @@ What changes against upstream, and nothing else:
 * ``q_group_size=-1`` (whole rows) works: AutoAWQ 0.2.9's ``_search_best_scale``
   does ``weight.view(-1, self.group_size)``, which fails for -1, so the scale search
   runs with ``group_size = in_features`` (the same grouping).
+* ``layer_specs`` (per-module settings, a bits budget's choice): AutoAWQ searches one
+  smoothing scale per group of Linears sharing an input (q/k/v, gate/up; o_proj and
+  down_proj alone); the group's search, each Linear's clip search and its quantization
+  run on that module's format, group size and mode (a group must share one setting, as a
+  budget's fused units do; a group that does not is an error naming its modules).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Dict, List, Optional
+from collections import defaultdict
+from dataclasses import replace
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -41,7 +48,7 @@ from torch import nn
 with warnings.catch_warnings():  # AutoAWQ 0.2.9 warns at import that it is deprecated
     warnings.simplefilter("ignore")
     from awq.quantize.quantizer import AwqQuantizer
-    from awq.utils.module import get_op_name, set_op_by_name
+    from awq.utils.module import exclude_layers_to_not_quantize, get_named_linears, get_op_name, set_op_by_name
 
 from .._patching import patched
 from ..core.checkpoint import AFPQConfigDict
@@ -78,18 +85,22 @@ class AFPQAwqQuantizer(AwqQuantizer):
                      :class:`~afpq_plugins.core.quantize.ScaleSearch`: every group's
                      scales are searched (per side for two scales) inside AWQ's own scale
                      and clip searches and in the final quantization
+    ``layer_specs``  ``{module name as in model.named_modules(): QuantSpec}``: those
+                     Linears on their own format, group size and mode (layout, scale
+                     dtype and scale search are this run's); see the module docstring
 
     ``calib_data`` may also be ``"austen"`` (embedded text) or token-id tensors
     (:func:`~afpq_plugins.autoawq.calib.calibration_token_lists`).
     """
 
     search = None  # the scale search (None: min/max); set by __init__
+    layer_specs: Mapping[str, QuantSpec] = {}  # per-module settings; set by __init__
 
     def __init__(
         self, awq_model, model, tokenizer, w_bit, group_size, zero_point, version, calib_data,
         split, text_column, duo_scaling, *args, fmt=None, mode: Optional[str] = None,
         clip: str = "symmetric", layout: Optional[str] = None, scale_dtype=torch.float16, scale_search=None,
-        **kwargs,
+        layer_specs: Optional[Mapping[str, QuantSpec]] = None, **kwargs,
     ) -> None:
         try:
             self.search = resolve_search(scale_search)
@@ -105,19 +116,25 @@ class AFPQAwqQuantizer(AwqQuantizer):
         if self.fmt.bits != w_bit:
             raise ValueError(f"fmt {self.fmt.name!r} has {self.fmt.bits} bits but quant_config w_bit is {w_bit}")
         self.mode = resolve_mode(self.fmt, mode)
-        if self.mode == "zp" and self.fmt.kind == "int" and not zero_point:
-            raise ValueError("INT grids use a zero-point here (mode 'zp'); set quant_config zero_point=True")
         if clip not in CLIP_MODES:
             raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {clip!r}")
         self.clip = clip
         self.layout = QuantSpec(self.fmt, mode=self.mode, layout=layout).layout_for("awq")
-        if self.layout == "awq" and self.fmt.bits != 4:
-            raise ValueError(f"layout 'awq' (AutoAWQ GEMM) is 4-bit only; use layout 'gptq' for {self.fmt.bits} bits")
+        self._check_grid(self.fmt, self.mode, zero_point)
         if str(version).lower() != "gemm":
             raise ValueError(f"AFPQ modules replace AutoAWQ's GEMM modules only; quant_config version must be 'gemm', got {version!r}")
         if isinstance(scale_dtype, str):
             scale_dtype = SCALE_DTYPES[scale_dtype]
         self.scale_dtype = scale_dtype
+        self.layer_specs: Dict[str, QuantSpec] = {}
+        for name, ls in (layer_specs or {}).items():
+            if not isinstance(ls, QuantSpec):
+                raise TypeError(f"layer_specs[{name!r}] must be a QuantSpec, got {type(ls).__name__}")
+            if (ls.scale_dtype, ls.search_dict()) != (str(scale_dtype).replace("torch.", ""), search_dict(scale_search)):
+                raise ValueError(f"{name}: per-module settings may change format, group size and mode only "
+                                 "(the scale dtype and the scale search are the run's)")
+            self._check_grid(ls.format, ls.mode, zero_point, name)
+            self.layer_specs[name] = ls
         self.quantized_modules: List[str] = []
         n = kwargs.get("max_calib_samples", 128)
         seqlen = kwargs.get("max_calib_seq_len", 512)
@@ -133,6 +150,40 @@ class AFPQAwqQuantizer(AwqQuantizer):
             awq_model, model, tokenizer, w_bit, group_size, zero_point, version, calib_data,
             split, text_column, duo_scaling, *args, **kwargs,
         )
+        self._top = (self.fmt, self.mode, self.group_size)  # the settings of every layer without its own
+        self._check_layer_specs()
+
+    def _check_grid(self, f, mode: str, zero_point: bool, name: Optional[str] = None) -> None:
+        who = f"{name}: " if name else ""
+        if mode == "zp" and f.kind == "int" and not zero_point:
+            raise ValueError(f"{who}INT grids use a zero-point here (mode 'zp'); set quant_config zero_point=True")
+        if self.layout == "awq" and f.bits != 4:
+            raise ValueError(f"{who}layout 'awq' (AutoAWQ GEMM) is 4-bit only; use layout 'gptq' for {f.bits} bits"
+                             + (f" ({f.name}; a bits budget mixing bit widths needs --layout gptq)" if name else ""))
+
+    def _check_layer_specs(self) -> None:
+        """Before any search: every ``layer_specs`` name is a Linear AutoAWQ quantizes here, and
+        takes its settings (group size), and the Linears AWQ scales together share one setting;
+        errors name the modules."""
+        if not self.layer_specs:
+            return
+        linears = {}
+        for block in self.modules:
+            prefix = get_op_name(self.model, block)
+            named = exclude_layers_to_not_quantize(get_named_linears(block), self.modules_to_not_convert)
+            linears.update({f"{prefix}.{n}": lin for n, lin in named.items()})
+            try:  # AutoAWQ's description of the block's scaling groups (their inputs are not needed here)
+                groups = self.awq_model.get_layers_for_scaling(block, defaultdict(lambda: None), {})
+            except Exception:  # a description that needs the real inputs: checked when the group is searched
+                groups = []
+            for g in groups:
+                self._common_setting([get_op_name(self.model, lin) for lin in g["layers"]])
+        for name, ls in self.layer_specs.items():
+            if name not in linears:
+                raise ValueError(f"layer_specs names {name!r}, which AutoAWQ 0.2.9 does not quantize in this model "
+                                 "(its decoder layers' Linears, less modules_to_not_convert)")
+            w = linears[name].weight
+            ls.layer(w.shape[1], w.shape[0], name, layout=self.layout)
 
     # -- the grid ----------------------------------------------------------------------
     @property
@@ -149,22 +200,48 @@ class AFPQAwqQuantizer(AwqQuantizer):
         return fake_quantize_rows(w, self.fmt, self.group_size, self.mode, self.scale_dtype, self.search,
                                   "AWQ weight")
 
-    # -- scale search: group -1 ---------------------------------------------------------
+    # -- per-module settings --------------------------------------------------------------
+    def _setting(self, name: str) -> Tuple:
+        """(format, mode, group size) of module ``name``."""
+        ls = self.layer_specs.get(name)
+        return self._top if ls is None else (ls.format, ls.mode, ls.group_size)
+
+    def _common_setting(self, names: Sequence[str]) -> Tuple:
+        """The one setting of the modules ``names`` (AWQ scales them together); else a ``ValueError`` naming them."""
+        settings = {n: self._setting(n) for n in names}
+        if len(set(settings.values())) > 1:
+            label = ", ".join(f"{n} {f.name}/{m}/g{g}" for n, (f, m, g) in settings.items())
+            raise ValueError(f"AWQ searches one smoothing scale for Linears that share an input, so they need one "
+                             f"setting; per-module settings differ: {label}")
+        return next(iter(settings.values()))
+
     @contextlib.contextmanager
-    def _group_size_as(self, gs: int):
-        old = self.group_size
-        self.group_size = gs
+    def _settings_of(self, names: Sequence[str]):
+        """The grid, mode and group size of the modules ``names`` (which must share one setting)
+        for the duration of the block (without per-module settings: the run's, as they are)."""
+        if not self.layer_specs:
+            yield
+            return
+        with self._using(*self._common_setting(names)):
+            yield
+
+    @contextlib.contextmanager
+    def _using(self, fmt, mode: str, group_size: int):
+        old = (self.fmt, self.mode, self.group_size)
+        self.fmt, self.mode, self.group_size = fmt, mode, group_size
         try:
             yield
         finally:
-            self.group_size = old
+            self.fmt, self.mode, self.group_size = old
 
+    # -- scale search: the group's setting; group -1 -----------------------------------------
     def _search_best_scale(self, module, prev_op, layers, inp, module2inspect=None, kwargs={}):
-        if self.group_size > 0:
-            return super()._search_best_scale(module, prev_op, layers, inp, module2inspect, kwargs)
-        # AutoAWQ 0.2.9 reshapes to [-1, group_size]; a whole-row group is in_features.
-        with self._group_size_as(layers[0].weight.shape[1]):
-            return super()._search_best_scale(module, prev_op, layers, inp, module2inspect, kwargs)
+        with self._settings_of([get_op_name(self.model, lin) for lin in layers]):
+            if self.group_size > 0:
+                return super()._search_best_scale(module, prev_op, layers, inp, module2inspect, kwargs)
+            # AutoAWQ 0.2.9 reshapes to [-1, group_size]; a whole-row group is in_features.
+            with self._using(self.fmt, self.mode, layers[0].weight.shape[1]):
+                return super()._search_best_scale(module, prev_op, layers, inp, module2inspect, kwargs)
 
     def _compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs={}):
         # AutoAWQ 0.2.9 on CPU corrupts the weights it means to restore (compat.snapshot_state_dict)
@@ -174,27 +251,32 @@ class AFPQAwqQuantizer(AwqQuantizer):
     # -- clip search ---------------------------------------------------------------------
     @torch.no_grad()
     def _search_best_clip(self, layer, named_linears, input_feat):
-        if self._output is not None:  # energies of the inputs the quantized weights will see
-            prefix = get_op_name(self.model, layer)
-            for name, lin in named_linears.items():
-                x = input_feat[name].reshape(-1, lin.weight.shape[1]).float()
-                h = grouped_energies((x * x).sum(0), self._row_group).to(lin.weight.device)
-                self._layer_search[f"{prefix}.{name}"] = BoundOutputSearch(self._output, h, name=f"{prefix}.{name}")
-        if self.clip == "autoawq":
-            return super()._search_best_clip(layer, named_linears, input_feat)
+        """Each Linear's clip search on its own setting (and, for the output search, its
+        energies grouped by its group size)."""
+        prefix = get_op_name(self.model, layer)
         clip_list = []
         for name, lin in named_linears.items():
-            if any(k in name for k in _AVOID_CLIPPING):  # as AutoAWQ: q/k feed a bmm
-                continue
-            if self.clip == "symmetric":
-                # same candidates, score and tie rule as AutoAWQ's _compute_best_clip;
-                # AutoAWQ's apply_clip clamps to [-max_val, max_val]
-                clip_list.append((name, self._symmetric_clip(lin.weight.data, input_feat[name])))
-                continue
-            # two-sided: applied here; apply_clip only knows [-max, max]
-            lo, hi = self._two_sided_clip(lin.weight.data, input_feat[name])
-            lin.weight.data = apply_two_sided_clip(lin.weight.data, lo, hi)
+            with self._settings_of([f"{prefix}.{name}"]):
+                clip_list += self._clip_one(layer, prefix, name, lin, input_feat)
         return clip_list
+
+    def _clip_one(self, layer, prefix: str, name: str, lin, input_feat) -> list:
+        if self._output is not None:  # energies of the inputs the quantized weights will see
+            x = input_feat[name].reshape(-1, lin.weight.shape[1]).float()
+            h = grouped_energies((x * x).sum(0), self._row_group).to(lin.weight.device)
+            self._layer_search[f"{prefix}.{name}"] = BoundOutputSearch(self._output, h, name=f"{prefix}.{name}")
+        if self.clip == "autoawq":
+            return super()._search_best_clip(layer, {name: lin}, input_feat)
+        if any(k in name for k in _AVOID_CLIPPING):  # as AutoAWQ: q/k feed a bmm
+            return []
+        if self.clip == "symmetric":
+            # same candidates, score and tie rule as AutoAWQ's _compute_best_clip;
+            # AutoAWQ's apply_clip clamps to [-max_val, max_val]
+            return [(name, self._symmetric_clip(lin.weight.data, input_feat[name]))]
+        # two-sided: applied here; apply_clip only knows [-max, max]
+        lo, hi = self._two_sided_clip(lin.weight.data, input_feat[name])
+        lin.weight.data = apply_two_sided_clip(lin.weight.data, lo, hi)
+        return []
 
     def _fq(self, t: torch.Tensor) -> torch.Tensor:
         return self.pseudo_quantize_tensor(t)[0]
@@ -225,10 +307,11 @@ class AFPQAwqQuantizer(AwqQuantizer):
                     raise ValueError(f"{full}: scale search 'output' takes its energies in AWQ's clip step "
                                      "(apply_clip=False skips it)")
                 search = self._layer_search[full]
-            qw = quantize_weight(
-                lin.weight.data, self.fmt, self._row_group, self.mode, self.scale_dtype, name=f"{full}.weight",
-                search=search,
-            )
+            with self._settings_of([full]):
+                qw = quantize_weight(
+                    lin.weight.data, self.fmt, self._row_group, self.mode, self.scale_dtype, name=f"{full}.weight",
+                    search=search,
+                )
             q = AFPQLinear.from_quantized(qw, lin.bias, layout=self.layout, name=full)
             built.append((name, full, q.to(lin.weight.device)))
         for name, full, q in built:
@@ -248,14 +331,17 @@ class AFPQAwqQuantizer(AwqQuantizer):
         self._attach_config()
 
     def afpq_config(self) -> AFPQConfigDict:
+        """The checkpoint config (``layer_specs`` that differ from the top level go to ``modules``)."""
         skip = sorted({"lm_head", *self.modules_to_not_convert})
-        return AFPQConfigDict(
-            format=self.fmt.name, bits=self.fmt.bits, group_size=self._row_group, mode=self.mode,
-            layout=self.layout, desc_act=False, scale_dtype=str(self.scale_dtype).replace("torch.", ""),
-            method="awq", modules_to_not_convert=skip, quantized_modules=list(self.quantized_modules),
+        f, mode, gs = self._top
+        spec = QuantSpec(f, gs if gs > 0 else -1, mode, self.scale_dtype, self.layout, tuple(skip),
+                         self._output or self.search)
+        return AFPQConfigDict.from_spec(
+            spec, "awq", quantized_modules=list(self.quantized_modules),
+            layer_specs={n: replace(spec, fmt=s.fmt, group_size=s.group_size, mode=s.mode)
+                         for n, s in self.layer_specs.items()},
             extra={"awq": {"clip": self.clip if self.apply_clip else "none", "duo_scaling": bool(self.duo_scaling),
-                           "version": "gemm", "upstream": "autoawq 0.2.9"},
-                   "scale_search": search_dict(self._output or self.search)},
+                           "version": "gemm", "upstream": "autoawq 0.2.9"}},
         )
 
     def _attach_config(self) -> None:

@@ -27,15 +27,17 @@ def quantize_model(model, cfg: AFPQQuantizeConfig, examples, batch_size: int = 1
 
     ``model`` is a transformers causal LM of an architecture AutoGPTQ 0.7.1 supports; its
     quantized layers become :class:`~afpq_plugins.autogptq.AFPQQuantLinear`. Returns the
-    checkpoint config for :func:`afpq_plugins.model.save_quantized`.
+    checkpoint config for :func:`afpq_plugins.model.save_quantized` (with ``cfg.layer_specs``:
+    each of those layers on its own settings, listed in the config's ``modules``).
     """
     if not isinstance(cfg, AFPQQuantizeConfig):
         raise TypeError("quantize_model needs an AFPQQuantizeConfig")
     from . import compat
-    from .hooks import afpq_hooks
+    from .hooks import afpq_hooks, check_layer_specs
 
     wrapper = wrap_model(model, cfg, quantized=False)
-    with afpq_hooks(cfg), compat.cpu_quantize():  # also when the adapter is unregistered
+    check_layer_specs(wrapper, cfg)
+    with afpq_hooks(cfg, model), compat.cpu_quantize():  # also when the adapter is unregistered
         wrapper.quantize(examples, batch_size=batch_size)
     return cfg.to_afpq(quantized_module_names(model), modules_to_not_convert=[wrapper.lm_head_name])
 
@@ -43,10 +45,11 @@ def quantize_model(model, cfg: AFPQQuantizeConfig, examples, batch_size: int = 1
 def gptq_quantize(
     model, tokenizer, fmt, group_size: int, mode=None, *, scale_dtype: str = "float16", desc_act: bool = False,
     static_groups: bool = False, true_sequential: bool = True, damp_percent: float = 0.01,
-    nsamples: int = 128, seqlen: int = 2048, seed: int = 0, scale_search=None, samples=None,
+    nsamples: int = 128, seqlen: int = 2048, seed: int = 0, scale_search=None, samples=None, layer_specs=None,
 ) -> AFPQConfigDict:
     """GPTQ-quantize ``model`` (in place) on ``samples`` (1-D token tensors), default the Austen
-    calibration novels (``nsamples`` x ``seqlen``, ``seed``); the CLI's ``--method gptq``."""
+    calibration novels (``nsamples`` x ``seqlen``, ``seed``); the CLI's ``--method gptq``.
+    ``layer_specs``: per-module settings (:class:`AFPQQuantizeConfig`)."""
     from ..core.formats import get_format
     from ..data import calibration_samples
 
@@ -54,7 +57,7 @@ def gptq_quantize(
     cfg = AFPQQuantizeConfig(
         bits=f.bits, group_size=group_size, fmt=f.name, mode=mode, scale_dtype=scale_dtype, desc_act=desc_act,
         static_groups=static_groups, true_sequential=true_sequential, damp_percent=damp_percent,
-        scale_search=scale_search,
+        scale_search=scale_search, layer_specs=layer_specs,
     )
     if samples is None:
         samples = calibration_samples(tokenizer, nsamples, seqlen, seed=seed)
@@ -63,14 +66,16 @@ def gptq_quantize(
 
 
 def run(model, tokenizer, spec, calib, progress: bool = True, desc_act: bool = False, static_groups: bool = False,
-        true_sequential: bool = True, damp_percent: float = 0.01) -> AFPQConfigDict:
+        true_sequential: bool = True, damp_percent: float = 0.01, layer_specs=None) -> AFPQConfigDict:
     """The registry's ``gptq`` method with ``--backend autogptq``: :func:`gptq_quantize` with
-    ``spec``'s settings (a :class:`~afpq_plugins.core.spec.QuantSpec`) and ``calib``'s windows."""
+    ``spec``'s settings (a :class:`~afpq_plugins.core.spec.QuantSpec`) and ``calib``'s windows;
+    ``layer_specs`` (a bits budget's choice): those modules on their own settings."""
     if spec.layout_for("gptq") != "gptq" or tuple(spec.skip) != ("lm_head",):
         raise ValueError("--method gptq writes layout gptq and keeps only lm_head in float (AutoGPTQ's layer lists)")
     return gptq_quantize(model, tokenizer, spec.fmt, spec.group_size, spec.mode, scale_dtype=spec.scale_dtype,
                          desc_act=desc_act, static_groups=static_groups, true_sequential=true_sequential,
-                         damp_percent=damp_percent, scale_search=spec.scale_search, samples=calib.samples(tokenizer))
+                         damp_percent=damp_percent, scale_search=spec.scale_search, samples=calib.samples(tokenizer),
+                         layer_specs=layer_specs)
 
 
 def supports_model(model) -> Optional[str]:

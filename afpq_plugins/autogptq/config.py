@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
-from typing import Optional
+from dataclasses import dataclass, field, fields, replace
+from typing import Dict, Optional
 
 from auto_gptq.modeling._base import BaseQuantizeConfig
 
@@ -34,6 +34,11 @@ class AFPQQuantizeConfig(BaseQuantizeConfig):
     ``scale_search``: ``None``/``"minmax"`` (the paper's scales), ``"mse"`` or a
     :class:`~afpq_plugins.core.quantize.ScaleSearch`: each group's scales are searched
     (per side for two scales) against the weights GPTQ has updated so far.
+    ``layer_specs``: per-module settings, ``{module name as in model.named_modules():
+    QuantSpec}`` (a bits budget's choice): each of those layers is quantized on its own
+    format, group size and mode (its own bits); the layout, the scale dtype and the scale
+    search stay this config's. ``bits``/``fmt``/``group_size`` are the checkpoint's
+    top-level settings, used by every other layer.
     """
 
     sym: bool = field(default=False)
@@ -41,6 +46,7 @@ class AFPQQuantizeConfig(BaseQuantizeConfig):
     mode: Optional[str] = field(default=None)
     scale_dtype: str = field(default="float16")
     scale_search: Optional[object] = field(default=None)
+    layer_specs: Optional[Dict[str, QuantSpec]] = field(default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +61,23 @@ class AFPQQuantizeConfig(BaseQuantizeConfig):
             self.scale_search = search_dict(self.scale_search)  # JSON form, stored in the checkpoint
         except (TypeError, ValueError) as exc:
             raise ValueError(f"AFPQQuantizeConfig: scale_search: {exc}") from None
+        self.layer_specs = self._own_specs(self.layer_specs)
+
+    def _own_specs(self, layer_specs) -> Optional[Dict[str, QuantSpec]]:
+        """``layer_specs`` as this config's spec with each module's format, group size and mode
+        (anything else that differs is a ``ValueError`` naming the module)."""
+        if not layer_specs:
+            return None
+        base, out = self.spec, {}
+        for name, ls in layer_specs.items():
+            if not isinstance(ls, QuantSpec):
+                raise TypeError(f"AFPQQuantizeConfig: layer_specs[{name!r}] must be a QuantSpec, got {type(ls).__name__}")
+            if (ls.layout_for("gptq"), ls.scale_dtype, ls.search_dict()) != ("gptq", base.scale_dtype, base.search_dict()):
+                raise ValueError(f"AFPQQuantizeConfig: layer_specs[{name!r}] may change format, group size and mode "
+                                 f"only (layout gptq, scale dtype {base.scale_dtype} and the scale search are the "
+                                 "config's)")
+            out[name] = replace(base, fmt=ls.fmt, group_size=ls.group_size, mode=ls.mode)
+        return out
 
     @property
     def format(self):
@@ -72,11 +95,11 @@ class AFPQQuantizeConfig(BaseQuantizeConfig):
 
     # -- the checkpoint's quantization_config ------------------------------------------------
     def to_afpq(self, quantized_modules=(), modules_to_not_convert=("lm_head",)) -> AFPQConfigDict:
-        return AFPQConfigDict(
-            format=self.fmt, bits=self.bits, group_size=self.group_size, mode=self.mode, layout="gptq",
-            desc_act=bool(self.desc_act), scale_dtype=self.scale_dtype, method="gptq",
-            modules_to_not_convert=list(modules_to_not_convert), quantized_modules=list(quantized_modules),
-            extra={k: getattr(self, k) for k in GPTQ_EXTRA_KEYS},
+        """The checkpoint config (``layer_specs`` that differ from the top level go to ``modules``)."""
+        return AFPQConfigDict.from_spec(
+            replace(self.spec, skip=tuple(modules_to_not_convert)), "gptq", quantized_modules=list(quantized_modules),
+            desc_act=bool(self.desc_act), extra={k: getattr(self, k) for k in GPTQ_EXTRA_KEYS},
+            layer_specs=self.layer_specs,
         )
 
     @classmethod
@@ -84,6 +107,7 @@ class AFPQQuantizeConfig(BaseQuantizeConfig):
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in qc.extra.items() if k in names}
         kw.setdefault("sym", qc.mode == "sym")
+        kw["layer_specs"] = {n: qc.spec_for(n) for n in qc.modules} or None
         return cls(bits=qc.bits, group_size=qc.group_size, desc_act=qc.desc_act, fmt=qc.format,
                    mode=qc.mode, scale_dtype=qc.scale_dtype, **kw)
 

@@ -46,6 +46,7 @@ __all__ = [
     "load_afpq",
     "wrap_model",
     "pack_model_afpq",
+    "check_layer_specs",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,12 @@ _WRAPPED = "__afpq_original__"
 
 
 @contextlib.contextmanager
-def afpq_hooks(cfg: AFPQQuantizeConfig) -> Iterator[None]:
-    """Point AutoGPTQ's ``GPTQ`` and ``dynamically_import_QuantLinear`` at AFPQ classes."""
+def afpq_hooks(cfg: AFPQQuantizeConfig, model=None) -> Iterator[None]:
+    """Point AutoGPTQ's ``GPTQ`` and ``dynamically_import_QuantLinear`` at AFPQ classes.
+
+    With per-module settings (``cfg.layer_specs``) ``model`` is the transformers model being
+    quantized: its modules of those names get their own grid, bits and group size, in GPTQ
+    and in packing."""
     from auto_gptq.modeling import _base, _utils
 
     qlinear = quant_linear_class(cfg.fmt, cfg.mode, cfg.torch_scale_dtype)
@@ -62,14 +67,46 @@ def afpq_hooks(cfg: AFPQQuantizeConfig) -> Iterator[None]:
     def import_quant_linear(*args, **kwargs):
         return qlinear
 
-    gptq = AFPQGPTQ.bind(cfg.fmt, cfg.mode, cfg.torch_scale_dtype, cfg.scale_search)
+    own = {}
+    if cfg.layer_specs:
+        if model is None:
+            raise ValueError("afpq_hooks: a config with layer_specs needs the model it quantizes")
+        modules = dict(model.named_modules())
+        own = {modules[n]: s for n, s in cfg.layer_specs.items() if n in modules}
+    gptq = AFPQGPTQ.bind(cfg.fmt, cfg.mode, cfg.torch_scale_dtype, cfg.scale_search, bits=cfg.bits, layers=own)
+    pack = functools.partial(pack_model_afpq, qlinear=qlinear, layer_specs=cfg.layer_specs)
     with compat.patched(_base, "GPTQ", gptq), compat.patched(_utils, "dynamically_import_QuantLinear", import_quant_linear), \
-            compat.patched(_base, "pack_model", functools.partial(pack_model_afpq, qlinear=qlinear)):
+            compat.patched(_base, "pack_model", pack):
         yield
 
 
+def check_layer_specs(wrapper, cfg: AFPQQuantizeConfig) -> None:
+    """Before any work: every ``cfg.layer_specs`` name is a Linear AutoGPTQ quantizes in
+    ``wrapper``'s model (its decoder layers' ``inside_layer_modules``) and takes that
+    module's settings (group size, packing); errors name the module."""
+    if not cfg.layer_specs:
+        return
+    from auto_gptq.modeling._utils import find_layers, get_module_by_name_prefix
+
+    from ..nn.convert import float_weight
+
+    layers = get_module_by_name_prefix(wrapper.model, wrapper.layers_block_name)
+    quantized = {}
+    for i, layer in enumerate(layers):
+        full = find_layers(layer)
+        for n in sum(wrapper.inside_layer_modules, []):
+            if n in full:
+                quantized[f"{wrapper.layers_block_name}.{i}.{n}"] = full[n]
+    for name, spec in cfg.layer_specs.items():
+        if name not in quantized:
+            raise ValueError(f"layer_specs names {name!r}, which AutoGPTQ 0.7.1 does not quantize in this "
+                             f"{wrapper.model.config.model_type} model (its decoder layers' Linears)")
+        out_f, in_f = float_weight(quantized[name]).shape
+        spec.layer(in_f, out_f, name, layout="gptq")
+
+
 def pack_model_afpq(model, quantizers, bits, group_size, use_triton=False, use_cuda_fp16=True, desc_act=False,
-                    warmup_triton=False, force_layer_back_to_cpu=False, *, qlinear) -> None:
+                    warmup_triton=False, force_layer_back_to_cpu=False, *, qlinear, layer_specs=None) -> None:
     """AutoGPTQ 0.7.1's ``pack_model`` (same arguments, same result) for AFPQ layers, validate
     then mutate: upstream replaces every Linear with an empty ``QuantLinear`` first and packs
     them one by one, so a layer that fails to pack leaves a model of half-empty layers. Here
@@ -77,7 +114,8 @@ def pack_model_afpq(model, quantizers, bits, group_size, use_triton=False, use_c
     :func:`~afpq_plugins.nn.convert.check_engine_result`, errors naming the layer), then all
     are swapped in; the peak is upstream's (it, too, holds every packed layer beside the float
     ones). ``quantizers``: ``{name: (quantizer, scale, zero, g_idx)}``, as upstream, and
-    replaced by ``{name: quantizer}`` once packed, as upstream does."""
+    replaced by ``{name: quantizer}`` once packed, as upstream does. ``layer_specs``: a layer
+    named there is packed with its own format, bits, group size and mode."""
     from auto_gptq.modeling._utils import find_layers
 
     from ..core.errors import EngineResultError
@@ -99,9 +137,12 @@ def pack_model_afpq(model, quantizers, bits, group_size, use_triton=False, use_c
             raise EngineResultError(f"{name}: {exc}") from None
         dev = W.device
         bias = getattr(layer, "bias", None)
+        own = (layer_specs or {}).get(name)
+        cls, b, gs = (qlinear, bits, group_size) if own is None else \
+            (quant_linear_class(own.fmt, own.mode, own.torch_scale_dtype), own.bits, own.group_size)
         try:
-            new = qlinear(bits, group_size, W.shape[1], W.shape[0], True, use_cuda_fp16=use_cuda_fp16,
-                          trainable=False, weight_dtype=W.dtype)
+            new = cls(b, gs, W.shape[1], W.shape[0], True, use_cuda_fp16=use_cuda_fp16,
+                      trainable=False, weight_dtype=W.dtype)
         except ValueError as exc:  # the group size or the packing does not fit this layer
             raise EngineResultError(f"{name}: {exc}") from None
         new.pack_weight(W.to("cpu"), None if bias is None else bias.data.to("cpu"), scale.to("cpu"), zero.to("cpu"),
@@ -247,7 +288,8 @@ def _make_quantize(orig):
         from auto_gptq.modeling._utils import get_module_by_name_prefix
 
         layers = get_module_by_name_prefix(self.model, self.layers_block_name)
-        with afpq_hooks(cfg), compat.cpu_quantize(), compat.keyword_layer_calls(layers):
+        check_layer_specs(self, cfg)
+        with afpq_hooks(cfg, self.model), compat.cpu_quantize(), compat.keyword_layer_calls(layers):
             return orig(self, *args, **kwargs)
 
     return quantize
