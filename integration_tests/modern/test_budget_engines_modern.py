@@ -1,4 +1,5 @@
-"""A bits budget (per-layer formats) through GPTQModel 7.6's GPTQ and AWQ (``--backend gptqmodel``).
+"""A bits budget (per-layer formats) through GPTQModel 7.6's and llm-compressor 0.14's GPTQ and AWQ
+(``--backend gptqmodel`` / ``llmcompressor``).
 
 The registry chooses every Linear's settings on the float model and hands them to the engine as
 ``layer_specs`` (:func:`afpq_plugins.methods.quantize`). Checked against independent references:
@@ -6,9 +7,10 @@ the choice made by hand (:func:`afpq_plugins.rtn.allocate_budget` on a copy of t
 the budget counted over the layers the checkpoint holds (:func:`afpq_plugins.core.budget.layer_cost_bits`),
 the checkpoint reloaded by the project loader and by transformers, and the same engine run with one
 uniform setting equal to a mixed layer's choice: the first decoder layer's q/k/v (the first Linears
-each engine quantizes, whose inputs no other quantized layer has touched; GPTQ and AWQ both feed
-later Linears the outputs of quantized ones, so from o_proj on a layer's result depends on its
-neighbours' settings too) must come out bit for bit the same.
+each engine quantizes, whose inputs no other quantized layer has touched; GPTQ feeds later Linears
+the outputs of quantized ones, and AWQ's scale searches for o_proj, gate/up and down run on
+outputs of the layers before them, so from o_proj on a layer's result depends on its neighbours'
+settings too) must come out bit for bit the same.
 """
 
 from __future__ import annotations
@@ -45,29 +47,44 @@ def _model(tok):
     return tiny_llama(vocab_size=len(tok), tie=False)
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Llama folder (llm-compressor's oneshot reads the model's name_or_path)."""
+    return tiny_llama_folder(str(tmp_path_factory.mktemp("budget") / "model"))
+
+
+def _load(folder):
+    from afpq_plugins.data import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(folder)[0]
+
+
 def _layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, AFPQLinear)}
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_budget_through_gptqmodel(tok, tmp_path, method):
+ENGINES = [("gptqmodel", "gptq"), ("gptqmodel", "awq"), ("llmcompressor", "gptq"), ("llmcompressor", "awq")]
+
+
+@pytest.mark.parametrize("backend,method", ENGINES, ids=lambda x: x)
+def test_budget_through_modern_engines(tok, folder, tmp_path, backend, method):
+    pytest.importorskip(backend)
     from transformers import AutoModelForCausalLM
 
     from afpq_plugins.hf import register
     from afpq_plugins.model import load_quantized, save_quantized
 
     spec = QuantSpec("nf4", 32, layout="gptq")  # one layout for 3 and 4 bits (awq's packs 4 bits only)
-    model, ref = _model(tok), _model(tok)
-    ref.load_state_dict(model.state_dict())
+    model, ref = _load(folder), _load(folder)
     want, _, _ = allocate_budget(ref, tok, spec.resolved(method), CALIB, BUDGET, CANDS, progress=False)
     assert {s.fmt for s in want.values()} == {"nf3", "nf4"} and len(set(want.values())) >= 3
 
-    qc = quantize(model, tok, method, spec, CALIB, backend="gptqmodel", bits_budget=BUDGET, candidates=CANDS,
+    qc = quantize(model, tok, method, spec, CALIB, backend=backend, bits_budget=BUDGET, candidates=CANDS,
                   progress=False)
     layers = _layers(model)
     assert {n: key(m.spec) for n, m in layers.items()} == {n: key(s) for n, s in want.items()}
     assert {n: key(qc.spec_for(n)) for n in want} == {n: key(s) for n, s in want.items()}
-    assert qc.modules and qc.extra["quantizer"].startswith("gptqmodel")
+    assert qc.modules and qc.extra["quantizer"].startswith(backend)
     for n, m in layers.items():  # the stored group parameters have the module's own group count
         assert m.scales.shape[0] == m.in_features // want[n].group_size, n
 
@@ -89,7 +106,7 @@ def test_budget_through_gptqmodel(tok, tmp_path, method):
     # the engine with one uniform setting: the first layer's q/k/v chosen setting
     s0 = want[QKV0[0]]
     assert s0 != qc.spec, "the reference should exercise a per-module (non-default) setting"
-    uniform = quantize(ref, tok, method, replace_spec(spec, s0), CALIB, backend="gptqmodel", progress=False)
+    uniform = quantize(ref, tok, method, replace_spec(spec, s0), CALIB, backend=backend, progress=False)
     assert key(uniform.spec) == key(s0)
     for n in QKV0:
         a, b = layers[n], _layers(ref)[n]
@@ -104,10 +121,13 @@ def replace_spec(spec, s):
     return replace(spec, fmt=s.fmt, group_size=s.group_size, mode=s.mode)
 
 
-def test_awq_layout_with_3_bit_candidates_is_named(tok):
+@pytest.mark.parametrize("backend", ["gptqmodel", "llmcompressor"])
+def test_awq_layout_with_3_bit_candidates_is_named(tok, folder, backend):
     """AWQ at 4 bits writes the awq layout, which packs 4 bits only: a 3-bit choice is refused by name."""
-    with pytest.raises(ValueError, match=r"model\.layers\.\d\.[\w.]+_proj: .*awq layout needs 4 bits"):
-        quantize(_model(tok), tok, "awq", QuantSpec("nf4", 32), CALIB, backend="gptqmodel", bits_budget=BUDGET,
+    pytest.importorskip(backend)
+    with pytest.raises(ValueError, match=r"model\.layers\.\d\.[\w.]+_proj: .*(awq layout needs 4 bits|layout 'awq' "
+                                         r"packs 4-bit formats only)"):
+        quantize(_load(folder), tok, "awq", QuantSpec("nf4", 32), CALIB, backend=backend, bits_budget=BUDGET,
                  candidates=CANDS, progress=False)
 
 
