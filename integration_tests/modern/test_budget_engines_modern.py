@@ -138,8 +138,9 @@ def test_awq_scaling_group_with_different_settings_is_named(tok):
     spec = QuantSpec("nf4", 32, "afpq", layout="gptq").resolved("awq")
     specs = {n: spec for n in QKV0}
     specs[QKV0[1]] = replace_spec(spec, QuantSpec("nf3", 64, "sym"))
-    with pytest.raises(EngineResultError, match=r"AWQ shares one smoothing scale among model\.layers\.0\.self_attn"
-                                                r"\.q_proj, model\.layers\.0\.self_attn\.k_proj, .*k_proj: nf3/sym/g64"):
+    with pytest.raises(EngineResultError, match=r"AWQ shares one smoothing scale among model\.layers\.0\."
+                                                r"self_attn\.q_proj, model\.layers\.0\.self_attn\.k_proj, "
+                                                r".*k_proj: nf3/sym/g64"):
         quantize_model(_model(tok), tok, spec, CALIB, method="awq", layer_specs=specs)
 
 
