@@ -183,6 +183,10 @@ def awq_processor_class(spec: QuantSpec, clip: str = "symmetric",
             root = self.gptq_model.model
             ids = {id(m) for m in modules}
             names = [n for n, m in root.named_modules() if id(m) in ids]
+            if len(names) != len(ids):  # its settings would be unknown: stop the run, not guess
+                _record(type(self), EngineResultError(
+                    f"AWQ: {len(ids) - len(names)} module(s) gptqmodel is working on are not in the model "
+                    f"(found: {', '.join(names) or 'none'}), so their per-module settings cannot be looked up"))
             specs = {n: _spec_for(type(self), n) for n in names}
             s = specs[names[0]] if names else self.afpq
             if len(set(specs.values())) > 1:
