@@ -305,17 +305,20 @@ register_method(Method("awq", "autoawq", "afpq_plugins.autoawq.io:run", requires
                        description="AWQ through AutoAWQ 0.2.9",
                        supports_model="afpq_plugins.autoawq.io:supports_model"))
 register_method(Method("gptq", "gptqmodel", "afpq_plugins.gptqmodel.api:run_gptq", requires=("gptqmodel",),
-                       install_hint=_MODERN, default_calibration=(128, 2048), options=_GPTQ_OPTIONS,
+                       install_hint=_MODERN, default_calibration=(128, 2048),
+                       options=_GPTQ_OPTIONS + ("layer_specs",),
                        description="GPTQ through GPTQModel 7.6",
                        supports_model="afpq_plugins.gptqmodel.api:supported_model_type"))
 register_method(Method("awq", "gptqmodel", "afpq_plugins.gptqmodel.api:run_awq", requires=("gptqmodel",),
-                       install_hint=_MODERN, default_calibration=(128, 512), options=("clip", "true_sequential"),
+                       install_hint=_MODERN, default_calibration=(128, 512),
+                       options=("clip", "true_sequential", "layer_specs"),
                        description="AWQ through GPTQModel 7.6",
                        supports_model="afpq_plugins.gptqmodel.api:supported_model_type"))
 register_method(Method("gptq", "llmcompressor", "afpq_plugins.llmcompressor:run_gptq", requires=("llmcompressor",),
-                       install_hint=_LLMC, default_calibration=(512, 2048), options=("damp_percent",),
+                       install_hint=_LLMC, default_calibration=(512, 2048), options=("damp_percent", "layer_specs"),
                        description="GPTQ through llm-compressor 0.14 oneshot (AFPQGPTQModifier)"))
 # calibration: llm-compressor's AWQ examples (256 samples x 512 tokens)
 register_method(Method("awq", "llmcompressor", "afpq_plugins.llmcompressor:run_awq", requires=("llmcompressor",),
-                       install_hint=_LLMC, default_calibration=(256, 512), options=("duo_scaling", "n_grid"),
+                       install_hint=_LLMC, default_calibration=(256, 512),
+                       options=("duo_scaling", "n_grid", "layer_specs"),
                        description="AWQ through llm-compressor 0.14 oneshot (AFPQAWQModifier)"))

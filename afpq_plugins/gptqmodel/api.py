@@ -19,7 +19,8 @@ are swapped in only while an AFPQ model's ``quantize()`` runs (:mod:`.compat`).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import List, Optional
+import re
+from typing import List, Mapping, Optional
 
 from ..core.checkpoint import AFPQConfigDict
 from ..core.constants import SCALE_DTYPES
@@ -35,13 +36,20 @@ ENGINE = "gptqmodel 7.6"
 
 
 def QuantizeConfig(*, fmt: Optional[str] = None, mode: Optional[str] = None, scale_dtype: str = "float16",
-                   scale_search=None, layout: Optional[str] = None, clip: str = "symmetric", **kwargs):
+                   scale_search=None, layout: Optional[str] = None, clip: str = "symmetric",
+                   layer_specs: Optional[Mapping[str, QuantSpec]] = None, **kwargs):
     """gptqmodel's ``QuantizeConfig(**kwargs)``; with ``fmt`` it carries an AFPQ grid.
 
     The AFPQ settings ride on the config as ``.afpq`` (a :class:`~afpq_plugins.core.spec.QuantSpec`
     with the config's group size) and ``.afpq_clip``. ``bits`` defaults to the format's (and
     must equal it); ``sym`` is decided by the grid. ``method="awq"`` for GPTQModel's AWQ
     (``clip``: ``symmetric``, ``two-sided`` or ``engine``).
+
+    ``layer_specs``: ``{module name: QuantSpec}`` (full names in the transformers model, as
+    ``model.named_modules()``), modules with their own format, group size and mode (a bits
+    budget); the layout, scale dtype and scale search are the config's. They ride as
+    ``.afpq_layer_specs``; for GPTQ each one's bits and group size also become a gptqmodel
+    ``dynamic`` override (an exact-name pattern), which gives GPTQ its group size.
     """
     from gptqmodel import QuantizeConfig as Upstream
 
@@ -63,11 +71,43 @@ def QuantizeConfig(*, fmt: Optional[str] = None, mode: Optional[str] = None, sca
     # (embeddings, norms, lm_head) on the meta device until gptqmodel's own save
     kwargs.setdefault("offload_to_disk", False)
     sym = bool(kwargs.pop("sym", False))
+    layer_specs = dict(layer_specs or {})
+    if layer_specs and str(kwargs.get("method", "gptq")).lower().endswith("gptq"):
+        kwargs["dynamic"] = {**_dynamic_overrides(layer_specs, f.bits, kwargs.get("group_size", 128)),
+                             **(kwargs.get("dynamic") or {})}
     cfg = Upstream(sym=True, **kwargs)
     cfg.afpq = QuantSpec(f, cfg.group_size, resolve_mode(f, mode, sym=sym), scale_dtype, layout, ("lm_head",),
                          scale_search)
     cfg.afpq_clip = clip
+    cfg.afpq_layer_specs = layer_specs
     return cfg
+
+
+def _dynamic_overrides(layer_specs: Mapping[str, QuantSpec], bits: int, group_size: int) -> dict:
+    """gptqmodel ``dynamic`` entries (exact full names) for the modules whose bits or group size differ."""
+    return {f"+:^{re.escape(n)}$": {"bits": s.bits, "group_size": s.group_size}
+            for n, s in layer_specs.items() if (s.bits, s.group_size) != (bits, group_size)}
+
+
+def _checked_layer_specs(model, spec: QuantSpec, layer_specs: Mapping[str, QuantSpec], method: str) -> dict:
+    """``layer_specs`` with their layout fixed for ``method``, each checked against its Linear in
+    ``model`` (errors name the module)."""
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    out = {}
+    for name, s in layer_specs.items():
+        lin = modules.get(name)
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"per-module settings for {name!r}: the model has no Linear of that name")
+        s = s.resolved(method)
+        if (s.layout, s.scale_dtype, s.scale_search) != (spec.layout, spec.scale_dtype, spec.scale_search):
+            raise ValueError(f"{name}: per-module settings may change format, group size and mode only (layout "
+                             f"{s.layout}, scale dtype {s.scale_dtype} and scale search are the run's: {spec.layout}, "
+                             f"{spec.scale_dtype})")
+        s.layer(lin.in_features, lin.out_features, name, layout=s.layout)  # group size, packing: named errors
+        out[name] = s
+    return out
 
 
 def supported_model_type(model) -> Optional[str]:
@@ -101,14 +141,15 @@ def _run(qmodel, spec: QuantSpec, cfg, quantize, *args, **kwargs):
         spec = replace(spec, group_size=cfg.group_size)
     spec = spec.resolved(method)
     clip = getattr(cfg, "afpq_clip", "symmetric")
+    layer_specs = _checked_layer_specs(qmodel.model, spec, getattr(cfg, "afpq_layer_specs", None) or {}, method)
     if method == "gptq":
-        proc = gptq_processor_class(spec)
-        ctx = afpq_processors(gptq_processor=proc, gptq_cls=gptq_class(spec))
+        proc = gptq_processor_class(spec, layer_specs)
+        ctx = afpq_processors(gptq_processor=proc, gptq_cls=gptq_class(spec, layer_specs))
     else:
         from .awq_search import fix_mlp_input_norm
 
         fix_mlp_input_norm(qmodel)
-        proc = awq_processor_class(spec, clip)
+        proc = awq_processor_class(spec, clip, layer_specs)
         ctx = afpq_processors(awq_processor=proc)
     with ctx:
         quantize(*args, **kwargs)
@@ -118,13 +159,19 @@ def _run(qmodel, spec: QuantSpec, cfg, quantize, *args, **kwargs):
     names = sorted(set(proc.quantized_modules), key=order.index)
     if not names:
         raise RuntimeError("GPTQModel quantized no layer with the AFPQ grid (were the AFPQ processors used?)")
+    left = [n for n in layer_specs if n not in names]
+    if left:
+        raise RuntimeError(f"GPTQModel did not quantize {', '.join(left[:3])}" + (f" (+{len(left) - 3} more)" if
+                           len(left) > 3 else "") + ", which per-module settings were given for (GPTQModel "
+                           "quantizes the Linears of its decoder-layer lists)")
     extra = {"quantizer": ENGINE, "true_sequential": bool(cfg.true_sequential)}
     if method == "gptq":
         extra["damp_percent"] = cfg.damp_percent
         extra["static_groups"] = bool(getattr(cfg, "static_groups", False))
     else:
         extra["awq"] = {"clip": clip, "upstream": ENGINE}
-    qc = AFPQConfigDict.from_spec(spec, method, quantized_modules=names, desc_act=bool(cfg.desc_act), extra=extra)
+    qc = AFPQConfigDict.from_spec(spec, method, quantized_modules=names, desc_act=bool(cfg.desc_act), extra=extra,
+                                  layer_specs=layer_specs)
     qmodel.model.config.quantization_config = qc.to_dict()
     qmodel._afpq_config = qc
     qmodel._afpq_mismatches = proc.mismatches
@@ -165,12 +212,14 @@ class GPTQModel:
 
 def quantize_model(model, tokenizer, spec, calib, method: str = "gptq", progress: bool = True,
                    desc_act: bool = False, static_groups: bool = False, true_sequential: bool = True,
-                   damp_percent: Optional[float] = None, clip: str = "symmetric") -> AFPQConfigDict:
+                   damp_percent: Optional[float] = None, clip: str = "symmetric",
+                   layer_specs: Optional[Mapping[str, QuantSpec]] = None) -> AFPQConfigDict:
     """GPTQModel's GPTQ or AWQ with ``spec``'s grid on the in-memory ``model`` (in place).
 
     ``spec``: a :class:`~afpq_plugins.core.spec.QuantSpec`; ``calib``: a resolved
     :class:`~afpq_plugins.methods.Calibration` (Austen windows). ``damp_percent=None``
-    is gptqmodel's own default.
+    is gptqmodel's own default. ``layer_specs``: per-module settings (:func:`QuantizeConfig`;
+    the registry's bits budget), written to the config's ``modules``.
     """
     from gptqmodel.models._const import normalize_device
     from gptqmodel.models.auto import MODEL_MAP
@@ -188,7 +237,7 @@ def quantize_model(model, tokenizer, spec, calib, method: str = "gptq", progress
         if damp_percent is not None:
             kw["damp_percent"] = damp_percent
     cfg = QuantizeConfig(fmt=spec.fmt, mode=spec.mode, scale_dtype=spec.scale_dtype, scale_search=spec.scale_search,
-                         layout=spec.layout_for(method), clip=clip, **kw)
+                         layout=spec.layout_for(method), clip=clip, layer_specs=layer_specs, **kw)
     cfg.device = normalize_device(str(next(model.parameters()).device.type))
     cfg.offload_to_disk = False
     qmodel = MODEL_MAP[model.config.model_type](model, quantized=False, quantize_config=cfg, tokenizer=tokenizer)

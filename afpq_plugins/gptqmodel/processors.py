@@ -30,8 +30,10 @@ re-encode exactly (``mismatches``, zero when GPTQ used the AFPQ quantizer).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import threading
-from typing import List
+from typing import List, Mapping, Optional
 
 import torch
 
@@ -67,7 +69,7 @@ def _pack(cls, root, module, p1, p2, g_idx) -> None:
     if cls.error is not None:
         return
     try:
-        layer, mismatches = linear_from_engine(cls.afpq, lin, p1, p2, g_idx, name)
+        layer, mismatches = linear_from_engine(_spec_for(cls, name), lin, p1, p2, g_idx, name)
     except EngineResultError as exc:
         _record(cls, exc)
         return
@@ -85,10 +87,16 @@ def _check_staged(proc, module) -> None:
     with proc.lock:
         p1, p2, g_idx = (module.state.get(k) for k in ("q_scales", "q_zeros", "q_g_idx"))
     try:
-        check_engine_result(type(proc).afpq, float_weight(getattr(module, "module", module)), p1, p2, g_idx,
-                            module.full_name)
+        check_engine_result(_spec_for(type(proc), module.full_name), float_weight(getattr(module, "module", module)),
+                            p1, p2, g_idx, module.full_name)
     except EngineResultError as exc:
         _record(type(proc), exc)
+
+
+def _spec_for(cls, name: str) -> QuantSpec:
+    """The settings of module ``name`` (a full module name): its own (a bits budget's
+    ``layer_specs``), else the processor's."""
+    return cls.layer_specs.get(name, cls.afpq)
 
 
 def _take_state(proc, module, keys):
@@ -100,12 +108,18 @@ def _take_state(proc, module, keys):
         return tuple(module.state.pop(k).clone() for k in keys)
 
 
-def gptq_processor_class(spec: QuantSpec) -> type:
-    """gptqmodel's ``GPTQProcessor`` packing into AFPQLinear, bound to ``spec`` (layout resolved)."""
+def gptq_processor_class(spec: QuantSpec, layer_specs: Optional[Mapping[str, QuantSpec]] = None) -> type:
+    """gptqmodel's ``GPTQProcessor`` packing into AFPQLinear, bound to ``spec`` (layout resolved);
+    ``layer_specs``: ``{full module name: spec}`` for modules with their own settings (a bits budget:
+    the per-layer GPTQ class quantizes them on their grid, :func:`.quantizer.gptq_class`, and their
+    group size comes from gptqmodel's ``dynamic`` overrides)."""
     from gptqmodel.looper.gptq_processor import GPTQProcessor
+
+    own_specs = dict(layer_specs or {})
 
     class AFPQGPTQProcessor(GPTQProcessor):
         afpq = spec
+        layer_specs = own_specs
         quantized_modules: List[str] = []
         mismatches = 0
         error = None  # the first bad result (_record)
@@ -124,10 +138,20 @@ def gptq_processor_class(spec: QuantSpec) -> type:
     return AFPQGPTQProcessor
 
 
-def awq_processor_class(spec: QuantSpec, clip: str = "symmetric") -> type:
+def awq_processor_class(spec: QuantSpec, clip: str = "symmetric",
+                        layer_specs: Optional[Mapping[str, QuantSpec]] = None) -> type:
     """gptqmodel's ``AWQProcessor`` on the AFPQ grid, packing into AFPQLinear, bound to ``spec``
-    (layout resolved) and the clip search ``clip``."""
+    (layout resolved) and the clip search ``clip``.
+
+    ``layer_specs``: ``{full module name: spec}`` for modules with their own settings (a bits
+    budget). gptqmodel's AWQ reads one ``qcfg.group_size`` everywhere (no ``dynamic``), so while
+    it searches a scaling group's smoothing scale, a module's clip or quantizes a module, this
+    thread sees that module's settings (``qcfg`` with its group size, its grid); the Linears of a
+    scaling group share one input and one scale and must share their settings (the budget gives
+    q/k/v and gate/up one choice)."""
     from gptqmodel.looper.awq_processor import AWQProcessor
+
+    own_specs = dict(layer_specs or {})
 
     if clip not in CLIP_MODES:
         raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {clip!r}")
@@ -135,14 +159,68 @@ def awq_processor_class(spec: QuantSpec, clip: str = "symmetric") -> type:
     class AFPQAWQProcessor(AWQProcessor):
         afpq = spec
         afpq_clip = clip
+        layer_specs = own_specs
         quantized_modules: List[str] = []
         mismatches = 0
         error = None  # the first bad result (_record)
+        _settings = threading.local()  # this thread's module settings (spec, qcfg), see settings_of
+
+        @property
+        def qcfg(self):
+            own = getattr(self._settings, "qcfg", None)
+            return self.__dict__["qcfg"] if own is None else own
+
+        @qcfg.setter
+        def qcfg(self, value):
+            self.__dict__["qcfg"] = value
+
+        @contextlib.contextmanager
+        def settings_of(self, modules: List[torch.nn.Module]):
+            """This thread works on ``modules`` (Linears of the model) with their settings."""
+            if not self.layer_specs:
+                yield
+                return
+            root = self.gptq_model.model
+            ids = {id(m) for m in modules}
+            names = [n for n, m in root.named_modules() if id(m) in ids]
+            if len(names) != len(ids):  # its settings would be unknown: stop the run, not guess
+                _record(type(self), EngineResultError(
+                    f"AWQ: {len(ids) - len(names)} module(s) gptqmodel is working on are not in the model "
+                    f"(found: {', '.join(names) or 'none'}), so their per-module settings cannot be looked up"))
+            specs = {n: _spec_for(type(self), n) for n in names}
+            s = specs[names[0]] if names else self.afpq
+            if len(set(specs.values())) > 1:
+                _record(type(self), EngineResultError(
+                    "AWQ shares one smoothing scale among " + ", ".join(names) + ", but their per-module "
+                    "settings differ (" + "; ".join(f"{n}: {v.fmt}/{v.mode}/g{v.group_size}" for n, v in specs.items())
+                    + "): give them one setting"))
+            qcfg = copy.copy(self.__dict__["qcfg"])
+            qcfg.group_size = s.group_size
+            saved = getattr(self._settings, "spec", None), getattr(self._settings, "qcfg", None)
+            self._settings.spec, self._settings.qcfg = s, qcfg
+            try:
+                yield
+            finally:
+                self._settings.spec, self._settings.qcfg = saved
+
+        def current_spec(self) -> QuantSpec:
+            """The settings this thread quantizes with (:meth:`settings_of`)."""
+            own = getattr(self._settings, "spec", None)
+            return self.afpq if own is None else own
 
         def pseudo_quantize_tensor(self, w: torch.Tensor):
-            s = self.afpq
+            s = self.current_spec()
             return fake_quantize_rows(w, s.format, self.qcfg.group_size, s.mode, s.torch_scale_dtype, s.scale_search,
                                       "AWQ weight")
+
+        def _search_best_scale(self, module, prev_op, layers, *args, **kwargs):
+            with self.settings_of(list(layers)):
+                return super()._search_best_scale(module, prev_op, layers, *args, **kwargs)
+
+        def apply_quant(self, named_linears, scales_list):
+            for name, named in named_linears.items():
+                with self.settings_of([self.resolve_quant_source_module(named)]):
+                    super().apply_quant({name: named}, scales_list)
 
         def _pseudo_quantize_tensor_into(self, src: torch.Tensor, dst: torch.Tensor) -> None:
             dst.copy_(self.pseudo_quantize_tensor(src)[0])
@@ -171,14 +249,19 @@ def awq_processor_class(spec: QuantSpec, clip: str = "symmetric") -> type:
 
         def _search_best_clip(self, layer, named_linears, input_feat):
             if self.afpq_clip != "two-sided":
-                return super()._search_best_clip(layer, named_linears, input_feat)
+                out = []
+                for name, lin in named_linears.items():  # one at a time: each with its own settings
+                    with self.settings_of([lin]):
+                        out += super()._search_best_clip(layer, {name: lin}, input_feat)
+                return out
             with torch.inference_mode():
                 for name, lin in named_linears.items():
                     if any(k in name for k in _AVOID_CLIPPING):
                         continue
                     w = lin.weight.data
-                    lo, hi = two_sided_clip(w, input_feat[name].to(w.device), self._fq, self.qcfg.group_size,
-                                            separable=self.afpq.mode == "afpq")
+                    with self.settings_of([lin]):
+                        lo, hi = two_sided_clip(w, input_feat[name].to(w.device), self._fq, self.qcfg.group_size,
+                                                separable=self.current_spec().mode == "afpq")
                     lin.weight.data = apply_two_sided_clip(w, lo, hi)
             return []  # applied here; gptqmodel's apply_clip only knows [-max, max]
 

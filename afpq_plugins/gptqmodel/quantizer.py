@@ -10,6 +10,7 @@ becomes GPTQ's shrink search (:meth:`ScaleSearch.gptq_mse`) unless a scale searc
 from __future__ import annotations
 
 import functools
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -53,9 +54,11 @@ def _base_classes():
         AutoGPTQ adapter does)."""
 
         quantizer_cls = AFPQGptqModelQuantizer
+        layer_quantizers = {}  # full module name -> its own quantizer class (a bits budget's per-module grid)
 
         def create_quantizer(self, name):
-            return self.quantizer_cls(qcfg=self.qcfg, name=name)
+            full = getattr(getattr(self, "_named_module", None), "full_name", None)
+            return self.layer_quantizers.get(full, self.quantizer_cls)(qcfg=self.qcfg, name=name)
 
         def quantize(self, *args, **kwargs):
             from ..core.output_search import ColumnCursorSearch, gptq_column_energies, is_output_search
@@ -78,7 +81,17 @@ def quantizer_class(spec: QuantSpec) -> type:
                                          "search": spec.scale_search, "__module__": __name__})
 
 
-def gptq_class(spec: QuantSpec) -> type:
-    """gptqmodel's ``GPTQ`` with the bound quantizer (what optimum 2.3 instantiates per layer)."""
+def gptq_class(spec: QuantSpec, layer_specs: Optional[Mapping[str, QuantSpec]] = None) -> type:
+    """gptqmodel's ``GPTQ`` with the bound quantizer (what optimum 2.3 instantiates per layer).
+
+    ``layer_specs``: ``{full module name: spec}`` (names as gptqmodel's ``NamedModule.full_name``,
+    i.e. the transformers model's own); those modules get a quantizer bound to their own grid
+    (their group size comes from the per-module qcfg, gptqmodel's ``dynamic`` overrides)."""
     _, gcls = _base_classes()
-    return type(gcls.__name__, (gcls,), {"quantizer_cls": quantizer_class(spec), "__module__": __name__})
+    bound: Dict[QuantSpec, type] = {}
+    for s in (spec, *(layer_specs or {}).values()):
+        if s not in bound:
+            bound[s] = quantizer_class(s)
+    per_module = {n: bound[s] for n, s in (layer_specs or {}).items()}
+    return type(gcls.__name__, (gcls,), {"quantizer_cls": bound[spec], "layer_quantizers": per_module,
+                                         "__module__": __name__})

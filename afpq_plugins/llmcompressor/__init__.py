@@ -52,19 +52,20 @@ def save(model, out_dir: str, tokenizer=None, overwrite: bool = True) -> str:
 
 
 def quantize_model(model, tokenizer, spec, calib, method: str = "gptq", progress: bool = True,
-                   damp_percent: float = 0.01, duo_scaling=True, n_grid: int = 20):
+                   damp_percent: float = 0.01, duo_scaling=True, n_grid: int = 20, layer_specs=None):
     """GPTQ or AWQ with ``spec``'s grid through llm-compressor's ``oneshot`` on the in-memory ``model``.
 
     The registry's ``gptq`` and ``awq`` methods with ``--backend llmcompressor``; ``calib``: a
     resolved :class:`~afpq_plugins.methods.Calibration` (Austen windows); ``spec``: a
     :class:`~afpq_plugins.core.spec.QuantSpec` (AWQ: layout ``None`` writes ``awq`` at 4 bits). ``damp_percent``:
-    GPTQ only; ``duo_scaling`` / ``n_grid``: AWQ only (llm-compressor's defaults).
+    GPTQ only; ``duo_scaling`` / ``n_grid``: AWQ only (llm-compressor's defaults). ``layer_specs``:
+    ``{module name: QuantSpec}``, per-module format, group size and mode (the registry's bits budget).
     """
     from datasets import Dataset
     from llmcompressor import oneshot
 
     common = dict(fmt=spec.fmt, group_size=spec.group_size, mode=spec.mode, scale_dtype=spec.scale_dtype,
-                  scale_search=spec.scale_search, ignore=list(spec.skip))
+                  scale_search=spec.scale_search, ignore=list(spec.skip), layer_specs=layer_specs)
     if method == "gptq":
         from .gptq import AFPQGPTQModifier
 

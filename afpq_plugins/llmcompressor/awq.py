@@ -38,7 +38,7 @@ Save with :func:`afpq_plugins.llmcompressor.save`, not ``save_pretrained``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from compressed_tensors.quantization import forward_quantize as _ct_forward_quantize
@@ -52,13 +52,13 @@ from ..core.checkpoint import AFPQConfigDict
 from ..core.formats import get_format
 from ..core.quantize import fake_quantize_rows
 from ..nn.skeleton import set_module
-from ._common import afpq_fields, modifier_spec, record_config
+from ._common import afpq_fields, modifier_spec, module_spec, module_specs, record_config
 
 __all__ = ["AFPQAWQModifier", "AFPQAWQTransformModifier", "AFPQQuantizationModifier", "cpu_pinning_shim"]
 
 _LAYOUTS = (None, "gptq", "awq")
 _GRID_ATTR = "afpq_grid"
-_QUANT_KEYS = ("targets", "ignore", "fmt", "group_size", "mode", "scale_dtype", "scale_search", "layout")
+_QUANT_KEYS = ("targets", "ignore", "fmt", "group_size", "mode", "scale_dtype", "scale_search", "layout", "layer_specs")
 
 
 def AFPQAWQModifier(**kwargs) -> list:  # noqa: N802 -- named as llm-compressor's one-call AWQModifier
@@ -135,6 +135,9 @@ class AFPQQuantizationModifier(QuantizationModifier):
     ``scale_dtype``: storage dtype of the scales; ``scale_search``: the scales' search
     (:mod:`afpq_plugins.core.search`); ``layout``: ``None`` (``awq`` at 4 bits, else
     ``gptq``), ``gptq`` or ``awq``; ``targets`` / ``ignore`` as in llm-compressor.
+    ``layer_specs``: ``{module name: QuantSpec or {"fmt", "group_size", "mode"}}``, modules with
+    settings of their own (a bits budget; :func:`._common.afpq_fields`): AWQ's search scores each
+    balance layer on its own grid, and the config's ``modules`` records them.
     """
 
     fmt: str = "nf4"
@@ -143,6 +146,7 @@ class AFPQQuantizationModifier(QuantizationModifier):
     scale_dtype: str = "float16"
     scale_search: Optional[Any] = None
     layout: Optional[str] = None
+    layer_specs: Optional[Dict[str, Any]] = None
 
     _afpq_names: List[str] = PrivateAttr(default_factory=list)
     _afpq_config: Optional[AFPQConfigDict] = PrivateAttr(default=None)
@@ -154,9 +158,15 @@ class AFPQQuantizationModifier(QuantizationModifier):
             layout = data.get("layout")
             if layout not in _LAYOUTS:
                 raise ValueError(f"AFPQQuantizationModifier: layout must be gptq, awq or None, got {layout!r}")
-            if layout == "awq" and get_format(data.get("fmt", "nf4")).bits != 4:
-                raise ValueError(f"AFPQQuantizationModifier: layout 'awq' packs 4-bit formats only, "
-                                 f"not {data.get('fmt')!r}")
+            data = afpq_fields(data, "AFPQQuantizationModifier")
+            if layout is None and get_format(data.get("fmt", "nf4")).bits == 4:
+                layout = "awq"  # the layout None resolves to for AWQ (QuantSpec.layout_for)
+            named = [(n, o["fmt"]) for n, o in (data.get("layer_specs") or {}).items()]
+            for name, f in named + [("fmt", data.get("fmt", "nf4"))]:  # a module named first
+                if layout == "awq" and get_format(f).bits != 4:
+                    raise ValueError(f"AFPQQuantizationModifier: {name}: layout 'awq' packs 4-bit formats only, "
+                                     f"not {f!r}" + (" (set layout='gptq' for 3-bit modules)" if name != "fmt" else ""))
+            return data
         return afpq_fields(data, "AFPQQuantizationModifier")
 
     def on_initialize(self, state, **kwargs) -> bool:
@@ -168,10 +178,9 @@ class AFPQQuantizationModifier(QuantizationModifier):
             raise ValueError(f"AFPQQuantizationModifier: the recipe's {stock[0]} would search AWQ's scales on the "
                              "INT proxy grid; use AFPQAWQTransformModifier (or AFPQAWQModifier(...))")
         out = super().on_initialize(state, **kwargs)
-        spec = self.spec
         for name, m in match_named_modules(state.model, self.resolved_targets, self.ignore):
             if isinstance(m, torch.nn.Linear) and getattr(m, "quantization_scheme", None) is not None:
-                setattr(m, _GRID_ATTR, (spec, f"{name}.weight"))
+                setattr(m, _GRID_ATTR, (module_spec(self, name, self.layout), f"{name}.weight"))
                 self._afpq_names.append(name)
         if not self._afpq_names:
             raise ValueError(f"AFPQQuantizationModifier: no Linear layer matches targets "
@@ -194,12 +203,14 @@ class AFPQQuantizationModifier(QuantizationModifier):
         spec = self.spec.resolved("awq")  # layout None: awq at 4 bits, else gptq (also without the transform)
         for name in tqdm(self._afpq_names, desc="AFPQ: quantizing the weights", leave=False):
             lin = model.get_submodule(name)
-            set_module(model, name, AFPQLinear.from_linear(lin, name=name, spec=spec).to(lin.weight.device))
+            set_module(model, name, AFPQLinear.from_linear(lin, name=name, spec=module_spec(self, name, spec.layout))
+                       .to(lin.weight.device))
         extra = {"quantizer": "llmcompressor 0.14"}
         if awq:
             extra.update(duo_scaling=awq[0].duo_scaling, n_grid=awq[0].n_grid,
                          clip="none (llm-compressor's AWQ has none)")
-        self._afpq_config = AFPQConfigDict.from_spec(spec, method, quantized_modules=self._afpq_names, extra=extra)
+        self._afpq_config = AFPQConfigDict.from_spec(spec, method, quantized_modules=self._afpq_names, extra=extra,
+                                                     layer_specs=module_specs(self, self._afpq_names, spec.layout))
         record_config(model, self._afpq_config)
 
     @property

@@ -40,7 +40,7 @@ from ..core.output_search import BoundOutputSearch, grouped_energies, is_output_
 from ..core.quantize import find_params, round_params
 from ..nn.convert import linear_from_engine
 from ..nn.skeleton import set_module
-from ._common import afpq_fields, modifier_spec, record_config
+from ._common import afpq_fields, modifier_spec, module_spec, module_specs, record_config
 
 __all__ = ["AFPQGPTQModifier"]
 
@@ -97,7 +97,9 @@ class AFPQGPTQModifier(GPTQModifier):
     per group (-1: whole rows); ``mode``: ``afpq`` (two scales, default), ``sym`` or
     ``zp``; ``scale_dtype``: storage dtype of the scales; ``scale_search``: ``None``,
     ``"mse"``, ... (:mod:`afpq_plugins.core.search`). ``targets`` / ``ignore`` /
-    ``dampening_frac`` / ``block_size`` as in ``GPTQModifier``.
+    ``dampening_frac`` / ``block_size`` as in ``GPTQModifier``. ``layer_specs``:
+    ``{module name: QuantSpec or {"fmt", "group_size", "mode"}}``, modules with settings of their
+    own (a bits budget; :func:`._common.afpq_fields`), written to the config's ``modules``.
     """
 
     fmt: str = "nf4"
@@ -105,6 +107,7 @@ class AFPQGPTQModifier(GPTQModifier):
     mode: Optional[str] = None
     scale_dtype: str = "float16"
     scale_search: Optional[Any] = None
+    layer_specs: Optional[Dict[str, Any]] = None
 
     _afpq_params: Dict[str, tuple] = PrivateAttr(default_factory=dict)
     _afpq_config: Optional[AFPQConfigDict] = PrivateAttr(default=None)
@@ -127,12 +130,13 @@ class AFPQGPTQModifier(GPTQModifier):
         from llmcompressor.modifiers.gptq.helpers import prepare_batch
 
         _register_block_update()
-        spec = self.spec
-        f = spec.format
-        token = _ACTIVE.set((f, self.mode))
+        token = _ACTIVE.set(None)
         try:
             for module in module_list:
                 name = self._module_names[module]
+                spec = module_spec(self, name, "gptq")
+                f = spec.format
+                _ACTIVE.set((f, spec.mode))
                 quant_args = module.quantization_scheme.weights
                 with torch.no_grad():
                     weights, hessians, _, _, _ = prepare_batch(
@@ -144,7 +148,7 @@ class AFPQGPTQModifier(GPTQModifier):
                     if is_output_search(search):  # weighted by GPTQ's own diag(X^T X) of this layer
                         h = torch.diagonal(hessians[0].reshape(W.shape[1], W.shape[1])).float()
                         search = BoundOutputSearch(search, grouped_energies(h.to(wg.device), gs), name=name)
-                    p1, p2 = round_params(*find_params(wg, f, self.mode, search=search), mode=self.mode,
+                    p1, p2 = round_params(*find_params(wg, f, spec.mode, search=search), mode=spec.mode,
                                           dtype=spec.torch_scale_dtype, name=f"{name}.weight")
                     p1, p2 = p1[..., 0].to(W.device), p2[..., 0].to(W.device)  # [rows, groups]
                     quantized, _, _ = quantize_weight(
@@ -168,10 +172,11 @@ class AFPQGPTQModifier(GPTQModifier):
         names = sorted(self._afpq_params, key=order.index)
         for name in names:
             p1, p2 = self._afpq_params[name]
-            layer, _ = linear_from_engine(spec, model.get_submodule(name), p1, p2, None, name)
+            layer, _ = linear_from_engine(module_spec(self, name, "gptq"), model.get_submodule(name), p1, p2, None,
+                                          name)
             set_module(model, name, layer)
         self._afpq_config = AFPQConfigDict.from_spec(
-            spec, "gptq", quantized_modules=names,
+            spec, "gptq", quantized_modules=names, layer_specs=module_specs(self, names, "gptq"),
             extra={"quantizer": "llmcompressor 0.14", "damp_percent": self.dampening_frac,
                    "block_size": self.block_size},
         )

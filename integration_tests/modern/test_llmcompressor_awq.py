@@ -190,7 +190,7 @@ def test_registry_and_stock_awq_unaffected(folders, tok, tmp_path, spies):
     spies["ct_calls"] = 0
 
     m = get_method("awq", "llmcompressor")
-    assert m.default_calibration == (256, 512) and set(m.options) == {"duo_scaling", "n_grid"}
+    assert m.default_calibration == (256, 512) and set(m.options) == {"duo_scaling", "n_grid", "layer_specs"}
     model, ref = _float(folders["llama"]), _float(folders["llama"])
     qc = quantize(model, tok, "awq", FormatSpec("nf4", 32), CALIB, backend="llmcompressor", progress=False)
     assert (qc.method, qc.format, qc.mode, qc.layout, qc.extra["duo_scaling"]) == ("awq", "nf4", "afpq", "awq", True)
