@@ -114,6 +114,8 @@ def _load_any(path_arg: str, dtype=torch.float32):
 # -- quantize ------------------------------------------------------------------------------
 def _method_options(args, method) -> dict:
     """The CLI's flags as the method's options (only those the chosen engine takes)."""
+    from .methods import budget_engines
+
     opts, defaults = {}, {}
     if method.name == "gptq":
         opts.update(desc_act=args.desc_act, static_groups=args.static_groups, true_sequential=args.true_sequential)
@@ -133,7 +135,7 @@ def _method_options(args, method) -> dict:
         if k not in method.options and v != defaults[k]:
             raise ValueError(f"--{k.replace('_', '-')} is not supported by --backend {method.engine}"
                              + (f" (--method {method.name}: it takes no per-module settings; per-layer formats: --method rtn"
-                                  + "".join(f" or --backend {e}" for e in _budget_engines(method.name)) + ")"
+                                  + "".join(f" or --backend {e}" for e in budget_engines(method.name)) + ")"
                                 if k in ("bits_budget", "candidates", "budget_objective") else ""))
     for k in ("candidates", "budget_objective"):
         if opts.get(k) and opts.get("bits_budget") is None:
@@ -142,12 +144,6 @@ def _method_options(args, method) -> dict:
            or (per_module and k in ("bits_budget", "candidates", "budget_objective") and v is not None)}
     out["progress"] = not args.quiet
     return out
-
-
-def _budget_engines(name: str) -> List[str]:
-    from .methods import _budget_engines as engines
-
-    return engines(name)
 
 
 def _candidates(values):
@@ -184,7 +180,9 @@ def cmd_quantize(args) -> int:
         _candidates(args.candidates)  # a malformed candidate is an error before anything is loaded
         # the one settings value, from here to the kernels (layout None: the method's default)
         spec = QuantSpec(fmt, args.group_size, mode, args.scale_dtype, args.layout, tuple(args.skip),
-                         args.scale_search).resolved(method.name)
+                         args.scale_search)
+        if args.bits_budget is None or args.layout is not None:  # a budget's default layout: methods.budget_layout
+            spec = spec.resolved(method.name)
     except MethodUnavailable as exc:
         return _err(str(exc))
     except ValueError as exc:
@@ -261,9 +259,12 @@ def cmd_quantize(args) -> int:
                              max_shard_size=max_shard, source_dir=str(src))
     t3 = time.perf_counter()
     note(coverage(model, qc.quantized_modules, spec.skip).summary_line())
+    top = qc.spec  # with a bits budget: the commonest setting; the others are in quantization_config.modules
+    what = (f"a per-layer mixture under --bits-budget {args.bits_budget} ({qc.extra.get('bits_per_weight')} bits per "
+            f"weight; {len(qc.modules)} layers differ from {top.fmt}/{top.mode} group {top.group_size})"
+            if args.bits_budget is not None else f"{top.fmt}/{top.mode} group {top.group_size}")
     print(
-        f"quantized {len(qc.quantized_modules)} layers of {src} with {args.method} {spec.fmt}/{spec.mode} "
-        f"group {spec.group_size} layout {qc.layout} -> {out} "
+        f"quantized {len(qc.quantized_modules)} layers of {src} with {args.method} {what} layout {qc.layout} -> {out} "
         f"(load {t1 - t0:.1f}s, quantize {t2 - t1:.1f}s, save {t3 - t2:.1f}s)"
     )
     return 0

@@ -200,21 +200,36 @@ def quantize(model, tokenizer, method: str, spec: QuantSpec, calib: Optional[Cal
         raise ValueError(f"method {method!r} ({m.engine}) has no option {bad[0]!r}"
                          + (f"; it takes {', '.join(m.options)}" if m.options else "")
                          + ("; a bits budget (per-layer formats) needs an engine that takes per-module settings ("
-                            + (f"for {m.name!r}: backend {', '.join(_budget_engines(m.name))}; or method 'rtn')"
-                               if _budget_engines(m.name) else f"none for {m.name!r} yet; use method 'rtn')")
+                            + (f"for {m.name!r}: backend {', '.join(budget_engines(m.name))}; or method 'rtn')"
+                               if budget_engines(m.name) else f"none for {m.name!r} yet; use method 'rtn')")
                             if bad[0] in _BUDGET_OPTIONS and m.name != "rtn" else ""))
     why = m.unsupported(model)
     if why:
         raise MethodUnavailable(why + _alternatives(m, model))
     calib = (calib or Calibration()).resolved(m)
+    if budget and spec.layout is None:
+        spec = replace(spec, layout=budget_layout(m.name, spec, options.get("candidates")))
     spec = spec.resolved(m.name)
     if not budget:
         return m(model, tokenizer, spec, calib, **options)
     return _budgeted_engine_run(m, model, tokenizer, spec, calib, options)
 
 
-def _budget_engines(name: str) -> List[str]:
+def budget_engines(name: str) -> List[str]:
+    """The engines of method ``name`` that take a bits budget (per-module settings)."""
     return [e for e in engines_for(name) if "layer_specs" in _METHODS[name, e].options]
+
+
+def budget_layout(method: str, spec: QuantSpec, candidates=None) -> str:
+    """The layout of a budgeted run when none was asked for: the method's default, except that
+    AWQ's 4-bit ``awq`` layout cannot hold the 3-bit layers a mixture may choose, so AWQ with
+    candidates of other widths writes ``gptq`` (which every loader and kernel reads)."""
+    from .core.budget import DEFAULT_CANDIDATES
+    from .core.formats import get_format
+
+    default = spec.layout_for(method)
+    widths = {get_format(c.fmt).bits for c in (candidates or DEFAULT_CANDIDATES)}
+    return "gptq" if default == "awq" and widths != {4} else default
 
 
 #: The bits budget's scoring windows for a calibrated method: the engine's calibration data, at

@@ -345,3 +345,31 @@ def test_budget_with_an_engine_without_per_module_settings_is_named(monkeypatch)
                                          r"needs an engine that takes per-module settings \((none|for)"):
         M.quantize(tiny_llama(vocab_size=len(tok)), tok, "gptq", QuantSpec("nf4", 32), backend="plain",
                    bits_budget=4.0)
+
+
+def test_awq_budget_layout_follows_the_candidates_widths(monkeypatch):
+    """AWQ's default 4-bit layout cannot hold 3-bit layers: a budget with 3-bit candidates and no
+    layout asked for writes gptq; 4-bit candidates keep awq; an asked-for layout is kept."""
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama, tiny_tokenizer
+
+    import afpq_plugins.methods as M
+
+    class Seen(Exception):
+        pass
+
+    def run(model, tokenizer, spec, calib, progress=True, layer_specs=None):
+        raise Seen(spec.layout, {s.layout for s in layer_specs.values()})
+
+    monkeypatch.setattr(M, "_METHODS", dict(M._METHODS))
+    M.register_method(M.Method("awq", "fake", run, default_calibration=(2, 32), options=("layer_specs",)))
+    tok = tiny_tokenizer()
+    mixed = (B.Candidate("nf3", 32, "afpq"), B.Candidate("nf4", 32, "afpq"))
+    four = (B.Candidate("nf4", 64, "sym"), B.Candidate("nf4", 32, "afpq"))
+    for spec, cands, want in ((QuantSpec("nf4", 32), mixed, "gptq"), (QuantSpec("nf4", 32), four, "awq"),
+                              (QuantSpec("nf4", 32, layout="awq"), mixed, "awq"), (QuantSpec("nf4", 32), None, "gptq")):
+        with pytest.raises(Seen) as e:
+            M.quantize(tiny_llama(vocab_size=len(tok)), tok, "awq", spec, backend="fake", bits_budget=4.3,
+                       candidates=cands, progress=False)
+        assert e.value.args[0] == want and e.value.args[1] <= {want}
+    assert M.budget_layout("gptq", QuantSpec("nf4", 32), mixed) == "gptq"

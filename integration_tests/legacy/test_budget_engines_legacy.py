@@ -277,5 +277,5 @@ def test_awq_linears_sharing_an_input_with_different_settings_are_named(tok):
 def test_awq_budget_with_3_bit_candidates_needs_the_gptq_layout(tok):
     backend, _, _ = ENGINES["awq"]
     with pytest.raises(ValueError, match=r"layout 'awq' \(AutoAWQ GEMM\) is 4-bit only; use layout 'gptq' for 3 bits"):
-        quantize(_float(tok), tok, "awq", QuantSpec("nf4", 32), CALIB, backend=backend, progress=False,
-                 bits_budget=BUDGET, candidates=CANDIDATES)
+        quantize(_float(tok), tok, "awq", QuantSpec("nf4", 32, layout="awq"), CALIB, backend=backend,
+                 progress=False, bits_budget=BUDGET, candidates=CANDIDATES)  # asked for (the default: gptq)

@@ -123,11 +123,12 @@ def replace_spec(spec, s):
 
 @pytest.mark.parametrize("backend", ["gptqmodel", "llmcompressor"])
 def test_awq_layout_with_3_bit_candidates_is_named(tok, folder, backend):
-    """AWQ at 4 bits writes the awq layout, which packs 4 bits only: a 3-bit choice is refused by name."""
+    """The awq layout packs 4 bits only: asked for with 3-bit candidates, a 3-bit choice is refused by
+    name (without a layout asked for, a budget writes gptq: methods.budget_layout)."""
     pytest.importorskip(backend)
     with pytest.raises(ValueError, match=r"model\.layers\.\d\.[\w.]+_proj: .*(awq layout needs 4 bits|layout 'awq' "
                                          r"packs 4-bit formats only)"):
-        quantize(_load(folder), tok, "awq", QuantSpec("nf4", 32), CALIB, backend=backend, bits_budget=BUDGET,
+        quantize(_load(folder), tok, "awq", QuantSpec("nf4", 32, layout="awq"), CALIB, backend=backend, bits_budget=BUDGET,
                  candidates=CANDS, progress=False)
 
 
