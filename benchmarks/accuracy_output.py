@@ -18,6 +18,9 @@ a rerun resumes)::
     flock /tmp/afpq-bench.lock .venv-legacy/bin/python benchmarks/accuracy_output.py --threads 1 --max-cells 8
     .venv-legacy/bin/python benchmarks/accuracy_output.py --report-only
 
+``--windows 32 --seqlen 1024`` (with another ``--out``) measures the same plan on the larger
+evaluation text (its own settings key, so it never mixes with the 8 x 512 cells).
+
 Writes ``benchmarks/out/accuracy.json`` (cells) and ``benchmarks/out/accuracy_output.md``
 (the study's report of those cells, with the search and peers tables).
 """
@@ -70,10 +73,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-cells", type=int, default=None)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--windows", type=int, default=None, help="evaluation windows (default: the study's, 8)")
+    ap.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: the study's, 512)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings, cells = Settings(), plan()
+    settings = Settings(**{k: v for k, v in (("windows", args.windows), ("seqlen", args.seqlen)) if v is not None})
+    cells = plan()
     if args.report_only:
         sec = load_results(args.out + ".json")["runs"][settings.key()]
     else:
