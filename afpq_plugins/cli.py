@@ -224,6 +224,21 @@ def cmd_quantize(args) -> int:
     elif method.name == "rtn":
         note("afpq quantize: rtn in memory (cannot stream: a bits budget scores every layer on calibration "
              "activations)")
+    elif method.engine == "gptqmodel" and args.bits_budget is None:  # GPTQModel's layer offload: one layer at a time
+        from .card import card_context, command_line
+        from .data import resolve_model
+        from .gptqmodel.offloaded import offloaded_cli
+
+        try:
+            options = _method_options(args, method)
+        except ValueError as exc:
+            return _err(str(exc))
+        try:
+            with card_context(command=command_line(args.argv), source=str(resolve_model(args.model)),
+                              calibration=calib.describe()):
+                return offloaded_cli(args, method, spec, dtype, max_shard, note, calib, options)
+        except NotStreamable as exc:
+            note(f"afpq quantize: {method.name} in memory (cannot use GPTQModel's layer offload: {exc})")
     t0 = time.perf_counter()
     src, model, tok = _load_float(args.model, dtype or torch.float32)
     written = _source_dtype(src, dtype or torch.float32)

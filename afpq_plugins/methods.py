@@ -232,16 +232,22 @@ def budget_layout(method: str, spec: QuantSpec, candidates=None) -> str:
     return "gptq" if default == "awq" and widths != {4} else default
 
 
-#: The bits budget's scoring windows for a calibrated method: the engine's calibration data, at
-#: most this many samples x tokens (RTN's default; the engine itself uses all of its windows).
-BUDGET_SCORING_CALIBRATION = (32, 512)
+def __getattr__(name: str):
+    # BUDGET_SCORING_CALIBRATION: the bits budget's scoring windows for a calibrated method (the
+    # engine's calibration data, at most this many samples x tokens; the engine itself uses all of its
+    # windows): RTN's own default, read from there (not a second copy of the numbers)
+    if name == "BUDGET_SCORING_CALIBRATION":
+        from .rtn import RTN_OUTPUT_CALIBRATION
+
+        return RTN_OUTPUT_CALIBRATION
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _budgeted_engine_run(m: Method, model, tokenizer, spec: QuantSpec, calib: Calibration, options: dict):
     """A bits budget through a calibrated engine: choose every Linear's settings on the float model
     (:func:`afpq_plugins.rtn.allocate_budget`, the candidates scored with ``spec``'s scale search),
     then run the engine with that choice (``layer_specs``) and record the allocation."""
-    from .rtn import allocate_budget, most_common_spec
+    from .rtn import RTN_OUTPUT_CALIBRATION, allocate_budget, most_common_spec
     from .model import find_linears
 
     opts = dict(options)
@@ -250,7 +256,7 @@ def _budgeted_engine_run(m: Method, model, tokenizer, spec: QuantSpec, calib: Ca
     objective = opts.pop("budget_objective", None)
     if bits_budget is None:
         raise ValueError("--candidates / --budget-objective need --bits-budget")
-    n, s = BUDGET_SCORING_CALIBRATION
+    n, s = RTN_OUTPUT_CALIBRATION
     scoring = replace(calib, nsamples=min(calib.nsamples or n, n), seqlen=min(calib.seqlen or s, s))
     linears = find_linears(model, spec.skip)
     kw = {"objective": objective} if objective else {}

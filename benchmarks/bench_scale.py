@@ -35,6 +35,15 @@ calibration ``--nsamples`` x ``--calib-seqlen`` random token ids, seeded):
     python benchmarks/bench_scale.py --output-search --layers 4 --hidden 1024 --inter 2816 --heads 16 \
         --kv-heads 8 --max-shard-size 50MB
 
+``--engines gptq awq`` measures the calibrated methods instead: ``afpq quantize --method M``
+(GPTQModel with its layer offload, :mod:`afpq_plugins.gptqmodel.offloaded`) at ``--layers`` and at
+half depth, each in a child; ``--engines-inmemory`` adds the in-memory engine run (the whole float32
+model) at half depth and compares the two checkpoints byte for byte; ``baseline_gptqmodel`` is
+the imports with GPTQModel (vocab 49152: the embedded SmolLM2 tokenizer is copied in).
+
+    python benchmarks/bench_scale.py --engines gptq awq --engines-inmemory --layers 8 --vocab 49152 \
+        --nsamples 4 --calib-seqlen 256
+
 Writes ``benchmarks/out/scale.json`` (``--output-search``: ``scale_output.json``) and prints a markdown table; the work folder
 (``--work``, default ``benchmarks/out/scale_work``) is deleted at the end unless ``--keep``.
 """
@@ -104,7 +113,16 @@ elif mode in ("stream_output", "inmemory_output"):
         searches = {n: BoundOutputSearch(s.scale_search, grouped_energies(e, s.group_size), name=n) for n, e in h.items()}
         qc = quantize_model_rtn(m, spec=s, layer_searches=searches, progress=False)
         save_quantized(m, args["out"], qc, dtype=torch.bfloat16, max_shard_size=args["shard"])
-elif mode == "cli":  # an afpq command line (calibrated methods: the engines' own in-memory runs)
+elif mode == "engine_inmemory":  # GPTQModel on the whole float32 model (the path before the layer offload)
+    from afpq_plugins.data import load_model_and_tokenizer
+    from afpq_plugins.methods import Calibration, get_method, quantize
+    m, tk = load_model_and_tokenizer(args["src"], torch.float32)
+    meth = get_method(args["method"], "gptqmodel")
+    spec = QuantSpec("nf4", 128).resolved(args["method"])
+    qc = quantize(m, tk, args["method"], spec, Calibration(args["nsamples"], args["seqlen"]).resolved(meth),
+                  backend="gptqmodel", progress=False)
+    save_quantized(m, args["out"], qc, tokenizer=tk, dtype=torch.bfloat16, max_shard_size=args["shard"])
+elif mode == "cli":  # an afpq command line (gptq/awq: GPTQModel with its layer offload)
     from afpq_plugins import cli
     out.update(rc=cli.main(args["argv"]))
 elif mode == "baseline_llama":  # the imports plus transformers' model code (loaded lazily by the runs)
@@ -196,6 +214,36 @@ def same_tensors(a_dir: str, b_dir: str) -> bool:
         a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(raw(a[k]), raw(b[k])) for k in a)
 
 
+def finish(a, res: dict, path: str = None) -> None:
+    """Remove the work folder (unless ``--keep``) and write ``res`` as JSON (``--json``, or ``path``)."""
+    if not a.keep:
+        shutil.rmtree(a.work, ignore_errors=True)
+    path = path or a.json
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=2)
+
+
+def copy_tokenizer(dst: str) -> None:
+    """The embedded SmolLM2 tokenizer's files into the synthetic model folder (vocab 49152)."""
+    from afpq_plugins.data import resolve_model
+    from afpq_plugins.model import _TOKENIZER_FILES
+
+    tok_src = str(resolve_model("default"))
+    for f in _TOKENIZER_FILES:
+        if f != "generation_config.json" and os.path.isfile(os.path.join(tok_src, f)):
+            shutil.copyfile(os.path.join(tok_src, f), os.path.join(dst, f))
+
+
+def cli_method(a, src: str, out: str, method: str) -> dict:
+    """``afpq quantize SRC OUT --method METHOD`` in a child (its peak and time)."""
+    r = child("cli", argv=["quantize", src, out, "--method", method, "--nsamples", str(a.nsamples),
+                           "--calib-seqlen", str(a.calib_seqlen), "--max-shard-size", a.max_shard_size, "--quiet"])
+    if r["rc"] != 0:
+        raise SystemExit(f"afpq quantize --method {method} failed (rc {r['rc']})")
+    return r
+
+
 def output_search_run(a) -> int:
     """``--output-search``: the layer-by-layer output search beside the in-memory one."""
     res = {"settings": vars(a), "machine": f"{os.cpu_count()} cores", "runs": {}}
@@ -215,20 +263,10 @@ def output_search_run(a) -> int:
             print(f"{mode}: peak {r['peak_bytes'] / 1e9:.3f} GB = {r['ratio_bf16']:.3f}x bf16, {r['seconds']:.0f}s",
                   flush=True)
         if a.cli_methods:
-            from afpq_plugins.data import resolve_model
-            from afpq_plugins.model import _TOKENIZER_FILES
-
-            tok_src = str(resolve_model("default"))
-            for f in _TOKENIZER_FILES:
-                if f != "generation_config.json" and os.path.isfile(os.path.join(tok_src, f)):
-                    shutil.copyfile(os.path.join(tok_src, f), os.path.join(src, f))
+            copy_tokenizer(src)
         for m in a.cli_methods:
             out = os.path.join(a.work, f"cli_{m}")
-            r = child("cli", argv=["quantize", src, out, "--method", m, "--nsamples", str(a.nsamples),
-                                   "--calib-seqlen", str(a.calib_seqlen), "--max-shard-size", a.max_shard_size,
-                                   "--quiet"])
-            if r["rc"] != 0:
-                raise SystemExit(f"afpq quantize --method {m} failed (rc {r['rc']})")
+            r = cli_method(a, src, out, m)
             r.update(bf16_bytes=bf16, ratio_bf16=r["peak_bytes"] / bf16)
             res["runs"][f"cli_{m}"] = r
             print(f"afpq quantize --method {m}: peak {r['peak_bytes'] / 1e9:.3f} GB = {r['ratio_bf16']:.3f}x bf16, "
@@ -256,6 +294,51 @@ def output_search_run(a) -> int:
     return 0 if res["identical"] else 1
 
 
+def engines_run(a) -> int:
+    """``--engines M ...``: ``afpq quantize --method M`` (GPTQModel with its layer offload) at full and
+    half depth, and with ``--engines-inmemory`` the in-memory engine run at half depth beside it."""
+    res = {"settings": vars(a), "machine": f"{os.cpu_count()} cores", "runs": {}}
+    dims = dict(hidden=a.hidden, inter=a.inter, vocab=a.vocab, heads=a.heads, kv_heads=a.kv_heads)
+    try:
+        depths = (("full", a.layers),) + ((("half", a.layers // 2),) if not a.single_depth else ())
+        for tag, layers in depths:
+            src = os.path.join(a.work, f"src_{tag}")
+            child("generate", path=src, layers=layers, shard=a.source_shard, **dims)
+            copy_tokenizer(src)
+            bf16 = folder_bytes(src)
+            print(f"[{tag}] source: {layers} layers, {bf16 / 1e9:.3f} GB bf16", flush=True)
+            for m in a.engines:
+                out = os.path.join(a.work, f"cli_{m}_{tag}")
+                r = cli_method(a, src, out, m)
+                r.update(bf16_bytes=bf16, ratio_bf16=r["peak_bytes"] / bf16, layers=layers,
+                         ckpt_bytes=folder_bytes(out))
+                res["runs"][f"offload_{m}_{tag}"] = r
+                print(f"[{tag}] afpq quantize --method {m} (layer offload): peak {r['peak_bytes'] / 1e9:.3f} GB = "
+                      f"{r['ratio_bf16']:.3f}x bf16, {r['seconds']:.0f}s", flush=True)
+                if tag == "half" and a.engines_inmemory:
+                    mo = os.path.join(a.work, f"mem_{m}")
+                    mr = child("engine_inmemory", src=src, out=mo, method=m, nsamples=a.nsamples,
+                               seqlen=a.calib_seqlen, shard=a.max_shard_size)
+                    mr.update(bf16_bytes=bf16, ratio_bf16=mr["peak_bytes"] / bf16, layers=layers,
+                              identical=same_tensors(out, mo))
+                    res["runs"][f"inmemory_{m}_half"] = mr
+                    print(f"[half] {m} in memory: peak {mr['peak_bytes'] / 1e9:.3f} GB = {mr['ratio_bf16']:.3f}x bf16, "
+                          f"{mr['seconds']:.0f}s; same tensors as the offloaded run: {mr['identical']}", flush=True)
+                    shutil.rmtree(mo, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(src, ignore_errors=True)
+        res["runs"]["baseline_gptqmodel"] = child("baseline_gptqmodel")
+        print(f"baseline (imports + Llama code + GPTQModel): "
+              f"{res['runs']['baseline_gptqmodel']['peak_bytes'] / 1e9:.3f} GB", flush=True)
+        for m in a.engines if not a.single_depth else ():
+            f, h = res["runs"][f"offload_{m}_full"], res["runs"][f"offload_{m}_half"]
+            res[f"depth_ratio_{m}"] = f["peak_bytes"] / h["peak_bytes"]
+            print(f"{m}: full / half depth peak {res[f'depth_ratio_{m}']:.3f}", flush=True)
+    finally:
+        finish(a, res)
+    return 0 if all(r.get("identical", True) for r in res["runs"].values()) else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=28)
@@ -280,12 +363,20 @@ def main(argv=None) -> int:
     p.add_argument("--cli-methods", nargs="*", default=[],
                    help="with --output-search: also `afpq quantize --method M` for each (e.g. gptq awq; the "
                         "engine's in-memory run; needs --vocab >= 49152: the embedded SmolLM2 tokenizer is copied in)")
+    p.add_argument("--engines", nargs="*", default=[],
+                   help="measure `afpq quantize --method M` (GPTQModel, layer offload) at full and half depth "
+                        "instead (e.g. gptq awq; --vocab 49152: the embedded SmolLM2 tokenizer is copied in)")
+    p.add_argument("--engines-inmemory", action="store_true",
+                   help="with --engines: also the in-memory engine run at half depth (checkpoints compared)")
+    p.add_argument("--single-depth", action="store_true", help="with --engines: only at --layers (no half depth)")
     a = p.parse_args(argv)
     if os.path.exists(a.work):
         shutil.rmtree(a.work)
     os.makedirs(a.work)
     if a.output_search:
         return output_search_run(a)
+    if a.engines:
+        return engines_run(a)
     res = {"settings": vars(a), "machine": f"{os.cpu_count()} cores", "runs": {}}
     dims = dict(hidden=a.hidden, inter=a.inter, vocab=a.vocab, heads=a.heads, kv_heads=a.kv_heads)
     try:
@@ -336,11 +427,7 @@ def main(argv=None) -> int:
         print(f"baseline (imports only): {base['peak_bytes'] / 1e9:.2f} GB; full/half stream peak "
               f"{res['depth_ratio']:.3f}; checks {res['checks']}")
     finally:
-        if not a.keep:
-            shutil.rmtree(a.work, ignore_errors=True)
-    os.makedirs(os.path.dirname(a.json), exist_ok=True)
-    with open(a.json, "w") as fh:
-        json.dump(res, fh, indent=2)
+        finish(a, res)
     return 0 if all(res["checks"].values()) else 1
 
 

@@ -19,6 +19,7 @@ are swapped in only while an AFPQ model's ``quantize()`` runs (:mod:`.compat`).
 from __future__ import annotations
 
 from dataclasses import replace
+import os
 import re
 from typing import List, Mapping, Optional
 
@@ -67,8 +68,8 @@ def QuantizeConfig(*, fmt: Optional[str] = None, mode: Optional[str] = None, sca
         # gptqmodel's group-aware reordering is off unless asked for (as in the optimum adapter): the
         # same GPTQ as the other engines, and whole-row groups (-1) allowed
         kwargs.setdefault("act_group_aware", False)
-    # the AFPQ save writes the in-memory model; gptqmodel's disk offload would leave the float modules
-    # (embeddings, norms, lm_head) on the meta device until gptqmodel's own save
+    # off unless asked for: quantize_model runs on an in-memory model. With offload_to_disk=True the
+    # save reads each tensor from GPTQModel's offload folder or the source (.offloaded)
     kwargs.setdefault("offload_to_disk", False)
     sym = bool(kwargs.pop("sym", False))
     layer_specs = dict(layer_specs or {})
@@ -184,6 +185,15 @@ def _save(qmodel, save_dir: str, tokenizer=None, overwrite: bool = True, **_igno
     qc = getattr(qmodel, "_afpq_config", None)
     if qc is None:
         raise ValueError("save: quantize() this AFPQ model first")
+    if any(t.device.type == "meta" for t in qmodel.model.state_dict().values()):  # GPTQModel's layer offload
+        from .offloaded import write_offloaded
+
+        src = getattr(qmodel, "model_local_path", None)
+        if not src or not os.path.isdir(src):
+            raise ValueError("save: the model was quantized with offload_to_disk and its source folder "
+                             f"({src!r}) is needed to write it")
+        return write_offloaded(qmodel.model, save_dir, qc, src, tokenizer=tokenizer or qmodel.tokenizer,
+                               overwrite=overwrite)[0]
     return save_quantized(qmodel.model, save_dir, qc, tokenizer=tokenizer or qmodel.tokenizer, overwrite=overwrite)
 
 
