@@ -137,7 +137,7 @@ def source_dtype(snap: CheckpointSnapshot, keys=None) -> Optional[torch.dtype]:
     return max(count, key=lambda d: (count[d], d == torch.float32)) if count else None
 
 
-def _meta_model(snap: CheckpointSnapshot):
+def source_meta_model(snap: CheckpointSnapshot):
     from .model import build_meta_model
 
     config = snap.config
@@ -214,7 +214,7 @@ def quantize_rtn_streaming(
     t0 = time.perf_counter()
     with CheckpointSnapshot(src) as snap:
         snap.headers()  # strict, every file, before anything else
-        model = _meta_model(snap)
+        model = source_meta_model(snap)
         linears = find_linears(model, spec.skip)
         if not linears:
             raise ValueError("no nn.Linear layers to quantize (check the skip list)")

@@ -69,7 +69,7 @@ def QuantizeConfig(*, fmt: Optional[str] = None, mode: Optional[str] = None, sca
         # same GPTQ as the other engines, and whole-row groups (-1) allowed
         kwargs.setdefault("act_group_aware", False)
     # off unless asked for: quantize_model runs on an in-memory model. With offload_to_disk=True the
-    # save reads each tensor from GPTQModel's offload folder or the source (.offloaded)
+    # save reads each tensor from GPTQModel's offload folder or the source (.offload_io)
     kwargs.setdefault("offload_to_disk", False)
     sym = bool(kwargs.pop("sym", False))
     layer_specs = dict(layer_specs or {})
@@ -186,7 +186,7 @@ def _save(qmodel, save_dir: str, tokenizer=None, overwrite: bool = True, **_igno
     if qc is None:
         raise ValueError("save: quantize() this AFPQ model first")
     if any(t.device.type == "meta" for t in qmodel.model.state_dict().values()):  # GPTQModel's layer offload
-        from .offloaded import write_offloaded
+        from .offload_io import write_offloaded
 
         src = getattr(qmodel, "model_local_path", None)
         if not src or not os.path.isdir(src):
