@@ -60,6 +60,7 @@ __all__ = [
     "AFPQConfigDict",
     "CheckpointError",
     "write_checkpoint",
+    "check_replaceable",
     "read_quant_config",
     "read_config",
     "load_checkpoint_tensors",
@@ -222,7 +223,7 @@ def checkpoint_writer(
     os.makedirs(parent, exist_ok=True)
     with parent_lock(parent):
         recover_interrupted_save(out_dir, _locked=True)
-        _check_replaceable(out_dir, overwrite)
+        check_replaceable(out_dir, overwrite)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
         try:
@@ -273,7 +274,9 @@ def write_checkpoint(
     return w.path
 
 
-def _check_replaceable(out_dir: str, overwrite: bool) -> None:
+def check_replaceable(out_dir: str, overwrite: bool) -> None:
+    """``out_dir`` may take a new checkpoint: absent, an empty folder, or (``overwrite``) an AFPQ
+    checkpoint; else ``FileExistsError`` / :class:`CheckpointError` (the writer checks it again)."""
     if not os.path.lexists(out_dir):
         return
     empty_dir = os.path.isdir(out_dir) and not os.path.islink(out_dir) and not os.listdir(out_dir)

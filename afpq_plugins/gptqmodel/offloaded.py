@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core.checkpoint import CheckpointSnapshot, DEFAULT_MAX_SHARD_SIZE, parse_size
+from ..core.checkpoint import CheckpointSnapshot, DEFAULT_MAX_SHARD_SIZE, check_replaceable, parse_size
 from ..core.spec import QuantSpec
 from .offload_io import offloaded_tensor_reader, write_offloaded
 
@@ -63,6 +63,7 @@ def quantize_offloaded(
 
     t0 = time.perf_counter()
     src = os.path.abspath(src)
+    check_replaceable(os.path.abspath(out_dir), overwrite)  # before the long run, not only when writing
     with CheckpointSnapshot(src) as snap:
         if not snap.has_files:
             raise NotStreamable(f"{src} has no safetensors weights (pickled .bin weights are loaded whole)")

@@ -225,3 +225,14 @@ def test_a_pickled_source_falls_back_to_memory_and_says_why(tmp_path, tok, capsy
     assert rc == 0, err
     assert "gptq in memory (cannot use GPTQModel's layer offload:" in err and "pickled .bin" in err
     assert json.load(open(tmp_path / "out" / "config.json"))["quantization_config"]["method"] == "gptq"
+
+
+def test_an_occupied_output_is_refused_before_the_run(sources, tmp_path):
+    from afpq_plugins.gptqmodel.offloaded import quantize_offloaded
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        quantize_offloaded(sources[True], str(out), _spec("gptq"), _calib("gptq"), "gptq")
+    assert (out / "notes.txt").read_text() == "mine" and not [f for f in os.listdir(tmp_path) if ".offload-" in f]
