@@ -124,3 +124,14 @@ def test_lm_eval_vllm_matches_afpq_eval(lm_eval_vllm, capsys):
         print(f"\ntoken perplexity: lm_eval --model vllm {lm_ppl:.3f}, afpq eval {ours['ppl']:.3f} "
               f"({lm_ppl / ours['ppl'] - 1:+.2%})")
     assert lm_ppl == pytest.approx(ours["ppl"], rel=AFPQ_EVAL_TOL), (lm_ppl, ours["ppl"])
+
+
+def test_an_lm_eval_error_still_exits_nonzero(tmp_path):
+    """The teardown shim (afpq_plugins.vllm.lm_eval._exit_after_success) runs only after lm-eval
+    returned: a failing evaluation keeps its error and a non-zero status."""
+    env = plain_env()
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    r = run([sys.executable, "-m", "afpq_plugins.vllm.lm_eval", "--model", "vllm", "--model_args",
+             f"pretrained={tmp_path}", "--tasks", "no_such_task"], cwd=str(tmp_path), env=env, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Tasks not found: no_such_task" in r.stderr
