@@ -77,7 +77,6 @@ def write_offloaded(model, out_dir: str, qc, src: str, tokenizer=None, dtype: Op
     outside the quantized layers are written in it (default: the source's commonest float dtype). Returns ``(path, bytes read)``."""
     from ..card import with_model_card
     from ..model import checkpoint_model_config, extra_files_writer
-
     from ..streaming import source_dtype, source_meta_model
 
     quant_keys = {f"{n}.{s}" for n in qc.quantized_modules for s in LAYER_PARAM_SUFFIXES}
